@@ -1,0 +1,1 @@
+//! Harness for guard end-to-end tests.
