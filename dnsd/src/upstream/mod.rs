@@ -1,0 +1,1 @@
+//! Upstream resolvers: udp://, tcp:// and tls:// (DoT) transports, pooling, failover and health.

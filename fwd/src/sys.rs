@@ -1,0 +1,1 @@
+//! Hot-path netlink: nf_tables set-element batches through libnftnl/libmnl, and conntrack dumps.
