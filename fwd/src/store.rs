@@ -1,1 +1,2068 @@
 //! SQLite state and the append-only audit history (WAL, versioned schema, one writer).
+//!
+//! One [`Store`] (the writer) lives on fwd's writer thread and turns each group-committed batch
+//! into one transaction; RPC handlers read through [`Reader`]s, which WAL lets run concurrently
+//! with the writer.
+//!
+//! Addresses are stored as 16-byte blobs in IPv6 form (IPv4 as v4-mapped) with separate family
+//! and prefix columns. Within one family the blob order is the numeric order, so "network inside
+//! CIDR" is a range scan on an index: `addr BETWEEN network AND broadcast AND prefix >= len`.
+//! (With `prefix >= len`, any address of the grant inside the range puts its whole network
+//! inside it, so keys whose address carries host bits still filter correctly.)
+
+use std::fs::OpenOptions;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior, params};
+
+use crate::model::{AuditEvent, Caller, Change, EventKind, GrantKey, GrantRow, Source};
+
+/// Schema version this build writes; `PRAGMA user_version` after all migrations ran.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// `PRAGMA application_id` of guard's database ("gRD1"), so a foreign SQLite file is refused
+/// instead of being migrated.
+pub const APPLICATION_ID: i32 = 0x6752_4431;
+
+/// Names kept per grant, most recent first.
+pub const MAX_NAMES_PER_GRANT: usize = 8;
+
+/// Bytes kept of a name (the DNS limit in presentation form).
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Bytes kept of an audit target; it may be arbitrary caller text.
+pub const MAX_TARGET_BYTES: usize = 255;
+
+/// Bytes kept of an audit reason.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// Rows returned when a filter's limit is 0.
+pub const DEFAULT_LIMIT: u32 = 1000;
+
+/// Largest number of rows one list or history call returns.
+pub const MAX_LIMIT: u32 = 100_000;
+
+/// How long a connection waits on a lock before failing. Only the WAL checkpoint and
+/// recovery paths ever make readers wait on the writer.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Audit rows deleted per transaction by [`Store::prune_audit`], so the WAL stays small and
+/// checkpoints can progress during a large prune.
+const PRUNE_CHUNK: i64 = 50_000;
+
+/// Ordered migrations: entry `i` moves the schema from version `i` to `i + 1`. Never edit a
+/// released entry; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: grants, their names, the audit history.
+    r#"
+    -- Current grants. `client` is X'' when the grant is not client-scoped: a NULL would make
+    -- every non-client grant distinct under the unique key.
+    CREATE TABLE grants (
+        id         INTEGER PRIMARY KEY,
+        family     INTEGER NOT NULL CHECK (family IN (4, 6)),
+        addr       BLOB    NOT NULL CHECK (length(addr) = 16),
+        prefix     INTEGER NOT NULL CHECK (prefix BETWEEN 0 AND 128),
+        client     BLOB    NOT NULL CHECK (length(client) IN (0, 4, 16)),
+        first_ms   INTEGER NOT NULL,
+        last_ms    INTEGER NOT NULL,
+        expires_ms INTEGER,
+        source     TEXT    NOT NULL,
+        comment    TEXT    NOT NULL DEFAULT ''
+    );
+    CREATE UNIQUE INDEX grants_key ON grants (family, addr, prefix, client);
+
+    -- Up to 8 normalized names per grant; a larger id is a more recent sighting.
+    CREATE TABLE grant_names (
+        id       INTEGER PRIMARY KEY,
+        grant_id INTEGER NOT NULL REFERENCES grants (id) ON DELETE CASCADE,
+        name     TEXT    NOT NULL
+    );
+    CREATE UNIQUE INDEX grant_names_key ON grant_names (grant_id, name);
+    CREATE INDEX grant_names_name ON grant_names (name);
+
+    -- Append-only history. `target` is the exact (bounded) text; target_* hold its parsed
+    -- address when it is an IP or CIDR, for range filtering.
+    CREATE TABLE audit (
+        id            INTEGER PRIMARY KEY,
+        at_ms         INTEGER NOT NULL,
+        kind          TEXT    NOT NULL,
+        target        TEXT,
+        target_family INTEGER,
+        target_addr   BLOB,
+        target_prefix INTEGER,
+        client        BLOB,
+        name          TEXT,
+        uid           INTEGER,
+        gid           INTEGER,
+        pid           INTEGER,
+        reason        TEXT    NOT NULL,
+        expires_ms    INTEGER
+    );
+    CREATE INDEX audit_at ON audit (at_ms);
+    CREATE INDEX audit_target ON audit (target_family, target_addr) WHERE target_addr IS NOT NULL;
+    CREATE INDEX audit_name ON audit (name, at_ms) WHERE name IS NOT NULL;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'audit rows are append-only');
+    END;
+    "#,
+];
+
+/// Errors of the store; each names the operation and the database it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory that should hold the database does not exist.
+    #[error("cannot open database {}: directory {} does not exist", path.display(), dir.display())]
+    MissingDir {
+        /// Database path.
+        path: PathBuf,
+        /// Its missing parent.
+        dir: PathBuf,
+    },
+    /// Creating the database file (mode 0600) failed.
+    #[error("cannot create database file {}", path.display())]
+    Create {
+        /// Database path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// SQLite could not open the file.
+    #[error("cannot open database {}", path.display())]
+    Open {
+        /// Database path.
+        path: PathBuf,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not an SQLite database.
+    #[error("{} is not an SQLite database (refusing to overwrite it)", path.display())]
+    NotADatabase {
+        /// Database path.
+        path: PathBuf,
+    },
+    /// The file is an SQLite database of another application.
+    #[error("{} is an SQLite database of another application (application_id {found:#x})", path.display())]
+    ForeignDatabase {
+        /// Database path.
+        path: PathBuf,
+        /// Its application id.
+        found: i32,
+    },
+    /// The schema was written by a newer guard.
+    #[error(
+        "database {} has schema version {found}, newer than version {supported} that this fwd supports; refusing to use it",
+        path.display()
+    )]
+    SchemaTooNew {
+        /// Database path.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Newest version this build knows.
+        supported: u32,
+    },
+    /// A reader found a schema that the writer has not migrated yet.
+    #[error(
+        "database {} has schema version {found}, older than version {supported}; open it with the writer first",
+        path.display()
+    )]
+    SchemaTooOld {
+        /// Database path.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Version this build needs.
+        supported: u32,
+    },
+    /// Setting a connection pragma failed.
+    #[error("cannot configure database {} ({pragma})", path.display())]
+    Configure {
+        /// Database path.
+        path: PathBuf,
+        /// The pragma that failed.
+        pragma: &'static str,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// The file system refused WAL mode (readers would block the writer).
+    #[error("database {} cannot use WAL journaling (got journal_mode={mode})", path.display())]
+    NoWal {
+        /// Database path.
+        path: PathBuf,
+        /// The mode SQLite kept.
+        mode: String,
+    },
+    /// A migration failed; the transaction was rolled back.
+    #[error("cannot migrate database {} to schema version {version}", path.display())]
+    Migrate {
+        /// Database path.
+        path: PathBuf,
+        /// Version being migrated to.
+        version: u32,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// A write failed; the whole transaction was rolled back.
+    #[error("cannot write database {} ({op})", path.display())]
+    Write {
+        /// Database path.
+        path: PathBuf,
+        /// The failed step.
+        op: &'static str,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// A query failed.
+    #[error("cannot read database {} ({op})", path.display())]
+    Read {
+        /// Database path.
+        path: PathBuf,
+        /// The failed query.
+        op: &'static str,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// A stored row does not decode into the model.
+    #[error("corrupt row in the database: {what}")]
+    Corrupt {
+        /// What was wrong, with the row id.
+        what: String,
+    },
+    /// Reading the size of a database file failed.
+    #[error("cannot stat database file {}", path.display())]
+    Stat {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// What [`Reader::list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only grants whose network lies inside this CIDR (same address family).
+    pub within: Option<IpNet>,
+    /// Only grants that carry this name (exact, case-insensitive, trailing dot ignored).
+    pub name: Option<String>,
+    /// Rows to return; 0 means [`DEFAULT_LIMIT`], capped at [`MAX_LIMIT`].
+    pub limit: u32,
+}
+
+/// What [`Reader::history`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter {
+    /// Only events whose target is an address or network inside this CIDR (same family).
+    pub within: Option<IpNet>,
+    /// Only events about this name (exact, case-insensitive, trailing dot ignored).
+    pub name: Option<String>,
+    /// Only events at or after this wall-clock Unix ms.
+    pub since_ms: Option<u64>,
+    /// Rows to return; 0 means [`DEFAULT_LIMIT`], capped at [`MAX_LIMIT`].
+    pub limit: u32,
+}
+
+/// Sizes reported by [`Reader::stats`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    /// Bytes of the main file plus the WAL.
+    pub db_bytes: u64,
+    /// Rows in the audit history.
+    pub audit_events: u64,
+    /// Current grants.
+    pub grants: u64,
+}
+
+/// The writer connection; exactly one per process, owned by the writer thread.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// A read-only (`query_only`) connection for RPC handlers; several may exist.
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens or creates the database (file mode 0600 when created) and migrates it to
+    /// [`SCHEMA_VERSION`].
+    ///
+    /// Runs with `journal_mode=WAL` so readers never block the writer, and
+    /// `synchronous=NORMAL`: a commit is durable against a crash of fwd (kill -9 loses
+    /// nothing, the WAL is in the page cache), and only a power loss or kernel crash can lose
+    /// the last commits. The nftables sets are kernel memory and do not survive that either, so
+    /// the grants such a loss can drop are grants the kernel has dropped too; skipping the fsync
+    /// per batch keeps the Authorize hot path off the disk's flush latency.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(StoreError::MissingDir {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+        // Create the file ourselves so it gets 0600 regardless of umask; SQLite gives the WAL
+        // and shm files the mode of the main file.
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::Create {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+        let mut conn = connect(path)?;
+        check_header(&conn, path, false)?;
+
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| configure_error(path, "journal_mode=WAL", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NoWal {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| configure_error(path, "synchronous=NORMAL", e))?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The database path, for opening [`Reader`]s.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies grant changes and appends audit events in ONE transaction; on error nothing
+    /// is applied. Upsert semantics are documented on [`Change`]. Names are normalized with
+    /// [`normalize_name`] and each grant keeps the [`MAX_NAMES_PER_GRANT`] most recent
+    /// distinct ones. Event ids are assigned by the store (the `id` field is ignored).
+    pub fn apply(&mut self, changes: &[Change], events: &[AuditEvent]) -> Result<(), StoreError> {
+        if changes.is_empty() && events.is_empty() {
+            return Ok(());
+        }
+        let path = &self.path;
+        let werr = |op: &'static str| {
+            move |source| StoreError::Write {
+                path: path.clone(),
+                op,
+                source,
+            }
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(werr("begin"))?;
+        {
+            for change in changes {
+                match change {
+                    Change::Upsert {
+                        key,
+                        name,
+                        at_ms,
+                        expires_ms,
+                        source,
+                        comment,
+                    } => {
+                        let k = KeyCols::new(key);
+                        let mut up = tx
+                            .prepare_cached(
+                                "INSERT INTO grants \
+                                   (family, addr, prefix, client, first_ms, last_ms, expires_ms, source, comment) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8) \
+                                 ON CONFLICT (family, addr, prefix, client) DO UPDATE SET \
+                                   last_ms = excluded.last_ms, \
+                                   expires_ms = excluded.expires_ms, \
+                                   comment = CASE WHEN excluded.comment <> '' \
+                                             THEN excluded.comment ELSE grants.comment END \
+                                 RETURNING id",
+                            )
+                            .map_err(werr("upsert grant"))?;
+                        let id: i64 = up
+                            .query_row(
+                                params![
+                                    k.family,
+                                    &k.addr[..],
+                                    k.prefix,
+                                    k.client(),
+                                    to_sql_ms(*at_ms),
+                                    expires_ms.map(to_sql_ms),
+                                    source.as_str(),
+                                    comment,
+                                ],
+                                |r| r.get(0),
+                            )
+                            .map_err(werr("upsert grant"))?;
+                        let Some(name) = name.as_deref().map(normalize_name) else {
+                            continue;
+                        };
+                        if name.is_empty() {
+                            continue;
+                        }
+                        // REPLACE gives a re-seen name a new, largest id: it moves to the front.
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO grant_names (grant_id, name) VALUES (?1, ?2)",
+                        )
+                        .and_then(|mut s| s.execute(params![id, name]))
+                        .map_err(werr("add grant name"))?;
+                        tx.prepare_cached(
+                            "DELETE FROM grant_names WHERE grant_id = ?1 AND id < \
+                               (SELECT id FROM grant_names WHERE grant_id = ?1 \
+                                ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                        )
+                        .and_then(|mut s| s.execute(params![id, MAX_NAMES_PER_GRANT as i64 - 1]))
+                        .map_err(werr("trim grant names"))?;
+                    }
+                    Change::Remove { key } => {
+                        let k = KeyCols::new(key);
+                        // Names go with it through ON DELETE CASCADE.
+                        tx.prepare_cached(
+                            "DELETE FROM grants \
+                             WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![k.family, &k.addr[..], k.prefix, k.client()])
+                        })
+                        .map_err(werr("remove grant"))?;
+                    }
+                }
+            }
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO audit (at_ms, kind, target, target_family, target_addr, \
+                       target_prefix, client, name, uid, gid, pid, reason, expires_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(werr("append audit event"))?;
+            for ev in events {
+                let target = ev.target.as_deref().map(|t| bound(t, MAX_TARGET_BYTES));
+                let parsed = target.and_then(parse_target);
+                let client = ev.client.map(client_bytes);
+                ins.execute(params![
+                    to_sql_ms(ev.at_ms),
+                    ev.kind.as_str(),
+                    target,
+                    parsed.map(|p| p.0),
+                    parsed.as_ref().map(|p| &p.1[..]),
+                    parsed.map(|p| p.2),
+                    client.as_ref().map(|c| c.as_slice()),
+                    ev.name.as_deref().map(normalize_name),
+                    ev.caller.uid,
+                    ev.caller.gid,
+                    ev.caller.pid,
+                    bound(&ev.reason, MAX_REASON_BYTES),
+                    ev.expires_ms.map(to_sql_ms),
+                ])
+                .map_err(werr("append audit event"))?;
+            }
+        }
+        tx.commit().map_err(werr("commit"))
+    }
+
+    /// Streams every current grant (key, expiry, source), without names, for the start-up
+    /// reconcile. Stops at the first row that does not decode.
+    pub fn for_each_grant(
+        &self,
+        mut f: impl FnMut(GrantKey, Option<u64>, Source),
+    ) -> Result<(), StoreError> {
+        let rerr = |source| StoreError::Read {
+            path: self.path.clone(),
+            op: "scan grants",
+            source,
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, family, addr, prefix, client, expires_ms, source FROM grants",
+            )
+            .map_err(rerr)?;
+        let mut rows = stmt.query([]).map_err(rerr)?;
+        while let Some(row) = rows.next().map_err(rerr)? {
+            let id = row.get_ref(0).map_err(rerr)?.as_i64().unwrap_or(0);
+            let key = key_from_row(row, id, 1).map_err(|e| e.into_store(rerr))?;
+            let expires = opt_ms(row, 5, id, "expires_ms").map_err(|e| e.into_store(rerr))?;
+            let source = match row.get_ref(6).map_err(rerr)? {
+                ValueRef::Text(b"dns") => Source::Dns,
+                ValueRef::Text(b"manual") => Source::Manual,
+                other => {
+                    return Err(corrupt(id, format!("unknown source {other:?}")));
+                }
+            };
+            f(key, expires, source);
+        }
+        Ok(())
+    }
+
+    /// Deletes audit events older than `before_ms` (retention) and returns how many. Deletes
+    /// in chunks of bounded transactions so a large prune does not grow the WAL unboundedly.
+    pub fn prune_audit(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        let werr = |source| StoreError::Write {
+            path: self.path.clone(),
+            op: "prune audit",
+            source,
+        };
+        let mut total = 0u64;
+        loop {
+            let n = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM audit WHERE id IN \
+                       (SELECT id FROM audit WHERE at_ms < ?1 LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![to_sql_ms(before_ms), PRUNE_CHUNK]))
+                .map_err(werr)?;
+            total += n as u64;
+            if (n as i64) < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+// === impl Reader ===
+
+impl Reader {
+    /// Opens a `query_only` connection to a database the writer has already created and
+    /// migrated.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = connect(path)?;
+        check_header(&conn, path, true)?;
+        conn.pragma_update(None, "query_only", true)
+            .map_err(|e| configure_error(path, "query_only", e))?;
+        Ok(Reader {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Current grants matching `filter`, ordered by address, and how many match in total.
+    pub fn list(&self, filter: &ListFilter) -> Result<(Vec<GrantRow>, u64), StoreError> {
+        let rerr = |source| StoreError::Read {
+            path: self.path.clone(),
+            op: "list grants",
+            source,
+        };
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(net) = &filter.within {
+            clauses.push("g.family = ? AND g.addr BETWEEN ? AND ? AND g.prefix >= ?");
+            push_within(&mut args, net);
+        }
+        if let Some(name) = &filter.name {
+            clauses.push("g.id IN (SELECT grant_id FROM grant_names WHERE name = ?)");
+            args.push(Value::Text(normalize_name(name)));
+        }
+        let where_sql = where_clause(&clauses);
+
+        let total: i64 = self
+            .conn
+            .prepare_cached(&format!("SELECT count(*) FROM grants g{where_sql}"))
+            .and_then(|mut s| s.query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0)))
+            .map_err(rerr)?;
+
+        args.push(Value::Integer(i64::from(effective_limit(filter.limit))));
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT g.id, g.family, g.addr, g.prefix, g.client, g.first_ms, g.last_ms, \
+                   g.expires_ms, g.source, g.comment \
+                 FROM grants g{where_sql} \
+                 ORDER BY g.family, g.addr, g.prefix, g.client LIMIT ?"
+            ))
+            .map_err(rerr)?;
+        let mut names = self
+            .conn
+            .prepare_cached("SELECT name FROM grant_names WHERE grant_id = ?1 ORDER BY id DESC")
+            .map_err(rerr)?;
+        let mut out = Vec::new();
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args.iter()))
+            .map_err(rerr)?;
+        while let Some(row) = rows.next().map_err(rerr)? {
+            let id: i64 = row.get(0).map_err(rerr)?;
+            let key = key_from_row(row, id, 1).map_err(|e| e.into_store(rerr))?;
+            let first_ms = req_ms(row, 5, id, "first_ms").map_err(|e| e.into_store(rerr))?;
+            let last_ms = req_ms(row, 6, id, "last_ms").map_err(|e| e.into_store(rerr))?;
+            let expires_ms = opt_ms(row, 7, id, "expires_ms").map_err(|e| e.into_store(rerr))?;
+            let source: String = row.get(8).map_err(rerr)?;
+            let source = Source::parse(&source)
+                .ok_or_else(|| corrupt(id, format!("unknown source {source:?}")))?;
+            let comment: String = row.get(9).map_err(rerr)?;
+            let names = names
+                .query_map([id], |r| r.get::<_, String>(0))
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(rerr)?;
+            out.push(GrantRow {
+                key,
+                names,
+                first_ms,
+                last_ms,
+                expires_ms,
+                source,
+                comment,
+            });
+        }
+        Ok((out, u64::try_from(total).unwrap_or(0)))
+    }
+
+    /// Audit events matching `filter`, newest first.
+    pub fn history(&self, filter: &HistoryFilter) -> Result<Vec<AuditEvent>, StoreError> {
+        let rerr = |source| StoreError::Read {
+            path: self.path.clone(),
+            op: "read history",
+            source,
+        };
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(net) = &filter.within {
+            clauses
+                .push("target_family = ? AND target_addr BETWEEN ? AND ? AND target_prefix >= ?");
+            push_within(&mut args, net);
+        }
+        if let Some(name) = &filter.name {
+            clauses.push("name = ?");
+            args.push(Value::Text(normalize_name(name)));
+        }
+        if let Some(since) = filter.since_ms {
+            clauses.push("at_ms >= ?");
+            args.push(Value::Integer(to_sql_ms(since)));
+        }
+        args.push(Value::Integer(i64::from(effective_limit(filter.limit))));
+        // (at_ms, id) is exactly the audit_at index order, so this needs no sort when
+        // filtering by time only.
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, at_ms, kind, target, client, name, uid, gid, pid, reason, expires_ms \
+                 FROM audit{} ORDER BY at_ms DESC, id DESC LIMIT ?",
+                where_clause(&clauses)
+            ))
+            .map_err(rerr)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args.iter()))
+            .map_err(rerr)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(rerr)? {
+            out.push(event_from_row(row).map_err(|e| e.into_store(rerr))?);
+        }
+        Ok(out)
+    }
+
+    /// File sizes and row counts.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let rerr = |source| StoreError::Read {
+            path: self.path.clone(),
+            op: "stats",
+            source,
+        };
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            let n: i64 = self
+                .conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(rerr)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let grants = count("SELECT count(*) FROM grants")?;
+        let audit_events = count("SELECT count(*) FROM audit")?;
+        let mut db_bytes = file_len(&self.path)?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        db_bytes += file_len(Path::new(&wal))?;
+        Ok(StoreStats {
+            db_bytes,
+            audit_events,
+            grants,
+        })
+    }
+}
+
+// === helpers ===
+
+/// Normalizes a DNS name for storage and lookup: lowercased, one trailing dot stripped
+/// (the root "." stays), bounded to [`MAX_NAME_BYTES`] on a character boundary.
+pub fn normalize_name(name: &str) -> String {
+    let name = match name.strip_suffix('.') {
+        Some(stripped) if !stripped.is_empty() => stripped,
+        _ => name,
+    };
+    bound(&name.to_lowercase(), MAX_NAME_BYTES).to_owned()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn bound(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn effective_limit(limit: u32) -> u32 {
+    match limit {
+        0 => DEFAULT_LIMIT,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+fn where_clause(clauses: &[&str]) -> String {
+    if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    }
+}
+
+/// Binds `family, low, high, prefix` for a "network inside `net`" range clause.
+fn push_within(args: &mut Vec<Value>, net: &IpNet) {
+    args.push(Value::Integer(family(net.addr())));
+    args.push(Value::Blob(addr_bytes(net.network()).to_vec()));
+    args.push(Value::Blob(addr_bytes(net.broadcast()).to_vec()));
+    args.push(Value::Integer(i64::from(net.prefix_len())));
+}
+
+fn family(ip: IpAddr) -> i64 {
+    match ip {
+        IpAddr::V4(_) => 4,
+        IpAddr::V6(_) => 6,
+    }
+}
+
+/// IPv6 form: IPv4 as v4-mapped, so both families share one ordered column.
+fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn addr_from_bytes(family: i64, b: &[u8]) -> Option<IpAddr> {
+    let b: [u8; 16] = b.try_into().ok()?;
+    let v6 = Ipv6Addr::from(b);
+    match family {
+        4 => v6.to_ipv4_mapped().map(IpAddr::V4),
+        6 => Some(IpAddr::V6(v6)),
+        _ => None,
+    }
+}
+
+/// Client encoding: raw 4 or 16 bytes, so the family survives; the empty blob means "none".
+fn client_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn client_from_bytes(b: &[u8]) -> Option<Option<IpAddr>> {
+    match b.len() {
+        0 => Some(None),
+        4 => <[u8; 4]>::try_from(b)
+            .ok()
+            .map(|a| Some(IpAddr::V4(Ipv4Addr::from(a)))),
+        16 => <[u8; 16]>::try_from(b)
+            .ok()
+            .map(|a| Some(IpAddr::V6(Ipv6Addr::from(a)))),
+        _ => None,
+    }
+}
+
+/// The unique-key columns of a grant.
+struct KeyCols {
+    family: i64,
+    addr: [u8; 16],
+    prefix: i64,
+    client: [u8; 16],
+    client_len: usize,
+}
+
+impl KeyCols {
+    fn new(key: &GrantKey) -> Self {
+        let mut client = [0u8; 16];
+        let client_len = match key.client {
+            None => 0,
+            Some(IpAddr::V4(v4)) => {
+                client[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            Some(IpAddr::V6(v6)) => {
+                client.copy_from_slice(&v6.octets());
+                16
+            }
+        };
+        KeyCols {
+            family: family(key.net.addr()),
+            addr: addr_bytes(key.net.addr()),
+            prefix: i64::from(key.net.prefix_len()),
+            client,
+            client_len,
+        }
+    }
+
+    fn client(&self) -> &[u8] {
+        &self.client[..self.client_len]
+    }
+}
+
+/// Splits an audit target into (family, address, prefix) when it is an IP or CIDR.
+fn parse_target(t: &str) -> Option<(i64, [u8; 16], i64)> {
+    let net = match t.parse::<IpAddr>() {
+        Ok(ip) => IpNet::from(ip),
+        Err(_) => t.parse::<IpNet>().ok()?,
+    };
+    Some((
+        family(net.addr()),
+        addr_bytes(net.addr()),
+        i64::from(net.prefix_len()),
+    ))
+}
+
+/// Unix ms into SQLite's signed integer; saturates far beyond any real time.
+fn to_sql_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// A decode failure: either SQLite's or a value that does not fit the model.
+enum DecodeError {
+    Sql(rusqlite::Error),
+    Corrupt(StoreError),
+}
+
+impl DecodeError {
+    fn into_store(self, rerr: impl Fn(rusqlite::Error) -> StoreError) -> StoreError {
+        match self {
+            DecodeError::Sql(e) => rerr(e),
+            DecodeError::Corrupt(e) => e,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for DecodeError {
+    fn from(e: rusqlite::Error) -> Self {
+        DecodeError::Sql(e)
+    }
+}
+
+fn corrupt(id: i64, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: format!("row {id}: {what}"),
+    }
+}
+
+/// Decodes `family, addr, prefix, client` starting at column `at`.
+fn key_from_row(row: &Row<'_>, id: i64, at: usize) -> Result<GrantKey, DecodeError> {
+    let fam = row.get_ref(at)?.as_i64().map_err(rusqlite::Error::from)?;
+    let addr = row
+        .get_ref(at + 1)?
+        .as_blob()
+        .map_err(rusqlite::Error::from)?;
+    let prefix = row
+        .get_ref(at + 2)?
+        .as_i64()
+        .map_err(rusqlite::Error::from)?;
+    let client = row
+        .get_ref(at + 3)?
+        .as_blob()
+        .map_err(rusqlite::Error::from)?;
+    let bad = |what: &str| DecodeError::Corrupt(corrupt(id, what));
+    let ip = addr_from_bytes(fam, addr).ok_or_else(|| bad("bad grant address"))?;
+    let prefix = u8::try_from(prefix).map_err(|_| bad("bad grant prefix"))?;
+    let net = IpNet::new(ip, prefix).map_err(|_| bad("bad grant prefix"))?;
+    let client = client_from_bytes(client).ok_or_else(|| bad("bad grant client"))?;
+    Ok(GrantKey { net, client })
+}
+
+fn opt_ms(row: &Row<'_>, col: usize, id: i64, what: &str) -> Result<Option<u64>, DecodeError> {
+    match row.get::<_, Option<i64>>(col)? {
+        None => Ok(None),
+        Some(v) => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| DecodeError::Corrupt(corrupt(id, format!("negative {what}")))),
+    }
+}
+
+fn req_ms(row: &Row<'_>, col: usize, id: i64, what: &str) -> Result<u64, DecodeError> {
+    let v: i64 = row.get(col)?;
+    u64::try_from(v).map_err(|_| DecodeError::Corrupt(corrupt(id, format!("negative {what}"))))
+}
+
+fn event_from_row(row: &Row<'_>) -> Result<AuditEvent, DecodeError> {
+    let id: i64 = row.get(0)?;
+    let bad = |what: String| DecodeError::Corrupt(corrupt(id, what));
+    let kind: String = row.get(2)?;
+    let kind =
+        EventKind::parse(&kind).ok_or_else(|| bad(format!("unknown event kind {kind:?}")))?;
+    let client = match row.get_ref(4)? {
+        ValueRef::Null => None,
+        ValueRef::Blob(b) if !b.is_empty() => {
+            client_from_bytes(b).ok_or_else(|| bad("bad event client".into()))?
+        }
+        _ => return Err(bad("bad event client".into())),
+    };
+    let id_u = |v: Option<i64>, what: &str| -> Result<Option<u32>, DecodeError> {
+        v.map(|v| u32::try_from(v).map_err(|_| bad(format!("bad {what}"))))
+            .transpose()
+    };
+    let pid = row
+        .get::<_, Option<i64>>(8)?
+        .map(|v| i32::try_from(v).map_err(|_| bad("bad pid".into())))
+        .transpose()?;
+    Ok(AuditEvent {
+        id: u64::try_from(id).map_err(|_| bad("negative id".into()))?,
+        at_ms: req_ms(row, 1, id, "at_ms")?,
+        kind,
+        target: row.get(3)?,
+        client,
+        name: row.get(5)?,
+        caller: Caller {
+            uid: id_u(row.get(6)?, "uid")?,
+            gid: id_u(row.get(7)?, "gid")?,
+            pid,
+        },
+        reason: row.get(9)?,
+        expires_ms: opt_ms(row, 10, id, "expires_ms")?,
+    })
+}
+
+fn file_len(path: &Path) -> Result<u64, StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(StoreError::Stat {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn is_not_a_database(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::NotADatabase)
+}
+
+fn configure_error(path: &Path, pragma: &'static str, source: rusqlite::Error) -> StoreError {
+    if is_not_a_database(&source) {
+        StoreError::NotADatabase {
+            path: path.to_owned(),
+        }
+    } else {
+        StoreError::Configure {
+            path: path.to_owned(),
+            pragma,
+            source,
+        }
+    }
+}
+
+/// Opens an existing file (never creates one) and sets the per-connection pragmas.
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| configure_error(path, "busy_timeout", e))?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(|e| configure_error(path, "foreign_keys", e))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Reads `application_id` and `user_version` (the first read of the file, so garbage shows
+/// up here) and refuses foreign or too-new databases; a reader also refuses unmigrated ones.
+fn check_header(conn: &Connection, path: &Path, reader: bool) -> Result<u32, StoreError> {
+    let app: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| configure_error(path, "application_id", e))?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(StoreError::ForeignDatabase {
+            path: path.to_owned(),
+            found: app,
+        });
+    }
+    let found = user_version(conn).map_err(|e| configure_error(path, "user_version", e))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if reader && found < SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooOld {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(found)
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
+    let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    // user_version is a signed 32-bit field; a negative one is "newer than anything".
+    Ok(u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+/// Runs the missing migrations, each in its own immediate transaction with its version bump.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as u32 + 1;
+        let merr = |source| StoreError::Migrate {
+            path: path.to_owned(),
+            version,
+            source,
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(merr)?;
+        // Re-read under the write lock: another opener may have migrated meanwhile.
+        let found = user_version(&tx).map_err(merr)?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                path: path.to_owned(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found >= version {
+            continue;
+        }
+        tx.execute_batch(sql).map_err(merr)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(merr)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(merr)?;
+        tx.commit().map_err(merr)?;
+        tracing::info!(path = %path.display(), version, "migrated database schema");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn temp_db() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guard.db");
+        (dir, path)
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn key(n: &str, client: Option<&str>) -> GrantKey {
+        GrantKey {
+            net: net(n),
+            client: client.map(ip),
+        }
+    }
+
+    fn upsert(key: GrantKey, name: Option<&str>, at_ms: u64, expires_ms: Option<u64>) -> Change {
+        Change::Upsert {
+            key,
+            name: name.map(str::to_owned),
+            at_ms,
+            expires_ms,
+            source: Source::Dns,
+            comment: String::new(),
+        }
+    }
+
+    fn event(kind: EventKind, target: Option<&str>, name: Option<&str>, at_ms: u64) -> AuditEvent {
+        AuditEvent {
+            id: 0,
+            at_ms,
+            kind,
+            target: target.map(str::to_owned),
+            client: None,
+            name: name.map(str::to_owned),
+            caller: Caller {
+                uid: Some(1000),
+                gid: Some(1000),
+                pid: Some(42),
+            },
+            reason: "test".into(),
+            expires_ms: None,
+        }
+    }
+
+    fn list_all(r: &Reader) -> Vec<GrantRow> {
+        r.list(&ListFilter::default()).unwrap().0
+    }
+
+    fn raw(path: &Path) -> Connection {
+        Connection::open(path).unwrap()
+    }
+
+    #[test]
+    fn create_and_reopen_keeps_data() {
+        let (_dir, path) = temp_db();
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.apply(
+                &[upsert(
+                    key("192.0.2.1/32", None),
+                    Some("a.example."),
+                    10,
+                    Some(100),
+                )],
+                &[event(
+                    EventKind::Granted,
+                    Some("192.0.2.1"),
+                    Some("a.example"),
+                    10,
+                )],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let mut seen = Vec::new();
+        s.for_each_grant(|k, e, src| seen.push((k, e, src)))
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![(key("192.0.2.1/32", None), Some(100), Source::Dns)]
+        );
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(list_all(&r)[0].names, vec!["a.example".to_owned()]);
+        assert_eq!(r.history(&HistoryFilter::default()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn migrations_set_user_version_app_id_wal_and_mode_0600() {
+        let (_dir, path) = temp_db();
+        let _s = Store::open(&path).unwrap();
+        let c = raw(&path);
+        let v: u32 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert!(SCHEMA_VERSION >= 1);
+        let app: i32 = c
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
+        assert_eq!(app, APPLICATION_ID);
+        let mode: String = c
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let perm = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(perm & 0o777, 0o600);
+    }
+
+    #[test]
+    fn newer_user_version_is_refused() {
+        let (_dir, path) = temp_db();
+        drop(Store::open(&path).unwrap());
+        raw(&path)
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match Store::open(&path) {
+            Err(StoreError::SchemaTooNew {
+                found, supported, ..
+            }) => {
+                assert_eq!(found, SCHEMA_VERSION + 1);
+                assert_eq!(supported, SCHEMA_VERSION);
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+        assert!(matches!(
+            Reader::open(&path),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+        // The refused open did not touch the version.
+        let v: u32 = raw(&path)
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION + 1);
+    }
+
+    #[test]
+    fn reader_refuses_unmigrated_database() {
+        let (_dir, path) = temp_db();
+        raw(&path).execute_batch("CREATE TABLE t (x)").unwrap();
+        assert!(matches!(
+            Reader::open(&path),
+            Err(StoreError::SchemaTooOld { found: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_file_is_not_a_database() {
+        let (_dir, path) = temp_db();
+        let garbage: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        assert!(err.to_string().contains("not an SQLite database"));
+        assert!(matches!(
+            Reader::open(&path),
+            Err(StoreError::NotADatabase { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            garbage,
+            "file must be left alone"
+        );
+
+        std::fs::write(&path, b"hello, I am a text file\n").unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn foreign_sqlite_database_is_refused() {
+        let (_dir, path) = temp_db();
+        let c = raw(&path);
+        c.pragma_update(None, "application_id", 1234).unwrap();
+        c.execute_batch("CREATE TABLE grants (x)").unwrap();
+        drop(c);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::ForeignDatabase { found: 1234, .. })
+        ));
+    }
+
+    #[test]
+    fn missing_parent_dir_is_an_error() {
+        let (dir, _) = temp_db();
+        let path = dir.path().join("no/such/dir/guard.db");
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::MissingDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(matches!(Reader::open(&path), Err(StoreError::Open { .. })));
+    }
+
+    #[test]
+    fn reader_of_missing_file_does_not_create_it() {
+        let (_dir, path) = temp_db();
+        assert!(matches!(Reader::open(&path), Err(StoreError::Open { .. })));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn upsert_keeps_first_ms_and_source_and_updates_expiry() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let k = key("198.51.100.7/32", None);
+        s.apply(
+            &[Change::Upsert {
+                key: k,
+                name: Some("x.test".into()),
+                at_ms: 1_000,
+                expires_ms: Some(5_000),
+                source: Source::Manual,
+                comment: "first".into(),
+            }],
+            &[],
+        )
+        .unwrap();
+        s.apply(
+            &[Change::Upsert {
+                key: k,
+                name: None,
+                at_ms: 2_000,
+                expires_ms: Some(9_000),
+                source: Source::Dns,
+                comment: String::new(),
+            }],
+            &[],
+        )
+        .unwrap();
+        let r = Reader::open(&path).unwrap();
+        let rows = list_all(&r);
+        assert_eq!(rows.len(), 1);
+        let g = &rows[0];
+        assert_eq!(g.first_ms, 1_000);
+        assert_eq!(g.last_ms, 2_000);
+        assert_eq!(g.expires_ms, Some(9_000));
+        assert_eq!(g.source, Source::Manual);
+        assert_eq!(g.comment, "first", "empty comment keeps the stored one");
+        assert_eq!(g.names, vec!["x.test".to_owned()]);
+
+        s.apply(
+            &[Change::Upsert {
+                key: k,
+                name: None,
+                at_ms: 3_000,
+                expires_ms: None,
+                source: Source::Dns,
+                comment: "second".into(),
+            }],
+            &[],
+        )
+        .unwrap();
+        let g = &list_all(&r)[0];
+        assert_eq!(g.expires_ms, None);
+        assert_eq!(g.comment, "second");
+    }
+
+    #[test]
+    fn names_are_bounded_most_recent_first_and_deduplicated() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let k = key("2001:db8::1/128", None);
+        for i in 0..12 {
+            s.apply(
+                &[upsert(k, Some(&format!("N{i}.Example.")), i, Some(100))],
+                &[],
+            )
+            .unwrap();
+        }
+        // Re-seeing an old, still kept name moves it to the front without duplicating it.
+        s.apply(&[upsert(k, Some("n6.example"), 20, Some(100))], &[])
+            .unwrap();
+        // In one batch too.
+        s.apply(
+            &[
+                upsert(k, Some("n9.example"), 21, Some(100)),
+                upsert(k, Some("N9.EXAMPLE."), 22, Some(100)),
+            ],
+            &[],
+        )
+        .unwrap();
+        let r = Reader::open(&path).unwrap();
+        let names = list_all(&r).remove(0).names;
+        let want: Vec<String> = [9, 6, 11, 10, 8, 7, 5, 4]
+            .iter()
+            .map(|i| format!("n{i}.example"))
+            .collect();
+        assert_eq!(names, want);
+        let count: i64 = raw(&path)
+            .query_row("SELECT count(*) FROM grant_names", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, MAX_NAMES_PER_GRANT as i64);
+    }
+
+    #[test]
+    fn names_are_normalized_and_bounded() {
+        assert_eq!(normalize_name("WWW.Example.COM."), "www.example.com");
+        assert_eq!(normalize_name("."), ".");
+        assert_eq!(normalize_name(""), "");
+        let long = "é".repeat(200); // 400 bytes
+        let n = normalize_name(&long);
+        assert!(n.len() <= MAX_NAME_BYTES && n.len() >= MAX_NAME_BYTES - 1);
+        assert!(n.chars().all(|c| c == 'é'));
+
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let long = format!("{}.example", "a".repeat(400));
+        s.apply(
+            &[upsert(key("192.0.2.9/32", None), Some(&long), 1, None)],
+            &[],
+        )
+        .unwrap();
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(list_all(&r)[0].names[0].len(), MAX_NAME_BYTES);
+    }
+
+    #[test]
+    fn client_scoped_and_unscoped_grants_coexist() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let keys = [
+            key("203.0.113.5/32", None),
+            key("203.0.113.5/32", Some("10.0.0.2")),
+            key("203.0.113.5/32", Some("10.0.0.3")),
+            key("203.0.113.5/32", Some("fd00::2")),
+            key("203.0.113.0/24", None),
+            // Same 16 bytes as the v4 host, but another family.
+            key("::ffff:203.0.113.5/128", None),
+        ];
+        let changes: Vec<Change> = keys.iter().map(|k| upsert(*k, None, 1, Some(9))).collect();
+        s.apply(&changes, &[]).unwrap();
+        // Upserting again (NULL-client ones included) must not duplicate.
+        s.apply(&changes, &[]).unwrap();
+        let mut seen = Vec::new();
+        s.for_each_grant(|k, _, _| seen.push(k)).unwrap();
+        seen.sort();
+        let mut want = keys.to_vec();
+        want.sort();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn remove_deletes_grant_and_its_names() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let a = key("192.0.2.1/32", None);
+        let b = key("192.0.2.1/32", Some("10.0.0.1"));
+        s.apply(
+            &[
+                upsert(a, Some("a.test"), 1, Some(9)),
+                upsert(b, Some("b.test"), 1, Some(9)),
+            ],
+            &[],
+        )
+        .unwrap();
+        s.apply(
+            &[
+                Change::Remove { key: a },
+                Change::Remove {
+                    key: key("192.0.2.99/32", None),
+                },
+            ],
+            &[event(EventKind::Revoked, Some("192.0.2.1"), None, 2)],
+        )
+        .unwrap();
+        let r = Reader::open(&path).unwrap();
+        let rows = list_all(&r);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key, b);
+        let names: i64 = raw(&path)
+            .query_row("SELECT count(*) FROM grant_names", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(names, 1, "names cascade with their grant");
+    }
+
+    fn seeded_list_store() -> (tempfile::TempDir, PathBuf) {
+        let (dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let mut changes = vec![
+            upsert(key("10.1.2.3/32", None), Some("a.example"), 1, Some(9)),
+            upsert(key("10.1.2.4/32", None), Some("b.example"), 1, Some(9)),
+            upsert(key("10.1.9.0/24", None), None, 1, None),
+            upsert(key("10.0.0.0/8", None), None, 1, None),
+            upsert(
+                key("10.1.2.3/32", Some("192.168.1.2")),
+                Some("a.example"),
+                1,
+                Some(9),
+            ),
+            upsert(key("172.16.0.1/32", None), Some("A.Example."), 1, Some(9)),
+            upsert(
+                key("2001:db8:1::1/128", None),
+                Some("a.example"),
+                1,
+                Some(9),
+            ),
+            upsert(
+                key("2001:db8:2::1/128", None),
+                Some("c.example"),
+                1,
+                Some(9),
+            ),
+            upsert(key("::ffff:10.1.2.3/128", None), None, 1, Some(9)),
+        ];
+        for i in 0..50u8 {
+            changes.push(upsert(
+                key(&format!("100.64.0.{i}/32"), None),
+                Some("many.example"),
+                1,
+                Some(9),
+            ));
+        }
+        s.apply(&changes, &[]).unwrap();
+        (dir, path)
+    }
+
+    fn list_nets(r: &Reader, f: ListFilter) -> (Vec<String>, u64) {
+        let (rows, total) = r.list(&f).unwrap();
+        (rows.iter().map(|g| g.key.net.to_string()).collect(), total)
+    }
+
+    #[test]
+    fn list_filters_within_v4_and_v6() {
+        let (_dir, path) = seeded_list_store();
+        let r = Reader::open(&path).unwrap();
+        let within = |cidr: &str| ListFilter {
+            within: Some(net(cidr)),
+            ..Default::default()
+        };
+        let (nets, total) = list_nets(&r, within("10.1.0.0/16"));
+        // The /8 is not inside the /16; the v4-mapped v6 grant is another family.
+        assert_eq!(
+            nets,
+            ["10.1.2.3/32", "10.1.2.3/32", "10.1.2.4/32", "10.1.9.0/24"]
+        );
+        assert_eq!(total, 4);
+        let (nets, _) = list_nets(&r, within("10.0.0.0/8"));
+        assert_eq!(nets.len(), 5);
+        assert_eq!(nets[0], "10.0.0.0/8");
+        let (nets, _) = list_nets(&r, within("10.1.2.3/32"));
+        assert_eq!(nets, ["10.1.2.3/32", "10.1.2.3/32"]);
+        let (nets, _) = list_nets(&r, within("2001:db8:1::/48"));
+        assert_eq!(nets, ["2001:db8:1::1/128"]);
+        let (nets, _) = list_nets(&r, within("::/0"));
+        assert_eq!(
+            nets,
+            [
+                "::ffff:10.1.2.3/128",
+                "2001:db8:1::1/128",
+                "2001:db8:2::1/128"
+            ]
+        );
+        let (nets, total) = list_nets(&r, within("0.0.0.0/0"));
+        assert_eq!((nets.len(), total), (56, 56));
+    }
+
+    #[test]
+    fn list_filters_by_name_limit_and_total() {
+        let (_dir, path) = seeded_list_store();
+        let r = Reader::open(&path).unwrap();
+        let by_name = |n: &str| ListFilter {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        let (nets, total) = list_nets(&r, by_name("A.EXAMPLE."));
+        assert_eq!(
+            nets,
+            [
+                "10.1.2.3/32",
+                "10.1.2.3/32",
+                "172.16.0.1/32",
+                "2001:db8:1::1/128"
+            ]
+        );
+        assert_eq!(total, 4);
+        let (nets, _) = list_nets(&r, by_name("example"));
+        assert!(nets.is_empty(), "exact match only");
+        let (nets, total) = list_nets(
+            &r,
+            ListFilter {
+                within: Some(net("10.0.0.0/8")),
+                name: Some("a.example".into()),
+                limit: 0,
+            },
+        );
+        assert_eq!((nets.len(), total), (2, 2));
+        let (nets, total) = list_nets(
+            &r,
+            ListFilter {
+                name: Some("many.example".into()),
+                limit: 7,
+                ..Default::default()
+            },
+        );
+        assert_eq!((nets.len(), total), (7, 50));
+        assert_eq!(nets[0], "100.64.0.0/32");
+        let (rows, total) = r.list(&ListFilter::default()).unwrap();
+        assert_eq!((rows.len(), total), (59, 59));
+        let client = rows.iter().find(|g| g.key.client.is_some()).unwrap();
+        assert_eq!(client.key.client, Some(ip("192.168.1.2")));
+        assert_eq!(client.names, ["a.example"]);
+    }
+
+    #[test]
+    fn limits_default_and_cap() {
+        assert_eq!(effective_limit(0), DEFAULT_LIMIT);
+        assert_eq!(effective_limit(5), 5);
+        assert_eq!(effective_limit(u32::MAX), MAX_LIMIT);
+    }
+
+    #[test]
+    fn name_and_range_filters_use_indexes() {
+        let (_dir, path) = seeded_list_store();
+        let c = raw(&path);
+        let plan = |sql: &str| -> String {
+            let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            st.query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let p = plan(
+            "SELECT id FROM grants g WHERE g.id IN (SELECT grant_id FROM grant_names WHERE name = 'x')",
+        );
+        assert!(p.contains("grant_names_name"), "{p}");
+        let p = plan(
+            "SELECT id FROM grants g WHERE g.family = 4 AND g.addr BETWEEN x'00' AND x'ff' AND g.prefix >= 8",
+        );
+        assert!(p.contains("grants_key"), "{p}");
+        let p = plan("SELECT id FROM audit WHERE name = 'x' ORDER BY at_ms DESC, id DESC");
+        assert!(
+            p.contains("audit_name") && !p.contains("TEMP B-TREE"),
+            "{p}"
+        );
+        let p = plan(
+            "SELECT id FROM audit WHERE target_family = 4 AND target_addr BETWEEN x'00' AND x'ff' AND target_prefix >= 8",
+        );
+        assert!(p.contains("audit_target"), "{p}");
+        let p = plan("SELECT id FROM audit WHERE at_ms >= 5 ORDER BY at_ms DESC, id DESC");
+        assert!(p.contains("audit_at") && !p.contains("TEMP B-TREE"), "{p}");
+    }
+
+    fn seeded_history_store() -> (tempfile::TempDir, PathBuf) {
+        let (dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let mut e = vec![
+            event(EventKind::Granted, Some("10.1.2.3"), Some("a.example"), 100),
+            event(
+                EventKind::Extended,
+                Some("10.1.2.3"),
+                Some("A.example."),
+                200,
+            ),
+            event(
+                EventKind::Granted,
+                Some("2001:db8::5"),
+                Some("b.example"),
+                300,
+            ),
+            event(EventKind::ManualAllow, Some("10.1.0.0/16"), None, 400),
+            event(
+                EventKind::Rejected,
+                Some("0.0.0.0"),
+                Some("evil.example"),
+                500,
+            ),
+            event(
+                EventKind::Rejected,
+                Some("not an ip; DROP TABLE audit"),
+                None,
+                600,
+            ),
+            event(EventKind::Denied, None, None, 700),
+            event(EventKind::Started, None, None, 700),
+        ];
+        e[0].client = Some(ip("192.168.1.9"));
+        e[2].client = Some(ip("fd00::9"));
+        e[3].expires_ms = Some(1_000);
+        e[6].caller = Caller::default();
+        s.apply(&[], &e).unwrap();
+        (dir, path)
+    }
+
+    fn kinds_at(r: &Reader, f: HistoryFilter) -> Vec<(EventKind, u64)> {
+        r.history(&f)
+            .unwrap()
+            .iter()
+            .map(|e| (e.kind, e.at_ms))
+            .collect()
+    }
+
+    #[test]
+    fn history_is_newest_first_and_round_trips() {
+        let (_dir, path) = seeded_history_store();
+        let r = Reader::open(&path).unwrap();
+        let all = r.history(&HistoryFilter::default()).unwrap();
+        assert_eq!(all.len(), 8);
+        let at: Vec<u64> = all.iter().map(|e| e.at_ms).collect();
+        assert_eq!(at, [700, 700, 600, 500, 400, 300, 200, 100]);
+        // Same at_ms: later insertion first.
+        assert_eq!(all[0].kind, EventKind::Started);
+        assert!(all[0].id > all[1].id);
+        let first = all.last().unwrap();
+        assert_eq!(
+            *first,
+            AuditEvent {
+                id: first.id,
+                at_ms: 100,
+                kind: EventKind::Granted,
+                target: Some("10.1.2.3".into()),
+                client: Some(ip("192.168.1.9")),
+                name: Some("a.example".into()),
+                caller: Caller {
+                    uid: Some(1000),
+                    gid: Some(1000),
+                    pid: Some(42)
+                },
+                reason: "test".into(),
+                expires_ms: None,
+            }
+        );
+        assert_eq!(all[5].client, Some(ip("fd00::9")));
+        assert_eq!(all[4].expires_ms, Some(1_000));
+        assert_eq!(all[1].caller, Caller::default());
+    }
+
+    #[test]
+    fn history_filters_within_name_since_limit() {
+        let (_dir, path) = seeded_history_store();
+        let r = Reader::open(&path).unwrap();
+        let f =
+            |within: Option<&str>, name: Option<&str>, since: Option<u64>, limit| HistoryFilter {
+                within: within.map(net),
+                name: name.map(str::to_owned),
+                since_ms: since,
+                limit,
+            };
+        use EventKind::*;
+        assert_eq!(
+            kinds_at(&r, f(Some("10.1.0.0/16"), None, None, 0)),
+            [(ManualAllow, 400), (Extended, 200), (Granted, 100)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(Some("10.0.0.0/8"), None, None, 0)),
+            [(ManualAllow, 400), (Extended, 200), (Granted, 100)]
+        );
+        // The /16 target is not inside a /24.
+        assert_eq!(
+            kinds_at(&r, f(Some("10.1.2.0/24"), None, None, 0)),
+            [(Extended, 200), (Granted, 100)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(Some("2001:db8::/32"), None, None, 0)),
+            [(Granted, 300)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(Some("0.0.0.0/32"), None, None, 0)),
+            [(Rejected, 500)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(None, Some("A.EXAMPLE"), None, 0)),
+            [(Extended, 200), (Granted, 100)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(None, None, Some(500), 0)),
+            [
+                (Started, 700),
+                (Denied, 700),
+                (Rejected, 600),
+                (Rejected, 500)
+            ]
+        );
+        assert_eq!(
+            kinds_at(&r, f(None, None, Some(500), 2)),
+            [(Started, 700), (Denied, 700)]
+        );
+        assert_eq!(
+            kinds_at(&r, f(Some("10.0.0.0/8"), Some("a.example"), Some(150), 0)),
+            [(Extended, 200)]
+        );
+    }
+
+    #[test]
+    fn events_keep_arbitrary_text_targets() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let weird = [
+            "",
+            "0.0.0.0",
+            "999.1.1.1",
+            "fe80::1%eth0",
+            "'; DROP TABLE grants; --",
+            "\u{0}\u{7f}ü",
+        ];
+        let events: Vec<AuditEvent> = weird
+            .iter()
+            .enumerate()
+            .map(|(i, t)| event(EventKind::Rejected, Some(t), None, i as u64))
+            .collect();
+        let long = "x".repeat(10_000);
+        s.apply(&[], &events).unwrap();
+        s.apply(&[], &[event(EventKind::Rejected, Some(&long), None, 99)])
+            .unwrap();
+        let r = Reader::open(&path).unwrap();
+        let got = r.history(&HistoryFilter::default()).unwrap();
+        assert_eq!(got[0].target.as_deref().unwrap().len(), MAX_TARGET_BYTES);
+        let mut texts: Vec<String> = got[1..].iter().map(|e| e.target.clone().unwrap()).collect();
+        texts.reverse();
+        assert_eq!(texts, weird);
+        let n: i64 = raw(&path)
+            .query_row(
+                "SELECT count(*) FROM audit WHERE target_addr IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "only 0.0.0.0 parses as an address");
+    }
+
+    #[test]
+    fn audit_rows_cannot_be_updated() {
+        let (_dir, path) = seeded_history_store();
+        let err = raw(&path)
+            .execute("UPDATE audit SET reason = 'forged'", [])
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+
+    #[test]
+    fn prune_audit_deletes_only_older_events() {
+        let (_dir, path) = seeded_history_store();
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.prune_audit(300).unwrap(), 2);
+        assert_eq!(s.prune_audit(300).unwrap(), 0);
+        let r = Reader::open(&path).unwrap();
+        let at: Vec<u64> = r
+            .history(&HistoryFilter::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.at_ms)
+            .collect();
+        assert_eq!(at, [700, 700, 600, 500, 400, 300]);
+        assert_eq!(s.prune_audit(u64::MAX).unwrap(), 6);
+        assert_eq!(r.stats().unwrap().audit_events, 0);
+    }
+
+    #[test]
+    fn prune_audit_works_in_chunks() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let n = PRUNE_CHUNK as u64 * 2 + 17;
+        let events: Vec<AuditEvent> = (0..n)
+            .map(|i| event(EventKind::Granted, None, None, i))
+            .collect();
+        s.apply(&[], &events).unwrap();
+        assert_eq!(s.prune_audit(n - 1).unwrap(), n - 1);
+        assert_eq!(
+            Reader::open(&path).unwrap().stats().unwrap().audit_events,
+            1
+        );
+    }
+
+    #[test]
+    fn reader_sees_writer_commits_and_stats() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(r.stats().unwrap().grants, 0);
+        s.apply(
+            &[upsert(key("192.0.2.1/32", None), None, 1, Some(5))],
+            &[event(EventKind::Granted, Some("192.0.2.1"), None, 1)],
+        )
+        .unwrap();
+        let st = r.stats().unwrap();
+        assert_eq!((st.grants, st.audit_events), (1, 1));
+        assert!(st.db_bytes > 0);
+        assert_eq!(list_all(&r).len(), 1);
+    }
+
+    #[test]
+    fn reader_is_query_only() {
+        let (_dir, path) = temp_db();
+        drop(Store::open(&path).unwrap());
+        let r = Reader::open(&path).unwrap();
+        assert!(r.conn.execute("DELETE FROM grants", []).is_err());
+    }
+
+    #[test]
+    fn reader_reads_while_writer_holds_a_transaction() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        s.apply(&[upsert(key("192.0.2.1/32", None), None, 1, Some(5))], &[])
+            .unwrap();
+        let r = Reader::open(&path).unwrap();
+        let tx = s
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute(
+            "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, source) \
+             VALUES (4, ?1, 32, x'', 1, 1, 'dns')",
+            [&addr_bytes(ip("192.0.2.2"))[..]],
+        )
+        .unwrap();
+        // A reader on another thread is neither blocked nor sees the uncommitted row.
+        let started = Instant::now();
+        let p = path.clone();
+        let n = std::thread::spawn(move || list_all(&Reader::open(&p).unwrap()).len())
+            .join()
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(list_all(&r).len(), 1);
+        assert!(
+            started.elapsed() < BUSY_TIMEOUT / 2,
+            "reader waited on the writer"
+        );
+        tx.commit().unwrap();
+        assert_eq!(list_all(&r).len(), 2);
+    }
+
+    #[test]
+    fn apply_is_all_or_nothing() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        // Make the audit insert fail after the grant upsert ran in the same transaction.
+        s.conn
+            .execute_batch(
+                "CREATE TRIGGER fail_audit BEFORE INSERT ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+            )
+            .unwrap();
+        let err = s
+            .apply(
+                &[upsert(
+                    key("192.0.2.1/32", None),
+                    Some("a.test"),
+                    1,
+                    Some(5),
+                )],
+                &[event(EventKind::Granted, None, None, 1)],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Write {
+                    op: "append audit event",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut n = 0;
+        s.for_each_grant(|_, _, _| n += 1).unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn corrupt_rows_are_reported_not_panicked() {
+        let (_dir, path) = temp_db();
+        let s = Store::open(&path).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, source) \
+                 VALUES (4, zeroblob(16), 32, x'', 1, 1, 'dns')",
+                [],
+            )
+            .unwrap();
+        let err = s.for_each_grant(|_, _, _| {}).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    /// `cargo test -p fwd --release --lib store:: -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run in release"]
+    fn bench_store() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let host = |i: u32| GrantKey::host(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), None);
+        let batch = |from: u32, n: u32, at: u64| -> (Vec<Change>, Vec<AuditEvent>) {
+            let changes = (from..from + n)
+                .map(|i| {
+                    upsert(
+                        host(i),
+                        Some(&format!("h{}.example.com", i % 5000)),
+                        at,
+                        Some(at + 300_000),
+                    )
+                })
+                .collect();
+            let events = (from..from + n)
+                .map(|i| {
+                    let mut e = event(EventKind::Granted, None, Some("h.example.com"), at);
+                    e.target = Some(Ipv4Addr::from(0x0a00_0000 + i).to_string());
+                    e
+                })
+                .collect();
+            (changes, events)
+        };
+        let mut run = |label: &str, from: u32, size: u32, batches: u32| {
+            let work: Vec<_> = (0..batches)
+                .map(|b| batch(from + b * size, size, u64::from(b)))
+                .collect();
+            let t = Instant::now();
+            for (c, e) in &work {
+                s.apply(c, e).unwrap();
+            }
+            let per = t.elapsed().as_secs_f64() * 1e6 / f64::from(size * batches);
+            println!("apply {label}: {per:.2} µs/grant (batch {size}, {batches} batches)");
+        };
+        run("new grants", 0, 1, 5_000);
+        run("extensions", 0, 1, 5_000);
+        run("new grants", 100_000, 256, 200);
+        run("extensions", 100_000, 256, 200);
+
+        // Fill to 1,000,000 grants in big batches, without events.
+        let t = Instant::now();
+        let mut count = 0u64;
+        s.for_each_grant(|_, _, _| count += 1).unwrap();
+        let mut next = 200_000u32;
+        while count < 1_000_000 {
+            let n = (1_000_000 - count).min(20_000) as u32;
+            let (c, _) = batch(next, n, 1);
+            s.apply(&c, &[]).unwrap();
+            next += n;
+            count += u64::from(n);
+        }
+        println!(
+            "filled to 1,000,000 grants in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let t = Instant::now();
+        let mut n = 0u64;
+        s.for_each_grant(|k, e, _| {
+            n += 1;
+            std::hint::black_box((k, e));
+        })
+        .unwrap();
+        println!(
+            "for_each_grant: {n} rows in {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+        assert_eq!(n, 1_000_000);
+        let r = Reader::open(&path).unwrap();
+        let st = r.stats().unwrap();
+        println!(
+            "db size {:.1} MiB, {} events",
+            st.db_bytes as f64 / 1048576.0,
+            st.audit_events
+        );
+        let t = Instant::now();
+        let (rows, total) = r
+            .list(&ListFilter {
+                name: Some("h42.example.com".into()),
+                limit: 0,
+                ..Default::default()
+            })
+            .unwrap();
+        println!(
+            "list by name: {} of {total} rows in {:.2} ms",
+            rows.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let t = Instant::now();
+        let (rows, total) = r
+            .list(&ListFilter {
+                within: Some(net("10.1.0.0/16")),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        println!(
+            "list within /16: {} of {total} rows in {:.2} ms",
+            rows.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}

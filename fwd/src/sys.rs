@@ -1,1 +1,2021 @@
 //! Hot-path netlink: nf_tables set-element batches through libnftnl/libmnl, and conntrack dumps.
+//!
+//! Exec'ing `nft` costs milliseconds per call; one netlink batch costs microseconds. Everything
+//! the kernel sends back is untrusted input: it is walked with libmnl's bounds checks
+//! (`mnl_nlmsg_ok`, `mnl_attr_ok`) and turned into Rust slices before anything is read from it.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use libc::{c_int, c_void, nlattr, nlmsghdr};
+use mnl_sys as mnl;
+use nftnl_sys as nftnl;
+
+// === kernel ABI (include/uapi/linux/netfilter/{nfnetlink,nf_tables,nfnetlink_conntrack}.h) ===
+
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const NFPROTO_INET: u16 = 1;
+const NFNETLINK_V0: u8 = 0;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFT_SET_ELEM_CATCHALL: u32 = 0x2;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+const NLA_HDRLEN: usize = 4;
+/// nftables object names are at most 255 bytes plus the NUL (NFT_NAME_MAXLEN).
+const NAME_MAX: usize = 255;
+/// `nla_len` is a u16, so a nested attribute (the element list) cannot exceed this.
+const NEST_MAX: usize = u16::MAX as usize;
+/// Upper bound of one encoded element (list-element nest, key nest of at most
+/// NFT_DATA_VALUE_MAXLEN bytes, timeout, flags); checked before every element is written so
+/// that no C call can run past the buffer even if the size plan were wrong.
+const ELEM_MAX_BYTES: usize = 128;
+/// Batch begin/end messages: nlmsghdr + nfgenmsg.
+const BATCH_MSG_LEN: usize = NLMSG_HDRLEN + NFGENMSG_LEN;
+/// Refuse batches beyond this (about 4 million pair elements); the socket send buffer must
+/// hold the whole batch, since nfnetlink only treats one skb as a transaction.
+const MAX_BATCH_BYTES: usize = 256 << 20;
+/// Receive buffer. Dump skbs are capped at 32 KiB by the kernel; acks are small because of
+/// NETLINK_CAP_ACK, and even without it an echoed 64 KiB message fits.
+const RX_BYTES: usize = 128 << 10;
+/// Acks are queued while the batch is processed, before we read any of them; budget the
+/// receive buffer by skb truesize per ack.
+const ACK_TRUESIZE: usize = 1024;
+/// Safety net only: nfnetlink processes a batch synchronously inside sendmsg, so all answers
+/// are queued by the time we read.
+const RECV_TIMEOUT: Duration = Duration::from_secs(30);
+/// A dump flagged NLM_F_DUMP_INTR is retried this many times before giving up.
+const DUMP_RETRIES: usize = 3;
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn nl_const(v: c_int) -> u16 {
+    // The libc netlink flag and type constants are small positive ints.
+    u16::try_from(v).unwrap_or(0)
+}
+
+// === pub types ===
+
+/// A set element key. Pair keys are for concatenated `ipv4_addr . ipv4_addr` /
+/// `ipv6_addr . ipv6_addr` sets (client . destination), each field padded to 4-byte registers
+/// as nftables does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SetKey {
+    /// A key of an `ipv4_addr` set.
+    V4(Ipv4Addr),
+    /// A key of an `ipv6_addr` set.
+    V6(Ipv6Addr),
+    /// A key of an `ipv4_addr . ipv4_addr` set.
+    V4Pair {
+        /// First field: the LAN client.
+        client: Ipv4Addr,
+        /// Second field: the destination.
+        dst: Ipv4Addr,
+    },
+    /// A key of an `ipv6_addr . ipv6_addr` set.
+    V6Pair {
+        /// First field: the LAN client.
+        client: Ipv6Addr,
+        /// Second field: the destination.
+        dst: Ipv6Addr,
+    },
+}
+
+impl SetKey {
+    /// The layout of the set this key belongs in.
+    pub fn key_type(&self) -> KeyType {
+        match self {
+            SetKey::V4(_) => KeyType::V4,
+            SetKey::V6(_) => KeyType::V6,
+            SetKey::V4Pair { .. } => KeyType::V4Pair,
+            SetKey::V6Pair { .. } => KeyType::V6Pair,
+        }
+    }
+
+    /// The key as nftables registers hold it: network byte order, fields back to back (every
+    /// field is already a multiple of 4 bytes, so there is no padding to add).
+    fn encode(&self) -> ([u8; 32], usize) {
+        let mut out = [0u8; 32];
+        let len = self.key_type().key_len();
+        match self {
+            SetKey::V4(a) => out[..4].copy_from_slice(&a.octets()),
+            SetKey::V6(a) => out[..16].copy_from_slice(&a.octets()),
+            SetKey::V4Pair { client, dst } => {
+                out[..4].copy_from_slice(&client.octets());
+                out[4..8].copy_from_slice(&dst.octets());
+            }
+            SetKey::V6Pair { client, dst } => {
+                out[..16].copy_from_slice(&client.octets());
+                out[16..32].copy_from_slice(&dst.octets());
+            }
+        }
+        (out, len)
+    }
+}
+
+/// The key layout of a set, needed to decode a dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    /// `type ipv4_addr`.
+    V4,
+    /// `type ipv6_addr`.
+    V6,
+    /// `type ipv4_addr . ipv4_addr`.
+    V4Pair,
+    /// `type ipv6_addr . ipv6_addr`.
+    V6Pair,
+}
+
+impl KeyType {
+    /// Bytes of key data on the wire.
+    pub fn key_len(self) -> usize {
+        match self {
+            KeyType::V4 => 4,
+            KeyType::V6 => 16,
+            KeyType::V4Pair => 8,
+            KeyType::V6Pair => 32,
+        }
+    }
+
+    fn decode(self, b: &[u8]) -> Option<SetKey> {
+        fn v4(b: &[u8]) -> Option<Ipv4Addr> {
+            <[u8; 4]>::try_from(b).ok().map(Ipv4Addr::from)
+        }
+        fn v6(b: &[u8]) -> Option<Ipv6Addr> {
+            <[u8; 16]>::try_from(b).ok().map(Ipv6Addr::from)
+        }
+        if b.len() != self.key_len() {
+            return None;
+        }
+        Some(match self {
+            KeyType::V4 => SetKey::V4(v4(b)?),
+            KeyType::V6 => SetKey::V6(v6(b)?),
+            KeyType::V4Pair => SetKey::V4Pair {
+                client: v4(b.get(..4)?)?,
+                dst: v4(b.get(4..)?)?,
+            },
+            KeyType::V6Pair => SetKey::V6Pair {
+                client: v6(b.get(..16)?)?,
+                dst: v6(b.get(16..)?)?,
+            },
+        })
+    }
+}
+
+/// One operation in an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ElemOp {
+    /// Add `key` to `set` (no error if it already exists: NLM_F_CREATE without NLM_F_EXCL).
+    Add {
+        /// Set name inside the table given to [`Netlink::commit`].
+        set: String,
+        /// The element.
+        key: SetKey,
+        /// Time to live; rounded up to whole milliseconds and at least 1 ms (a zero timeout
+        /// would mean "never expires" to the kernel). `None` uses the set's default timeout,
+        /// or none at all.
+        timeout: Option<Duration>,
+    },
+    /// Delete `key` from `set`; the kernel rejects the batch with ENOENT if it is absent.
+    Delete {
+        /// Set name inside the table given to [`Netlink::commit`].
+        set: String,
+        /// The element.
+        key: SetKey,
+    },
+}
+
+impl ElemOp {
+    fn parts(&self) -> (&str, Kind, &SetKey, Option<Duration>) {
+        match self {
+            ElemOp::Add { set, key, timeout } => (set, Kind::Add, key, *timeout),
+            ElemOp::Delete { set, key } => (set, Kind::Delete, key, None),
+        }
+    }
+}
+
+/// Errors of this module. Unless a variant says otherwise, a failed [`Netlink::commit`]
+/// applied nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// Opening or configuring a netlink socket failed.
+    #[error("opening netlink socket for {what}: {source}")]
+    Open {
+        /// What the socket was for.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A table or set name cannot be sent to the kernel.
+    #[error("invalid nftables name {name:?}: {reason}")]
+    InvalidName {
+        /// The offending name.
+        name: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// The batch does not fit the limits of one netlink send.
+    #[error(
+        "batch of {ops} ops for table inet {table} needs {bytes} bytes, over the {max}-byte limit"
+    )]
+    TooLarge {
+        /// Table of the batch.
+        table: String,
+        /// Number of ops.
+        ops: usize,
+        /// Encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Building the netlink messages failed (libnftnl refused a value, or a size invariant was
+    /// broken). Nothing was sent.
+    #[error("encoding {what}: {reason}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// What went wrong.
+        reason: &'static str,
+    },
+    /// sendmsg failed; nothing reached the kernel.
+    #[error("sending {what} to the kernel: {source}")]
+    Send {
+        /// What was being sent.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the kernel's answer failed. For a commit the outcome is UNKNOWN: the batch may
+    /// or may not have been applied; re-read the set to find out.
+    #[error("receiving the kernel's answer to {what}: {source}")]
+    Recv {
+        /// What the answer was for.
+        what: String,
+        /// The OS error (EAGAIN/TimedOut after the safety timeout, ENOBUFS if answers were
+        /// dropped).
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused the transaction; NOTHING was applied. Each entry is (index into ops,
+    /// errno) for every op the kernel complained about (e.g. ENOENT for deleting a missing
+    /// element). When a message carrying several elements fails, every op of that message is
+    /// listed with the message's errno. Sorted by op index.
+    #[error(
+        "kernel rejected the nf_tables batch, nothing applied: {}",
+        FailureList(failures)
+    )]
+    Rejected {
+        /// (op index, errno) pairs.
+        failures: Vec<(usize, i32)>,
+    },
+    /// The kernel refused the batch as a whole (e.g. EPERM without CAP_NET_ADMIN, ENOMEM, or a
+    /// failed commit) rather than a particular message; nothing was applied.
+    #[error("kernel aborted the nf_tables batch for table inet {table}, nothing applied: {source}")]
+    Aborted {
+        /// Table of the batch.
+        table: String,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused a dump (ENOENT: no such table or set).
+    #[error("kernel refused {what}: {source}")]
+    Dump {
+        /// What was being dumped.
+        what: String,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A set dump kept being interrupted by concurrent changes (NLM_F_DUMP_INTR).
+    #[error("{what} was interrupted by concurrent changes {attempts} times")]
+    Inconsistent {
+        /// What was being dumped.
+        what: String,
+        /// Attempts made.
+        attempts: usize,
+    },
+    /// A kernel message could not be decoded.
+    #[error("decoding {what}: {reason}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+/// Display helper for [`SysError::Rejected`].
+struct FailureList<'a>(&'a [(usize, i32)]);
+
+impl fmt::Display for FailureList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 4;
+        for (n, (op, errno)) in self.0.iter().take(SHOWN).enumerate() {
+            if n > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "op {op}: {}", io::Error::from_raw_os_error(*errno))?;
+        }
+        if self.0.len() > SHOWN {
+            write!(f, "; and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Socket ===
+
+/// An owned, bound libmnl netlink socket.
+struct Socket(NonNull<mnl::mnl_socket>);
+
+impl Socket {
+    fn open(bus: c_int, what: &'static str) -> Result<Self, SysError> {
+        let err = |source| SysError::Open { what, source };
+        // SAFETY: mnl_socket_open has no preconditions; it returns NULL (with errno) or a
+        // socket we now own.
+        let raw = unsafe { mnl::mnl_socket_open(bus) };
+        let sock = Socket(NonNull::new(raw).ok_or_else(|| err(io::Error::last_os_error()))?);
+        // SAFETY: the socket pointer is valid (owned by `sock`); autobind has no other inputs.
+        if unsafe { mnl::mnl_socket_bind(sock.0.as_ptr(), 0, mnl::MNL_SOCKET_AUTOPID) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // Errors on batches of 64 KiB messages would otherwise echo each whole message back.
+        // Best effort: the receive buffer is big enough for echoes too.
+        let one: c_int = 1;
+        // SAFETY: valid socket; the option value points to a live c_int of the given size.
+        unsafe {
+            mnl::mnl_socket_setsockopt(
+                sock.0.as_ptr(),
+                libc::NETLINK_CAP_ACK,
+                (&raw const one).cast_mut().cast::<c_void>(),
+                size_of::<c_int>() as libc::socklen_t,
+            )
+        };
+        let tv = libc::timeval {
+            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        sock.set_opt(libc::SO_RCVTIMEO, &tv).map_err(err)?;
+        Ok(sock)
+    }
+
+    fn fd(&self) -> c_int {
+        // SAFETY: valid socket owned by self.
+        unsafe { mnl::mnl_socket_get_fd(self.0.as_ptr()) }
+    }
+
+    fn portid(&self) -> u32 {
+        // SAFETY: valid socket owned by self.
+        unsafe { mnl::mnl_socket_get_portid(self.0.as_ptr()) }
+    }
+
+    fn set_opt<T>(&self, opt: c_int, val: &T) -> io::Result<()> {
+        // SAFETY: fd is open; `val` is a live value of exactly the size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (val as *const T).cast::<c_void>(),
+                size_of::<T>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn get_int_opt(&self, opt: c_int) -> io::Result<usize> {
+        let mut val: c_int = 0;
+        let mut len = size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: fd is open; val/len are live and len holds val's size.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw mut val).cast::<c_void>(),
+                &raw mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(val).unwrap_or(0))
+    }
+
+    /// Makes the kernel-side buffer `opt` (SO_SNDBUF/SO_RCVBUF) at least `want` bytes, with
+    /// the FORCE variant (CAP_NET_ADMIN) so that net.core.[wr]mem_max does not cap it.
+    fn grow_buf(&self, opt: c_int, force: c_int, want: usize) -> io::Result<()> {
+        if self.get_int_opt(opt)? >= want {
+            return Ok(());
+        }
+        // The kernel doubles the value for bookkeeping overhead; ask for the full size anyway.
+        let val = c_int::try_from(want).unwrap_or(c_int::MAX / 2);
+        match self.set_opt(force, &val) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.set_opt(opt, &val),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
+        // SAFETY: valid socket; buf is a live slice of buf.len() bytes.
+        let n = unsafe { mnl::mnl_socket_sendto(self.0.as_ptr(), buf.as_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) if n == buf.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!(
+                "short netlink send: {n} of {} bytes",
+                buf.len()
+            ))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: valid socket; buf is a live, writable slice of buf.len() bytes.
+            let n = unsafe {
+                mnl::mnl_socket_recvfrom(self.0.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            };
+            if let Ok(n) = usize::try_from(n) {
+                return Ok(n);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer from the kernel within {RECV_TIMEOUT:?}"),
+                    ));
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: we own the socket and nothing uses it after drop. Closing mid-dump is fine:
+        // the kernel releases the dump state with the socket.
+        unsafe { mnl::mnl_socket_close(self.0.as_ptr()) };
+    }
+}
+
+// === byte buffers ===
+
+/// A zeroed, 8-byte aligned byte buffer: netlink headers and attributes are 4-aligned
+/// relative to the buffer start, and libmnl reads them through typed pointers.
+struct AlignedBuf(Vec<u64>);
+
+impl AlignedBuf {
+    fn new(bytes: usize) -> Self {
+        AlignedBuf(vec![0; bytes.div_ceil(8)])
+    }
+
+    fn ensure(&mut self, bytes: usize) {
+        let words = bytes.div_ceil(8);
+        if self.0.len() < words {
+            self.0.resize(words, 0);
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the Vec<u64> owns len*8 initialized bytes; u8 has no alignment or validity
+        // requirements; the returned borrow ties the slice to &self.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 8) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and the &mut self borrow makes the slice unique.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), self.0.len() * 8)
+        }
+    }
+}
+
+// === parsing (untrusted kernel input) ===
+
+/// One netlink message, bounds-checked by `mnl_nlmsg_ok`.
+struct Msg<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    portid: u32,
+    payload: &'a [u8],
+}
+
+impl Msg<'_> {
+    /// The `error` field of an NLMSG_ERROR / NLMSG_DONE payload, as a positive errno (0 = ack).
+    fn errno(&self) -> Option<i32> {
+        let code = i32::from_ne_bytes(self.payload.get(..4)?.try_into().ok()?);
+        Some(code.checked_neg().unwrap_or(i32::MAX))
+    }
+
+    /// Attributes after the nfgenmsg header.
+    fn nfnl_attrs(&self) -> Attrs<'_> {
+        Attrs(self.payload.get(NFGENMSG_LEN..).unwrap_or(&[]))
+    }
+
+    fn portid_ok(&self, ours: u32) -> bool {
+        self.portid == 0 || self.portid == ours
+    }
+}
+
+/// Iterates the netlink messages of one datagram.
+struct Msgs<'a>(&'a [u8]);
+
+impl<'a> Iterator for Msgs<'a> {
+    type Item = Msg<'a>;
+
+    fn next(&mut self) -> Option<Msg<'a>> {
+        let rest = self.0;
+        let p = rest.as_ptr();
+        if !p.cast::<nlmsghdr>().is_aligned() {
+            return None;
+        }
+        let len = c_int::try_from(rest.len()).unwrap_or(c_int::MAX);
+        // SAFETY: `p` is 4-aligned and valid for `len` bytes; mnl_nlmsg_ok reads the header only
+        // after checking that `len` covers it, and then checks nlmsg_len against `len`.
+        if !unsafe { mnl::mnl_nlmsg_ok(p.cast(), len) } {
+            return None;
+        }
+        // SAFETY: mnl_nlmsg_ok proved a whole, aligned nlmsghdr lies within `rest`.
+        let hdr = unsafe { p.cast::<nlmsghdr>().read() };
+        let total = usize::try_from(hdr.nlmsg_len).ok()?;
+        let payload = rest.get(NLMSG_HDRLEN..total)?;
+        self.0 = rest.get(align4(total)..).unwrap_or(&[]);
+        Some(Msg {
+            ty: hdr.nlmsg_type,
+            flags: hdr.nlmsg_flags,
+            seq: hdr.nlmsg_seq,
+            portid: hdr.nlmsg_pid,
+            payload,
+        })
+    }
+}
+
+/// One attribute: its type (flags masked off) and payload.
+#[derive(Clone, Copy)]
+struct Attr<'a> {
+    ty: u16,
+    payload: &'a [u8],
+}
+
+impl<'a> Attr<'a> {
+    fn nested(self) -> Attrs<'a> {
+        Attrs(self.payload)
+    }
+
+    fn be32(self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.payload.try_into().ok()?))
+    }
+
+    fn be64(self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.payload.try_into().ok()?))
+    }
+}
+
+/// Iterates a run of attributes, bounds-checked by `mnl_attr_ok`.
+struct Attrs<'a>(&'a [u8]);
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = Attr<'a>;
+
+    fn next(&mut self) -> Option<Attr<'a>> {
+        let rest = self.0;
+        let p = rest.as_ptr().cast::<nlattr>();
+        if !p.is_aligned() {
+            return None;
+        }
+        let len = c_int::try_from(rest.len()).unwrap_or(c_int::MAX);
+        // SAFETY: `p` is 4-aligned and valid for `len` bytes; mnl_attr_ok reads the 4-byte header
+        // only after checking `len` covers it, then checks nla_len against `len`.
+        if !unsafe { mnl::mnl_attr_ok(p, len) } {
+            return None;
+        }
+        // SAFETY: mnl_attr_ok proved the header and nla_len bytes lie within `rest`.
+        let (ty, plen) = unsafe { (mnl::mnl_attr_get_type(p), mnl::mnl_attr_get_payload_len(p)) };
+        let payload = rest.get(NLA_HDRLEN..NLA_HDRLEN + usize::from(plen))?;
+        self.0 = rest
+            .get(align4(NLA_HDRLEN + usize::from(plen))..)
+            .unwrap_or(&[]);
+        Some(Attr { ty, payload })
+    }
+}
+
+/// Decodes the elements of one NEWSETELEM dump message into `out`.
+fn decode_elems(
+    msg: &Msg<'_>,
+    key_type: KeyType,
+    out: &mut Vec<(SetKey, Option<Duration>)>,
+) -> Result<(), String> {
+    for list in msg
+        .nfnl_attrs()
+        .filter(|a| a.ty == NFTA_SET_ELEM_LIST_ELEMENTS)
+    {
+        for elem in list.nested().filter(|a| a.ty == NFTA_LIST_ELEM) {
+            let mut key = None;
+            let mut flags = 0;
+            let mut expires = None;
+            for a in elem.nested() {
+                match a.ty {
+                    NFTA_SET_ELEM_KEY => {
+                        key = a
+                            .nested()
+                            .find(|d| d.ty == NFTA_DATA_VALUE)
+                            .map(|d| d.payload);
+                    }
+                    NFTA_SET_ELEM_FLAGS => {
+                        flags = a.be32().ok_or("element flags are not 4 bytes")?;
+                    }
+                    NFTA_SET_ELEM_EXPIRATION => {
+                        let ms = a.be64().ok_or("element expiration is not 8 bytes")?;
+                        expires = Some(Duration::from_millis(ms));
+                    }
+                    _ => {}
+                }
+            }
+            if flags & NFT_SET_ELEM_CATCHALL != 0 {
+                continue;
+            }
+            let raw = key.ok_or("element without a key")?;
+            let key = key_type.decode(raw).ok_or_else(|| {
+                format!(
+                    "{}-byte key does not fit key type {key_type:?} ({} bytes)",
+                    raw.len(),
+                    key_type.key_len()
+                )
+            })?;
+            out.push((key, expires));
+        }
+    }
+    Ok(())
+}
+
+/// Extracts the ORIGINAL-direction (source, destination) of one ctnetlink message.
+fn decode_flow(msg: &Msg<'_>) -> Option<(IpAddr, IpAddr)> {
+    let orig = msg.nfnl_attrs().find(|a| a.ty == CTA_TUPLE_ORIG)?;
+    let ip = orig.nested().find(|a| a.ty == CTA_TUPLE_IP)?;
+    let (mut src, mut dst) = (None, None);
+    for a in ip.nested() {
+        let v4 = || {
+            <[u8; 4]>::try_from(a.payload)
+                .ok()
+                .map(|b| IpAddr::from(Ipv4Addr::from(b)))
+        };
+        let v6 = || {
+            <[u8; 16]>::try_from(a.payload)
+                .ok()
+                .map(|b| IpAddr::from(Ipv6Addr::from(b)))
+        };
+        match a.ty {
+            CTA_IP_V4_SRC => src = v4(),
+            CTA_IP_V4_DST => dst = v4(),
+            CTA_IP_V6_SRC => src = v6(),
+            CTA_IP_V6_DST => dst = v6(),
+            _ => {}
+        }
+    }
+    Some((src?, dst?))
+}
+
+// === encoding ===
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Add,
+    Delete,
+}
+
+/// One NEWSETELEM/DELSETELEM message of a batch and the ops it carries.
+#[derive(Debug)]
+struct Group<'a> {
+    set: &'a str,
+    kind: Kind,
+    ops: Vec<usize>,
+    /// Length of the NFTA_SET_ELEM_LIST_ELEMENTS attribute, header included.
+    nest_len: usize,
+}
+
+/// Bytes one element adds to the element list: NFTA_LIST_ELEM nest, optional
+/// NFTA_SET_ELEM_TIMEOUT (u64), NFTA_SET_ELEM_KEY nest holding NFTA_DATA_VALUE.
+fn elem_len(key: &SetKey, timeout: bool) -> usize {
+    let timeout = if timeout { NLA_HDRLEN + 8 } else { 0 };
+    NLA_HDRLEN + timeout + NLA_HDRLEN + NLA_HDRLEN + key.key_type().key_len()
+}
+
+fn str_attr_len(s: &str) -> usize {
+    NLA_HDRLEN + align4(s.len() + 1)
+}
+
+/// Bytes of one message except its elements.
+fn msg_overhead(table: &str, set: &str) -> usize {
+    NLMSG_HDRLEN + NFGENMSG_LEN + str_attr_len(table) + str_attr_len(set)
+}
+
+/// Splits ops into messages: each op joins the newest message of the same set and kind unless
+/// a later message touches the same element (that would reorder two ops on one element) or the
+/// message is full. Ops on distinct elements commute, so the result is equivalent to applying
+/// the ops one by one, except that a set `size` limit could be hit in a different place.
+fn plan(ops: &[ElemOp]) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    let mut newest: HashMap<(&str, Kind), usize> = HashMap::new();
+    let mut last_touch: HashMap<(&str, SetKey), usize> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        let (set, kind, key, timeout) = op.parts();
+        let len = elem_len(key, timeout.is_some());
+        let touched = last_touch.get(&(set, *key)).copied();
+        let joinable = newest.get(&(set, kind)).copied().filter(|&g| {
+            touched.is_none_or(|t| t <= g)
+                && groups
+                    .get(g)
+                    .is_some_and(|grp| grp.nest_len + len <= NEST_MAX)
+        });
+        let g = match joinable {
+            Some(g) => g,
+            None => {
+                groups.push(Group {
+                    set,
+                    kind,
+                    ops: Vec::new(),
+                    nest_len: NLA_HDRLEN,
+                });
+                newest.insert((set, kind), groups.len() - 1);
+                groups.len() - 1
+            }
+        };
+        if let Some(grp) = groups.get_mut(g) {
+            grp.ops.push(i);
+            grp.nest_len += len;
+        }
+        last_touch.insert((set, *key), g);
+    }
+    groups
+}
+
+fn check_name(name: &str) -> Result<CString, SysError> {
+    let bad = |reason| SysError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > NAME_MAX {
+        return Err(bad("longer than 255 bytes"));
+    }
+    CString::new(name).map_err(|_| bad("contains a NUL byte"))
+}
+
+/// Milliseconds for NFTA_SET_ELEM_TIMEOUT: rounded up, at least 1 (0 means "never expires").
+fn timeout_ms(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// A reusable libnftnl element: set the key and timeout, then serialize.
+struct NftnlElem(NonNull<nftnl::nftnl_set_elem>);
+
+impl NftnlElem {
+    fn new() -> Option<Self> {
+        // SAFETY: no preconditions; returns NULL on allocation failure or an element we own.
+        NonNull::new(unsafe { nftnl::nftnl_set_elem_alloc() }).map(NftnlElem)
+    }
+
+    fn set(&mut self, key: &SetKey, timeout: Option<Duration>) -> Result<(), &'static str> {
+        let (bytes, len) = key.encode();
+        let p = self.0.as_ptr();
+        // SAFETY: `p` is our live element; libnftnl copies `len` (<= 32) bytes out of `bytes`
+        // into the element's key storage (NFT_DATA_VALUE_MAXLEN = 64 bytes).
+        let rc = unsafe {
+            nftnl::nftnl_set_elem_set(
+                p,
+                nftnl::NFTNL_SET_ELEM_KEY as u16,
+                bytes.as_ptr().cast(),
+                len as u32,
+            )
+        };
+        if rc < 0 {
+            return Err("libnftnl refused the element key");
+        }
+        match timeout {
+            // SAFETY: `p` is our live element; the timeout is a plain u64 value.
+            Some(t) => unsafe {
+                nftnl::nftnl_set_elem_set_u64(
+                    p,
+                    nftnl::NFTNL_SET_ELEM_TIMEOUT as u16,
+                    timeout_ms(t),
+                )
+            },
+            // SAFETY: `p` is our live element; unsetting an absent attribute is a no-op.
+            None => unsafe { nftnl::nftnl_set_elem_unset(p, nftnl::NFTNL_SET_ELEM_TIMEOUT as u16) },
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NftnlElem {
+    fn drop(&mut self) {
+        // SAFETY: we own the element; it was never added to a set, so nothing else frees it.
+        unsafe { nftnl::nftnl_set_elem_free(self.0.as_ptr()) };
+    }
+}
+
+/// Writes netlink messages back to back into an aligned buffer, checking room before every
+/// call into libnftnl/libmnl (those write without bounds checks).
+struct Writer<'b> {
+    buf: &'b mut [u8],
+    off: usize,
+}
+
+impl Writer<'_> {
+    fn room(&self, at: usize, need: usize) -> Result<(), &'static str> {
+        match self.buf.len().checked_sub(at) {
+            Some(left) if left >= need => Ok(()),
+            _ => Err("batch buffer too small (size plan broken)"),
+        }
+    }
+
+    /// Pointer to the message being built at `self.off`.
+    fn here(&mut self) -> *mut libc::c_char {
+        // `off` never exceeds buf.len() (checked by `room` before every write).
+        self.buf.as_mut_ptr().wrapping_add(self.off).cast()
+    }
+
+    fn msg_len(nlh: *const nlmsghdr) -> usize {
+        // SAFETY: callers pass a header libnftnl/libmnl just wrote inside our aligned buffer.
+        unsafe { (*nlh).nlmsg_len as usize }
+    }
+
+    /// Appends BATCH_BEGIN (`begin == true`) or BATCH_END.
+    fn batch_marker(&mut self, begin: bool, seq: u32) -> Result<(), &'static str> {
+        self.room(self.off, BATCH_MSG_LEN)?;
+        let at = self.here();
+        // SAFETY: `at` is 4-aligned with BATCH_MSG_LEN bytes of room (checked above), which is
+        // exactly what nftnl_batch_begin/end write (nlmsghdr + nfgenmsg).
+        let nlh = unsafe {
+            if begin {
+                nftnl::nftnl_batch_begin(at, seq)
+            } else {
+                nftnl::nftnl_batch_end(at, seq)
+            }
+        };
+        self.off += align4(Self::msg_len(nlh));
+        Ok(())
+    }
+
+    /// Appends one NEWSETELEM/DELSETELEM message carrying `group`'s ops.
+    fn set_elem_msg(
+        &mut self,
+        seq: u32,
+        table: &CStr,
+        set: &CStr,
+        group: &Group<'_>,
+        ops: &[ElemOp],
+        elem: &mut NftnlElem,
+    ) -> Result<(), &'static str> {
+        // An element-less DELSETELEM would flush the whole set: never emit one.
+        if group.ops.is_empty() {
+            return Err("empty element message");
+        }
+        let (ty, flags) = match group.kind {
+            Kind::Add => (NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            Kind::Delete => (NFT_MSG_DELSETELEM, libc::NLM_F_ACK),
+        };
+        let start = self.off;
+        let head = NLMSG_HDRLEN
+            + NFGENMSG_LEN
+            + NLA_HDRLEN
+            + align4(table.count_bytes() + 1)
+            + NLA_HDRLEN
+            + align4(set.count_bytes() + 1)
+            + NLA_HDRLEN;
+        self.room(start, head)?;
+        let at = self.here();
+        // SAFETY: `at` is 4-aligned with room for the header, both name attributes and the nest
+        // header (checked above); the names are NUL-terminated CStrs that libmnl copies.
+        let (nlh, nest) = unsafe {
+            let nlh = nftnl::nftnl_nlmsg_build_hdr(at, ty, NFPROTO_INET, nl_const(flags), seq);
+            mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_TABLE, table.as_ptr());
+            mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_SET, set.as_ptr());
+            let nest = mnl::mnl_attr_nest_start(nlh, NFTA_SET_ELEM_LIST_ELEMENTS);
+            (nlh, nest)
+        };
+        for &i in &group.ops {
+            let Some(op) = ops.get(i) else {
+                return Err("op index out of range");
+            };
+            let (_, _, key, timeout) = op.parts();
+            elem.set(key, timeout)?;
+            self.room(start + Self::msg_len(nlh), ELEM_MAX_BYTES)?;
+            // SAFETY: at least ELEM_MAX_BYTES are left after the message tail (checked above),
+            // more than one element with a <= 32-byte key and a timeout can take; `nlh` is the
+            // message being built and `elem` a live element.
+            unsafe {
+                let inner = mnl::mnl_attr_nest_start(nlh, NFTA_LIST_ELEM);
+                nftnl::nftnl_set_elem_nlmsg_build_payload(nlh, elem.0.as_ptr());
+                mnl::mnl_attr_nest_end(nlh, inner);
+            }
+        }
+        let nest_off = start + (nest as usize).wrapping_sub(at as usize);
+        if start + Self::msg_len(nlh) - nest_off > NEST_MAX {
+            return Err("element list exceeds 64 KiB");
+        }
+        // SAFETY: `nest` was returned by mnl_attr_nest_start on this message; its length was
+        // checked to fit nla_len.
+        unsafe { mnl::mnl_attr_nest_end(nlh, nest) };
+        self.off = start + align4(Self::msg_len(nlh));
+        Ok(())
+    }
+}
+
+// === impl Netlink ===
+
+/// A netlink socket to nf_tables in the network namespace of the thread that opened it.
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+    tx: AlignedBuf,
+    rx: AlignedBuf,
+    elem: NftnlElem,
+}
+
+// SAFETY: the raw pointers are owned exclusively by this value: the mnl socket is a heap struct
+// holding an fd and its address, the libnftnl element is plain heap data; neither has thread
+// affinity. `&mut self` on every method rules out concurrent use, so Send (not Sync) is sound.
+unsafe impl Send for Netlink {}
+
+impl fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Netlink")
+            .field("fd", &self.sock.fd())
+            .field("portid", &self.sock.portid())
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Netlink {
+    /// Opens and binds a NETLINK_NETFILTER socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, SysError> {
+        let sock = Socket::open(libc::NETLINK_NETFILTER, "nf_tables")?;
+        let elem = NftnlElem::new().ok_or_else(|| SysError::Open {
+            what: "nf_tables",
+            source: io::Error::from(io::ErrorKind::OutOfMemory),
+        })?;
+        // Any start works; a clock-derived one (as nft does) keeps a reused portid from
+        // matching another process's stale answers.
+        let seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(1);
+        Ok(Netlink {
+            sock,
+            seq,
+            tx: AlignedBuf::new(4096),
+            rx: AlignedBuf::new(RX_BYTES),
+            elem,
+        })
+    }
+
+    /// Reserves `n` consecutive sequence numbers and returns the first.
+    fn take_seqs(&mut self, n: u32) -> u32 {
+        let first = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(n);
+        first
+    }
+
+    /// Applies all ops as ONE nf_tables transaction (one NFNL batch: BATCH_BEGIN,
+    /// NEWSETELEM/DELSETELEM messages, BATCH_END) in table `inet <table>`, in order, and returns
+    /// once the kernel acknowledged every message, i.e. the elements are live. Ops on the same
+    /// set and kind are packed into as few messages as possible (see `plan`); ops on the same
+    /// element keep their order, so Delete+Add of one key re-arms its timeout atomically.
+    /// An empty op list is a no-op.
+    pub fn commit(&mut self, table: &str, ops: &[ElemOp]) -> Result<(), SysError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let what = || format!("nf_tables batch for table inet {table}");
+        let table_c = check_name(table)?;
+        let mut names: HashMap<&str, CString> = HashMap::new();
+        for op in ops {
+            let (set, ..) = op.parts();
+            if !names.contains_key(set) {
+                names.insert(set, check_name(set)?);
+            }
+        }
+
+        let groups = plan(ops);
+        let bytes = 2 * BATCH_MSG_LEN
+            + groups
+                .iter()
+                .map(|g| msg_overhead(table, g.set) + g.nest_len)
+                .sum::<usize>();
+        let n_msgs = u32::try_from(groups.len()).unwrap_or(u32::MAX);
+        if bytes > MAX_BATCH_BYTES || n_msgs > u32::MAX - 2 {
+            return Err(SysError::TooLarge {
+                table: table.to_owned(),
+                ops: ops.len(),
+                bytes,
+                max: MAX_BATCH_BYTES,
+            });
+        }
+
+        let begin_seq = self.take_seqs(n_msgs + 2);
+        let first_seq = begin_seq.wrapping_add(1);
+        let end_seq = first_seq.wrapping_add(n_msgs);
+        self.tx.ensure(bytes + ELEM_MAX_BYTES * 2);
+        let mut w = Writer {
+            buf: self.tx.bytes_mut(),
+            off: 0,
+        };
+        let encoded = (|| {
+            w.batch_marker(true, begin_seq)?;
+            for (n, g) in groups.iter().enumerate() {
+                let set = names.get(g.set).ok_or("set name missing")?;
+                let seq = first_seq.wrapping_add(n as u32);
+                w.set_elem_msg(seq, &table_c, set, g, ops, &mut self.elem)?;
+            }
+            w.batch_marker(false, end_seq)?;
+            Ok(w.off)
+        })();
+        let len = encoded.map_err(|reason| SysError::Encode {
+            what: what(),
+            reason,
+        })?;
+        if len != bytes {
+            return Err(SysError::Encode {
+                what: what(),
+                reason: "encoded size differs from the size plan",
+            });
+        }
+
+        let send_err = |source| SysError::Send {
+            what: what(),
+            source,
+        };
+        // The whole batch is one skb, bounded by the send buffer; every ack is queued before we
+        // read the first one, bounded by the receive buffer.
+        self.sock
+            .grow_buf(libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, len + (64 << 10))
+            .map_err(send_err)?;
+        self.sock
+            .grow_buf(
+                libc::SO_RCVBUF,
+                libc::SO_RCVBUFFORCE,
+                groups.len() * ACK_TRUESIZE + (256 << 10),
+            )
+            .map_err(send_err)?;
+        let tx = self.tx.bytes().get(..len).ok_or_else(|| SysError::Encode {
+            what: what(),
+            reason: "encoded length beyond buffer",
+        })?;
+        self.sock.send(tx).map_err(send_err)?;
+
+        self.collect_acks(table, &groups, begin_seq, first_seq, end_seq)
+    }
+
+    /// Reads one answer per element message (NLM_F_ACK on each). Answers to other sequence
+    /// numbers are leftovers of an earlier, aborted exchange and are skipped.
+    fn collect_acks(
+        &mut self,
+        table: &str,
+        groups: &[Group<'_>],
+        begin_seq: u32,
+        first_seq: u32,
+        end_seq: u32,
+    ) -> Result<(), SysError> {
+        let portid = self.sock.portid();
+        let mut answered = vec![false; groups.len()];
+        let mut pending = groups.len();
+        let mut failures = Vec::new();
+        while pending > 0 {
+            let n = self
+                .sock
+                .recv(self.rx.bytes_mut())
+                .map_err(|source| SysError::Recv {
+                    what: format!("nf_tables batch for table inet {table}"),
+                    source,
+                })?;
+            for msg in Msgs(self.rx.bytes().get(..n).unwrap_or(&[])) {
+                if msg.ty != nl_const(libc::NLMSG_ERROR) || !msg.portid_ok(portid) {
+                    continue;
+                }
+                let Some(errno) = msg.errno() else { continue };
+                if msg.seq == begin_seq || msg.seq == end_seq {
+                    // Whole-batch failure (EPERM, ENOMEM, failed commit): the kernel may still
+                    // queue per-message acks after it; they carry this batch's sequence numbers
+                    // and are skipped by the next exchange.
+                    if errno != 0 {
+                        return Err(SysError::Aborted {
+                            table: table.to_owned(),
+                            source: io::Error::from_raw_os_error(errno),
+                        });
+                    }
+                    continue;
+                }
+                let idx = msg.seq.wrapping_sub(first_seq) as usize;
+                let Some(slot) = answered.get_mut(idx) else {
+                    continue;
+                };
+                if *slot {
+                    continue;
+                }
+                *slot = true;
+                pending -= 1;
+                if errno != 0 {
+                    if let Some(g) = groups.get(idx) {
+                        failures.extend(g.ops.iter().map(|&op| (op, errno)));
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            failures.sort_unstable();
+            Err(SysError::Rejected { failures })
+        }
+    }
+
+    /// Dumps every element of set `inet <table> <set>` with its remaining time to expiry
+    /// (NFTA_SET_ELEM_EXPIRATION; `None` if the element has no timeout). Decoding streams over
+    /// the dump; memory beyond the returned Vec is one receive buffer.
+    pub fn list(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: KeyType,
+    ) -> Result<Vec<(SetKey, Option<Duration>)>, SysError> {
+        let what = || format!("dump of set inet {table} {set}");
+        let table_c = check_name(table)?;
+        let set_c = check_name(set)?;
+        for _ in 0..=DUMP_RETRIES {
+            let seq = self.take_seqs(1);
+            let len = NLMSG_HDRLEN + NFGENMSG_LEN + str_attr_len(table) + str_attr_len(set);
+            self.tx.ensure(len);
+            let buf = self.tx.bytes_mut();
+            if buf.len() < len {
+                return Err(SysError::Encode {
+                    what: what(),
+                    reason: "request buffer too small",
+                });
+            }
+            // SAFETY: the buffer is 8-aligned and holds `len` bytes (checked above), exactly the
+            // header, nfgenmsg and the two NUL-terminated name attributes written here.
+            let sent_len = unsafe {
+                let nlh = nftnl::nftnl_nlmsg_build_hdr(
+                    buf.as_mut_ptr().cast(),
+                    NFT_MSG_GETSETELEM,
+                    NFPROTO_INET,
+                    nl_const(libc::NLM_F_DUMP),
+                    seq,
+                );
+                mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_TABLE, table_c.as_ptr());
+                mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_SET, set_c.as_ptr());
+                (*nlh).nlmsg_len as usize
+            };
+            let req = self.tx.bytes().get(..sent_len).unwrap_or(&[]);
+            self.sock.send(req).map_err(|source| SysError::Send {
+                what: what(),
+                source,
+            })?;
+            match self.read_set_dump(seq, key, &what)? {
+                Some(elems) => return Ok(elems),
+                None => continue,
+            }
+        }
+        Err(SysError::Inconsistent {
+            what: what(),
+            attempts: DUMP_RETRIES + 1,
+        })
+    }
+
+    /// Reads one set-element dump to NLMSG_DONE. `Ok(None)` if it was interrupted.
+    fn read_set_dump(
+        &mut self,
+        seq: u32,
+        key: KeyType,
+        what: &dyn Fn() -> String,
+    ) -> Result<Option<Vec<(SetKey, Option<Duration>)>>, SysError> {
+        let portid = self.sock.portid();
+        let elem_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
+        let mut out = Vec::new();
+        let mut interrupted = false;
+        // A bad message does not stop the read: the dump is drained to NLMSG_DONE so that the
+        // socket is clean for the next exchange.
+        let mut first_err: Option<SysError> = None;
+        loop {
+            let n = self
+                .sock
+                .recv(self.rx.bytes_mut())
+                .map_err(|source| SysError::Recv {
+                    what: what(),
+                    source,
+                })?;
+            for msg in Msgs(self.rx.bytes().get(..n).unwrap_or(&[])) {
+                if msg.seq != seq || !msg.portid_ok(portid) {
+                    continue;
+                }
+                if msg.flags & nl_const(libc::NLM_F_DUMP_INTR) != 0 {
+                    interrupted = true;
+                }
+                match msg.ty {
+                    t if t == elem_type => {
+                        if first_err.is_none() {
+                            if let Err(reason) = decode_elems(&msg, key, &mut out) {
+                                first_err = Some(SysError::Decode {
+                                    what: what(),
+                                    reason,
+                                });
+                            }
+                        }
+                    }
+                    t if t == nl_const(libc::NLMSG_ERROR) => match msg.errno() {
+                        Some(0) => {}
+                        Some(errno) => {
+                            return Err(first_err.unwrap_or(SysError::Dump {
+                                what: what(),
+                                source: io::Error::from_raw_os_error(errno),
+                            }));
+                        }
+                        None => {
+                            return Err(SysError::Decode {
+                                what: what(),
+                                reason: "truncated NLMSG_ERROR".into(),
+                            });
+                        }
+                    },
+                    t if t == nl_const(libc::NLMSG_DONE) => {
+                        if let Some(e) = first_err {
+                            return Err(e);
+                        }
+                        if let Some(errno) = msg.errno().filter(|&e| e != 0) {
+                            return Err(SysError::Dump {
+                                what: what(),
+                                source: io::Error::from_raw_os_error(errno),
+                            });
+                        }
+                        return Ok((!interrupted).then_some(out));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Dumps the conntrack table (ctnetlink, IPCTNL_MSG_CT_GET with NLM_F_DUMP) of the calling
+/// thread's network namespace and returns, for at most `max` entries, the ORIGINAL-direction
+/// (source, destination) addresses, IPv4 and IPv6. Used to renew grants that still carry live
+/// flows. Reading stops after `max` entries; the socket is closed, which ends the dump.
+pub fn conntrack_flows(max: usize) -> Result<Vec<(IpAddr, IpAddr)>, SysError> {
+    const WHAT: &str = "conntrack dump";
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let sock = Socket::open(libc::NETLINK_NETFILTER, "ctnetlink")?;
+    let seq = 1;
+    let mut tx = AlignedBuf::new(NLMSG_HDRLEN + NFGENMSG_LEN);
+    let req_len = {
+        let buf = tx.bytes_mut();
+        // SAFETY: the buffer is 8-aligned and at least nlmsghdr + nfgenmsg long, exactly what
+        // is written: mnl zeroes and fills the header, then reserves the 4-byte nfgenmsg, which
+        // we fill through the returned pointer (AF_UNSPEC dumps every family).
+        unsafe {
+            let nlh = mnl::mnl_nlmsg_put_header(buf.as_mut_ptr().cast());
+            (*nlh).nlmsg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET;
+            (*nlh).nlmsg_flags = nl_const(libc::NLM_F_REQUEST | libc::NLM_F_DUMP);
+            (*nlh).nlmsg_seq = seq;
+            let nfg = mnl::mnl_nlmsg_put_extra_header(nlh, NFGENMSG_LEN).cast::<[u8; 4]>();
+            nfg.write([libc::AF_UNSPEC as u8, NFNETLINK_V0, 0, 0]);
+            (*nlh).nlmsg_len as usize
+        }
+    };
+    let req = tx.bytes().get(..req_len).unwrap_or(&[]);
+    sock.send(req).map_err(|source| SysError::Send {
+        what: WHAT.into(),
+        source,
+    })?;
+
+    let portid = sock.portid();
+    let mut rx = AlignedBuf::new(RX_BYTES);
+    let mut out = Vec::new();
+    loop {
+        let n = sock.recv(rx.bytes_mut()).map_err(|source| SysError::Recv {
+            what: WHAT.into(),
+            source,
+        })?;
+        for msg in Msgs(rx.bytes().get(..n).unwrap_or(&[])) {
+            if msg.seq != seq || !msg.portid_ok(portid) {
+                continue;
+            }
+            match msg.ty {
+                t if t == nl_const(libc::NLMSG_DONE) => return Ok(out),
+                t if t == nl_const(libc::NLMSG_ERROR) => match msg.errno() {
+                    Some(0) => {}
+                    errno => {
+                        return Err(SysError::Dump {
+                            what: WHAT.into(),
+                            source: io::Error::from_raw_os_error(errno.unwrap_or(libc::EPROTO)),
+                        });
+                    }
+                },
+                t if t >> 8 == NFNL_SUBSYS_CTNETLINK => {
+                    if let Some(flow) = decode_flow(&msg) {
+                        out.push(flow);
+                        if out.len() >= max {
+                            return Ok(out);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+// Tests fail loudly: unwrap/expect/panic carry the diagnosis.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    use std::collections::HashSet;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    use nix::sched::{CloneFlags, unshare};
+
+    const RULESET: &str = "table inet t {
+        set a4 { type ipv4_addr; flags timeout; }
+        set a6 { type ipv6_addr; flags timeout; }
+        set c4 { type ipv4_addr . ipv4_addr; flags timeout; }
+        set c6 { type ipv6_addr . ipv6_addr; flags timeout; }
+    }";
+
+    /// Runs `f` on a fresh thread inside its own network namespace holding `RULESET`; the
+    /// namespace dies with the thread, so the host ruleset is never touched.
+    fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "fwd sys tests need root (CAP_SYS_ADMIN for unshare(CLONE_NEWNET), CAP_NET_ADMIN for \
+             nf_tables); run them as root"
+        );
+        std::thread::spawn(move || {
+            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            nft_script(RULESET);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    fn nft_script(script: &str) {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft -f failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `nft -j list set inet t <set>`: the set's `elem` array (empty if none).
+    fn nft_elems(set: &str) -> Vec<serde_json::Value> {
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", "inet", "t", set])
+            .output()
+            .expect("run nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|o| o.get("set"))
+            .and_then(|s| s.get("elem"))
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn add(set: &str, key: SetKey, secs: Option<u64>) -> ElemOp {
+        ElemOp::Add {
+            set: set.into(),
+            key,
+            timeout: secs.map(Duration::from_secs),
+        }
+    }
+
+    fn del(set: &str, key: SetKey) -> ElemOp {
+        ElemOp::Delete {
+            set: set.into(),
+            key,
+        }
+    }
+
+    fn listed(nl: &mut Netlink, set: &str, kt: KeyType) -> HashMap<SetKey, Option<Duration>> {
+        nl.list("t", set, kt).unwrap().into_iter().collect()
+    }
+
+    /// Remaining time of `key`, asserting it has one.
+    fn remaining(nl: &mut Netlink, set: &str, key: SetKey) -> Duration {
+        let m = listed(nl, set, key.key_type());
+        m.get(&key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key:?} not in {set}: {m:?}"))
+            .unwrap_or_else(|| panic!("{key:?} has no timeout"))
+    }
+
+    fn plausible(d: Duration, max_secs: u64) -> bool {
+        d <= Duration::from_secs(max_secs) && d > Duration::from_secs(max_secs.saturating_sub(5))
+    }
+
+    // === kernel-free ===
+
+    #[test]
+    fn keys_round_trip() {
+        let keys = [
+            SetKey::V4(v4("10.1.2.3")),
+            SetKey::V6(v6("2001:db8::7")),
+            SetKey::V4Pair {
+                client: v4("192.168.1.9"),
+                dst: v4("203.0.113.5"),
+            },
+            SetKey::V6Pair {
+                client: v6("fd00::9"),
+                dst: v6("2001:db8::5"),
+            },
+        ];
+        for k in keys {
+            let (b, len) = k.encode();
+            assert_eq!(len, k.key_type().key_len());
+            assert_eq!(k.key_type().decode(&b[..len]), Some(k));
+            assert_eq!(k.key_type().decode(&b[..len - 1]), None);
+        }
+        let (b, _) = keys[2].encode();
+        assert_eq!(
+            &b[..8],
+            &[192, 168, 1, 9, 203, 0, 113, 5],
+            "client first, then dst"
+        );
+    }
+
+    #[test]
+    fn plan_packs_interleaved_delete_add_into_two_messages() {
+        let mut ops = Vec::new();
+        for i in 0..100u8 {
+            let k = SetKey::V4(Ipv4Addr::new(10, 0, 0, i));
+            ops.push(del("a4", k));
+            ops.push(add("a4", k, Some(60)));
+        }
+        let g = plan(&ops);
+        assert_eq!(g.len(), 2);
+        assert_eq!((g[0].kind, g[0].ops.len()), (Kind::Delete, 100));
+        assert_eq!((g[1].kind, g[1].ops.len()), (Kind::Add, 100));
+    }
+
+    #[test]
+    fn plan_keeps_order_of_ops_on_one_element() {
+        let k = SetKey::V4(v4("10.0.0.1"));
+        let other = SetKey::V4(v4("10.0.0.2"));
+        let ops = [
+            add("a4", k, None),
+            del("a4", k),
+            add("a4", k, Some(1)),
+            add("a4", other, None),
+            add("a6", SetKey::V6(v6("::1")), None),
+        ];
+        let g = plan(&ops);
+        let shape: Vec<_> = g.iter().map(|g| (g.set, g.kind, g.ops.clone())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("a4", Kind::Add, vec![0]),
+                ("a4", Kind::Delete, vec![1]),
+                ("a4", Kind::Add, vec![2, 3]),
+                ("a6", Kind::Add, vec![4]),
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_splits_element_lists_at_64k() {
+        let ops: Vec<_> = (0..10_000u32)
+            .map(|i| {
+                let dst = Ipv6Addr::from(u128::from(i));
+                add("c6", SetKey::V6Pair { client: dst, dst }, Some(60))
+            })
+            .collect();
+        let g = plan(&ops);
+        assert!(g.len() > 1);
+        assert!(g.iter().all(|g| g.nest_len <= NEST_MAX));
+        assert_eq!(g.iter().map(|g| g.ops.len()).sum::<usize>(), ops.len());
+    }
+
+    #[test]
+    fn names_and_timeouts_are_checked() {
+        assert!(check_name("guard").is_ok());
+        assert!(matches!(check_name(""), Err(SysError::InvalidName { .. })));
+        assert!(matches!(
+            check_name("a\0b"),
+            Err(SysError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            check_name(&"x".repeat(256)),
+            Err(SysError::InvalidName { .. })
+        ));
+        assert_eq!(timeout_ms(Duration::ZERO), 1);
+        assert_eq!(timeout_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(timeout_ms(Duration::from_secs(60)), 60_000);
+        assert_eq!(timeout_ms(Duration::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn rejected_names_ops_and_errno() {
+        let e = SysError::Rejected {
+            failures: vec![(1, libc::ENOENT)],
+        };
+        let s = e.to_string();
+        assert!(s.contains("op 1") && s.contains("No such file"), "{s}");
+    }
+
+    #[test]
+    fn parsers_survive_garbage() {
+        let mut buf = AlignedBuf::new(4096);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for round in 0..2000 {
+            for b in buf.bytes_mut().iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            let len = (x as usize) % 4096;
+            let bytes = buf.bytes_mut();
+            if round % 2 == 0 {
+                // Plausible header lengths reach the attribute walkers more often.
+                bytes[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+            }
+            let mut out = Vec::new();
+            for msg in Msgs(&buf.bytes()[..len]) {
+                let _ = decode_elems(&msg, KeyType::V6Pair, &mut out);
+                let _ = decode_flow(&msg);
+                let _ = msg.errno();
+            }
+        }
+    }
+
+    // === real kernel, throwaway netns ===
+
+    #[test]
+    fn add_and_list_every_key_type() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.commit("t", &[]).unwrap();
+            let k4 = SetKey::V4(v4("10.0.0.1"));
+            let k4_forever = SetKey::V4(v4("10.0.0.2"));
+            let k6 = SetKey::V6(v6("2001:db8::1"));
+            let p4 = SetKey::V4Pair {
+                client: v4("192.168.1.10"),
+                dst: v4("198.51.100.7"),
+            };
+            let p6 = SetKey::V6Pair {
+                client: v6("fd00::10"),
+                dst: v6("2001:db8::7"),
+            };
+            nl.commit(
+                "t",
+                &[
+                    add("a4", k4, Some(60)),
+                    add("a4", k4_forever, None),
+                    add("a6", k6, Some(120)),
+                    add("c4", p4, Some(60)),
+                    add("c6", p6, Some(3600)),
+                ],
+            )
+            .unwrap();
+
+            let a4 = listed(&mut nl, "a4", KeyType::V4);
+            assert_eq!(a4.len(), 2, "{a4:?}");
+            assert!(plausible(a4[&k4].unwrap(), 60), "{a4:?}");
+            assert_eq!(a4[&k4_forever], None, "element without timeout");
+            assert!(plausible(remaining(&mut nl, "a6", k6), 120));
+            assert!(plausible(remaining(&mut nl, "c4", p4), 60));
+            assert!(plausible(remaining(&mut nl, "c6", p6), 3600));
+            assert_eq!(nl.list("t", "c6", KeyType::V6Pair).unwrap().len(), 1);
+
+            // Independent check through nft's own JSON.
+            let elems = nft_elems("a4");
+            let timed = elems
+                .iter()
+                .find(|e| e["elem"]["val"] == "10.0.0.1")
+                .unwrap_or_else(|| panic!("10.0.0.1 missing from nft: {elems:?}"));
+            assert_eq!(timed["elem"]["timeout"], 60);
+            assert!(timed["elem"]["expires"].as_u64().unwrap() <= 60);
+            assert!(elems.iter().any(|e| e == "10.0.0.2"), "{elems:?}");
+            let c4 = serde_json::Value::Array(nft_elems("c4")).to_string();
+            assert!(c4.contains(r#"["192.168.1.10","198.51.100.7"]"#), "{c4}");
+            let c6 = serde_json::Value::Array(nft_elems("c6")).to_string();
+            assert!(c6.contains(r#"["fd00::10","2001:db8::7"]"#), "{c6}");
+
+            // Decoding with the wrong layout is an error, not garbage.
+            let err = nl.list("t", "a4", KeyType::V6).unwrap_err();
+            assert!(matches!(err, SysError::Decode { .. }), "{err}");
+            assert!(err.to_string().contains("inet t a4"), "{err}");
+            // And the socket is still in step afterwards.
+            assert_eq!(nl.list("t", "a4", KeyType::V4).unwrap().len(), 2);
+        });
+    }
+
+    #[test]
+    fn delete_removes_and_delete_add_extends() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let k = SetKey::V4(v4("10.0.0.1"));
+            nl.commit("t", &[add("a4", k, Some(10))]).unwrap();
+            assert!(remaining(&mut nl, "a4", k) <= Duration::from_secs(10));
+
+            nl.commit("t", &[del("a4", k), add("a4", k, Some(100))])
+                .unwrap();
+            assert!(plausible(remaining(&mut nl, "a4", k), 100));
+
+            nl.commit("t", &[del("a4", k)]).unwrap();
+            assert!(nl.list("t", "a4", KeyType::V4).unwrap().is_empty());
+            assert!(nft_elems("a4").is_empty());
+        });
+    }
+
+    #[test]
+    fn readd_without_excl_is_accepted() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let k = SetKey::V4(v4("10.0.0.1"));
+            nl.commit("t", &[add("a4", k, Some(10))]).unwrap();
+            nl.commit("t", &[add("a4", k, Some(100))]).unwrap();
+            let left = remaining(&mut nl, "a4", k);
+            // Kernels with element timeout update (6.10+?) re-arm; older ones keep 10 s.
+            println!("re-add 10s -> 100s without EXCL: remaining {left:?}");
+            assert!(left <= Duration::from_secs(100));
+            // Shortening is reported too, for the caller's benefit.
+            nl.commit("t", &[add("a4", k, Some(5))]).unwrap();
+            println!(
+                "re-add 100s -> 5s without EXCL: remaining {:?}",
+                remaining(&mut nl, "a4", k)
+            );
+        });
+    }
+
+    #[test]
+    fn rejected_batch_applies_nothing() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let x = SetKey::V4(v4("10.0.0.1"));
+            let y = SetKey::V4(v4("10.0.0.2"));
+            let err = nl
+                .commit("t", &[add("a4", x, Some(60)), del("a4", y)])
+                .unwrap_err();
+            match &err {
+                SysError::Rejected { failures } => {
+                    assert_eq!(failures, &[(1, libc::ENOENT)], "{err}")
+                }
+                _ => panic!("expected Rejected, got {err}"),
+            }
+            assert!(nl.list("t", "a4", KeyType::V4).unwrap().is_empty());
+
+            // A multi-element message reports every op it carried.
+            let z = SetKey::V4(v4("10.0.0.3"));
+            nl.commit("t", &[add("a4", z, None)]).unwrap();
+            let err = nl
+                .commit("t", &[add("a4", x, Some(60)), del("a4", z), del("a4", y)])
+                .unwrap_err();
+            match &err {
+                SysError::Rejected { failures } => {
+                    assert_eq!(failures, &[(1, libc::ENOENT), (2, libc::ENOENT)], "{err}")
+                }
+                _ => panic!("expected Rejected, got {err}"),
+            }
+            let left = listed(&mut nl, "a4", KeyType::V4);
+            assert_eq!(left.keys().collect::<Vec<_>>(), vec![&z], "nothing applied");
+
+            // The socket stays usable after a rejection.
+            nl.commit("t", &[add("a4", x, Some(60))]).unwrap();
+            assert_eq!(nl.list("t", "a4", KeyType::V4).unwrap().len(), 2);
+        });
+    }
+
+    #[test]
+    fn missing_set_and_table_carry_context() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let k = SetKey::V4(v4("10.0.0.1"));
+            let err = nl
+                .commit("t", &[add("nope", k, None), add("a4", k, None)])
+                .unwrap_err();
+            match &err {
+                SysError::Rejected { failures } => {
+                    assert_eq!(failures, &[(0, libc::ENOENT)], "{err}")
+                }
+                _ => panic!("expected Rejected, got {err}"),
+            }
+            let err = nl.list("t", "nope", KeyType::V4).unwrap_err();
+            assert!(matches!(err, SysError::Dump { .. }), "{err}");
+            assert!(err.to_string().contains("inet t nope"), "{err}");
+            let err = nl.list("missing", "a4", KeyType::V4).unwrap_err();
+            assert!(err.to_string().contains("inet missing a4"), "{err}");
+            assert!(nl.list("t", "a4", KeyType::V4).unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn hundred_thousand_element_batch() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let n = 100_000u32;
+            let mut ops = Vec::with_capacity(2 * n as usize);
+            for i in 0..n {
+                ops.push(add(
+                    "a4",
+                    SetKey::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                    Some(600),
+                ));
+            }
+            for i in 0..n {
+                let a = Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i));
+                let b = Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
+                ops.push(add("c6", SetKey::V6Pair { client: a, dst: b }, Some(600)));
+            }
+            let t = Instant::now();
+            nl.commit("t", &ops).unwrap();
+            println!("commit of {} ops: {:?}", ops.len(), t.elapsed());
+
+            let t = Instant::now();
+            let a4 = nl.list("t", "a4", KeyType::V4).unwrap();
+            let c6 = nl.list("t", "c6", KeyType::V6Pair).unwrap();
+            println!("list of 2 x {n}: {:?}", t.elapsed());
+            let want: HashSet<SetKey> = ops.iter().map(|op| *op.parts().2).collect();
+            let got: HashSet<SetKey> = a4.iter().chain(&c6).map(|(k, _)| *k).collect();
+            assert_eq!(a4.len(), n as usize);
+            assert_eq!(c6.len(), n as usize);
+            assert!(got == want, "listed keys differ from committed ones");
+            assert!(
+                a4.iter()
+                    .chain(&c6)
+                    .all(|(_, t)| t.is_some_and(|t| plausible(t, 600)))
+            );
+        });
+    }
+
+    #[test]
+    fn timeouts_expire() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let k = SetKey::V4(v4("10.0.0.1"));
+            let keep = SetKey::V4(v4("10.0.0.2"));
+            nl.commit("t", &[add("a4", k, Some(1)), add("a4", keep, Some(60))])
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = listed(&mut nl, "a4", KeyType::V4);
+                assert!(now.contains_key(&keep));
+                if !now.contains_key(&k) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "1 s element still listed after 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+
+    #[test]
+    fn delete_of_expired_element() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let k = SetKey::V4(v4("10.0.0.1"));
+            nl.commit("t", &[add("a4", k, Some(1))]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while listed(&mut nl, "a4", KeyType::V4).contains_key(&k) {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Expired (no longer dumped) but most likely not yet garbage-collected.
+            let res = nl.commit("t", &[del("a4", k)]);
+            println!("delete of expired, uncollected element: {res:?}");
+            match res {
+                Ok(()) => {}
+                Err(SysError::Rejected { failures }) => {
+                    assert_eq!(failures, vec![(0, libc::ENOENT)])
+                }
+                Err(e) => panic!("{e}"),
+            }
+            // Re-adding an expired key must work either way, and Delete+Add too.
+            nl.commit("t", &[add("a4", k, Some(60))]).unwrap();
+            assert!(plausible(remaining(&mut nl, "a4", k), 60));
+        });
+    }
+
+    #[test]
+    fn conntrack_flows_sees_loopback_connections() {
+        in_netns(|| {
+            let st = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            nft_script(
+                "table inet conntrack {\n chain o {\n type filter hook output priority 0; ct state new accept;\n }\n}",
+            );
+            let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
+            let l6 = TcpListener::bind("[::1]:0").unwrap();
+            let mut conns = Vec::new();
+            for _ in 0..3 {
+                conns.push(TcpStream::connect(l4.local_addr().unwrap()).unwrap());
+                conns.push(l4.accept().unwrap().0);
+            }
+            conns.push(TcpStream::connect(l6.local_addr().unwrap()).unwrap());
+            conns.push(l6.accept().unwrap().0);
+
+            let lo4 = IpAddr::from(Ipv4Addr::LOCALHOST);
+            let lo6 = IpAddr::from(Ipv6Addr::LOCALHOST);
+            let flows = conntrack_flows(1000).unwrap();
+            assert!(flows.contains(&(lo4, lo4)), "{flows:?}");
+            assert!(flows.contains(&(lo6, lo6)), "{flows:?}");
+            assert!(flows.len() >= 4, "{flows:?}");
+            assert_eq!(conntrack_flows(2).unwrap().len(), 2);
+            assert!(conntrack_flows(0).unwrap().is_empty());
+        });
+    }
+
+    fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[i]
+    }
+
+    #[test]
+    #[ignore = "benchmark; run with --ignored --nocapture bench"]
+    fn bench_commit_latency() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let mut lat = Vec::with_capacity(10_000);
+            for i in 0..10_000u32 {
+                let op = add("a4", SetKey::V4(Ipv4Addr::from(0x0a00_0000 + i)), Some(60));
+                let t = Instant::now();
+                nl.commit("t", std::slice::from_ref(&op)).unwrap();
+                lat.push(t.elapsed());
+            }
+            lat.sort();
+            println!(
+                "netlink commit, 1 new element/call, 10000 calls: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+                percentile(&lat, 0.50).as_secs_f64() * 1e6,
+                percentile(&lat, 0.99).as_secs_f64() * 1e6,
+                lat.last().unwrap().as_secs_f64() * 1e6,
+            );
+            let t = Instant::now();
+            for i in 0..200u32 {
+                let ip = Ipv4Addr::from(0x0b00_0000 + i);
+                let st = Command::new("nft")
+                    .args(["add", "element", "inet", "t", "a4"])
+                    .arg(format!("{{ {ip} timeout 60s }}"))
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+            println!(
+                "nft exec, 1 element/call, 200 calls: {:.2} ms per call",
+                t.elapsed().as_secs_f64() * 1e3 / 200.0
+            );
+        });
+    }
+
+    /// (user, system) CPU time of the calling thread.
+    fn thread_cpu() -> (Duration, Duration) {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the rusage we own; RUSAGE_THREAD needs nothing else.
+        let ru = unsafe {
+            assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()), 0);
+            ru.assume_init()
+        };
+        let d = |tv: libc::timeval| {
+            Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
+        };
+        (d(ru.ru_utime), d(ru.ru_stime))
+    }
+
+    #[test]
+    #[ignore = "benchmark; run with --ignored --nocapture bench"]
+    fn bench_list_million() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let n = 1_000_000u32;
+            for chunk in 0..10 {
+                let ops: Vec<_> = (0..n / 10)
+                    .map(|i| {
+                        let ip = Ipv4Addr::from(0x0a00_0000 + chunk * (n / 10) + i);
+                        add("a4", SetKey::V4(ip), Some(3600))
+                    })
+                    .collect();
+                nl.commit("t", &ops).unwrap();
+            }
+            let (u0, s0) = thread_cpu();
+            let t = Instant::now();
+            let all = nl.list("t", "a4", KeyType::V4).unwrap();
+            let wall = t.elapsed();
+            let (u1, s1) = thread_cpu();
+            assert_eq!(all.len(), n as usize);
+            println!(
+                "list of {n} elements: wall {wall:?}, user CPU {:?}, kernel CPU {:?}",
+                u1 - u0,
+                s1 - s0
+            );
+        });
+    }
+}
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod diag_tmp {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn diag_dump_dups() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut c = std::process::Command::new("nft").args(["add","table","inet","t"]).status().unwrap();
+            assert!(c.success());
+            c = std::process::Command::new("nft").args(["add","set","inet","t","a4","{ type ipv4_addr; flags timeout; }"]).status().unwrap();
+            assert!(c.success());
+            let mut nl = Netlink::open().unwrap();
+            let n = 100_000u32;
+            let ops: Vec<_> = (0..n).map(|i| ElemOp::Add{set:"a4".into(), key: SetKey::V4(Ipv4Addr::from(0x0a00_0000 + i)), timeout: Some(Duration::from_secs(600))}).collect();
+            nl.commit("t", &ops).unwrap();
+            for round in 0..8 {
+                let t = std::time::Instant::now();
+                let l = nl.list("t", "a4", KeyType::V4).unwrap();
+                let uniq: std::collections::HashSet<_> = l.iter().map(|x| x.0).collect();
+                println!("round {round}: {} listed, {} unique, {:?}", l.len(), uniq.len(), t.elapsed());
+            }
+        }).join().unwrap();
+    }
+}

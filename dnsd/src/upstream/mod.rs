@@ -1,1 +1,522 @@
 //! Upstream resolvers: udp://, tcp:// and tls:// (DoT) transports, pooling, failover and health.
+//!
+//! [`Upstreams::query`] forwards one client query: it picks upstreams by [`Strategy`], skips
+//! those marked down, tries the next on failure or per-attempt timeout, and gives up at one
+//! overall deadline. Stream transports pool and pipeline their connections (`pool`), and a
+//! query whose connection dies is retried on another connection or upstream. TLS is never
+//! downgraded to plaintext.
+
+mod config;
+mod health;
+mod message;
+mod pool;
+mod tcp;
+mod tls;
+mod udp;
+
+#[cfg(test)]
+mod testutil;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsConnector;
+
+pub use config::{Protocol, Strategy, UpstreamConfig, server_addrs};
+pub use health::UpstreamHealth;
+pub use message::{QUERY_BLOCK_LEN, strip_padding, strip_padding_message};
+pub use tls::spki_pin;
+
+use health::{Health, Policy, State};
+use message::Prepared;
+use pool::{Connector, Pool};
+use udp::UdpReply;
+
+/// With `fastest`, one query in this many goes first to a random other upstream, so that
+/// the srtt of the others stays current.
+const EXPLORE_ONE_IN: u32 = 20;
+
+/// Slack past an attempt's deadline before the attempt is abandoned from outside; the
+/// transports enforce the deadline themselves.
+const DEADLINE_SLACK: Duration = Duration::from_millis(50);
+
+/// Errors of the upstream layer. Per-query errors mean "answer SERVFAIL".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The configuration did not validate; every problem is listed.
+    #[error("invalid upstream configuration: {}", .0.join("; "))]
+    InvalidConfig(Vec<String>),
+    /// The CA file could not be used.
+    #[error("upstream.ca_file {}: {reason}", path.display())]
+    CaFile {
+        /// The configured file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// tls:// needs trust roots and the system has none.
+    #[error("no system trust roots for tls:// upstreams ({reason}); set upstream.ca_file")]
+    NoSystemRoots {
+        /// Why loading failed.
+        reason: String,
+    },
+    /// The TLS client configuration could not be built.
+    #[error("TLS client configuration: {0}")]
+    TlsConfig(String),
+    /// The client's query is not a forwardable DNS query.
+    #[error("malformed query: {0}")]
+    MalformedQuery(String),
+    /// `max_in_flight` queries are already waiting on upstreams.
+    #[error("too many queries in flight (max {max})")]
+    Overloaded {
+        /// The configured limit.
+        max: usize,
+    },
+    /// No answer from this upstream in time.
+    #[error("upstream {addr} did not answer in time")]
+    Timeout {
+        /// The upstream.
+        addr: SocketAddr,
+    },
+    /// The query's overall deadline passed before any upstream could be tried.
+    #[error("no upstream could be tried within {}", humantime::format_duration(*timeout))]
+    DeadlineExceeded {
+        /// The configured overall timeout.
+        timeout: Duration,
+    },
+    /// The upstream could not be reached (connection refused, unreachable).
+    #[error("cannot connect to upstream {addr}: {source}")]
+    Connect {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The socket error.
+        source: Arc<std::io::Error>,
+    },
+    /// The TLS handshake failed: certificate, name or pin verification, or protocol.
+    #[error("TLS handshake with upstream {addr} (name {name}) failed: {source}")]
+    TlsHandshake {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The name the certificate was checked against.
+        name: String,
+        /// The TLS error.
+        source: Arc<std::io::Error>,
+    },
+    /// A pooled connection died with the query in flight.
+    #[error("connection to upstream {addr} lost: {reason}")]
+    ConnectionLost {
+        /// The upstream.
+        addr: SocketAddr,
+        /// Why it closed.
+        reason: String,
+    },
+    /// A socket operation failed.
+    #[error("I/O with upstream {addr}: {source}")]
+    Io {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The socket error.
+        source: Arc<std::io::Error>,
+    },
+    /// The upstream's response does not answer the query or is not DNS.
+    #[error("bad response from upstream {addr}: {reason}")]
+    BadResponse {
+        /// The upstream.
+        addr: SocketAddr,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A forwarded query's answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The response in wire format, with the client query's ID and without EDNS padding.
+    pub response: Vec<u8>,
+    /// Index of the upstream that answered in `UpstreamConfig::servers`.
+    pub upstream: usize,
+    /// That upstream as a normalized URL (as in [`UpstreamHealth::url`]).
+    pub url: Arc<str>,
+    /// The transport that carried the answer (`Tcp` for a truncated UDP answer retried).
+    pub protocol: Protocol,
+    /// Latency of the successful attempt: the upstream's RTT, including any connection setup.
+    pub latency: Duration,
+    /// Time from the call to the answer, including failed attempts.
+    pub elapsed: Duration,
+    /// Upstream attempts made, the successful one included.
+    pub attempts: u32,
+}
+
+/// The configured upstream resolvers. Cheap to clone; clones share connections and health.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstreams: Vec<Upstream>,
+    strategy: Strategy,
+    timeout: Duration,
+    attempt_timeout: Duration,
+    padding: bool,
+    health_check: bool,
+    max_in_flight: usize,
+    limit: Semaphore,
+    round_robin: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    addr: SocketAddr,
+    url: Arc<str>,
+    health: Health,
+    transport: Transport,
+}
+
+#[derive(Debug)]
+enum Transport {
+    /// UDP, with a TCP pool for truncated answers.
+    Udp { tcp: Pool },
+    /// A pooled stream: TCP or TLS.
+    Stream { pool: Pool, tls: bool },
+}
+
+// === impl Upstreams ===
+
+impl Upstreams {
+    /// Builds the upstreams from a configuration. Validates it, reads the CA file or the
+    /// system roots if a tls:// server is configured, and opens no connection: they are
+    /// opened on first use.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
+        let errors = cfg.validate();
+        if !errors.is_empty() {
+            return Err(UpstreamError::InvalidConfig(errors));
+        }
+        let urls = cfg.parsed_servers();
+        let tls_connector = if urls.iter().any(|u| u.protocol == Protocol::Tls) {
+            Some(TlsConnector::from(tls::client_config(cfg)?))
+        } else {
+            None
+        };
+        let policy = Policy {
+            max_failures: cfg.max_failures,
+            backoff_initial: cfg.backoff_initial,
+            backoff_max: cfg.backoff_max,
+        };
+        let upstreams = urls
+            .into_iter()
+            .map(|url| {
+                let pool = |connector| {
+                    Pool::new(url.addr, connector, cfg.tls_connections, cfg.idle_timeout)
+                };
+                let transport = match (&url.protocol, &tls_connector) {
+                    (Protocol::Udp, _) => Transport::Udp {
+                        tcp: pool(Connector::Tcp),
+                    },
+                    (Protocol::Tcp, _) => Transport::Stream {
+                        pool: pool(Connector::Tcp),
+                        tls: false,
+                    },
+                    (Protocol::Tls, Some(connector)) => Transport::Stream {
+                        pool: pool(Connector::Tls {
+                            connector: connector.clone(),
+                            name: url.server_name(),
+                        }),
+                        tls: true,
+                    },
+                    (Protocol::Tls, None) => {
+                        return Err(UpstreamError::TlsConfig("no TLS connector".into()));
+                    }
+                };
+                Ok(Upstream {
+                    addr: url.addr,
+                    url: Arc::from(url.to_string()),
+                    health: Health::new(policy),
+                    transport,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                upstreams,
+                strategy: cfg.strategy,
+                timeout: cfg.timeout,
+                attempt_timeout: cfg.attempt_timeout,
+                padding: cfg.padding,
+                health_check: cfg.health_check,
+                max_in_flight: cfg.max_in_flight,
+                limit: Semaphore::new(cfg.max_in_flight),
+                round_robin: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// Sends `query` (a DNS query in wire format, any ID, exactly one question) upstream and
+    /// returns the response with the SAME ID as `query`, without EDNS padding, plus which
+    /// upstream answered and how fast. Any response that answers the question is returned
+    /// as is, whatever its RCODE. Fails at once with [`UpstreamError::Overloaded`] when
+    /// `max_in_flight` queries are pending; otherwise with the last attempt's error.
+    ///
+    /// Responses from tcp:// and tls:// upstreams may exceed a UDP client's buffer size:
+    /// truncating them for the client is the caller's job.
+    pub async fn query(&self, query: &[u8]) -> Result<Answer, UpstreamError> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let Ok(_permit) = inner.limit.try_acquire() else {
+            return Err(UpstreamError::Overloaded {
+                max: inner.max_in_flight,
+            });
+        };
+        let prepared = Prepared::parse(query)?;
+        let deadline = started + inner.timeout;
+        let order = self.order(started);
+        let mut last_error = None;
+        let mut attempts = 0;
+        for (pos, &idx) in order.iter().enumerate() {
+            let Some(up) = inner.upstreams.get(idx) else {
+                continue;
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let attempt_deadline = if pos + 1 == order.len() {
+                deadline
+            } else {
+                (now + inner.attempt_timeout).min(deadline)
+            };
+            attempts += 1;
+            match up.attempt(&prepared, attempt_deadline, inner.padding).await {
+                Ok((response, protocol)) => {
+                    return Ok(Answer {
+                        response,
+                        upstream: idx,
+                        url: up.url.clone(),
+                        protocol,
+                        latency: now.elapsed(),
+                        elapsed: started.elapsed(),
+                        attempts,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(upstream = %up.url, error = %e, "upstream attempt failed");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or(UpstreamError::DeadlineExceeded {
+            timeout: inner.timeout,
+        }))
+    }
+
+    /// Health and counters of every upstream, in configuration order.
+    pub fn health(&self) -> Vec<UpstreamHealth> {
+        self.inner
+            .upstreams
+            .iter()
+            .map(|up| {
+                let pool = match &up.transport {
+                    Transport::Udp { tcp } => tcp,
+                    Transport::Stream { pool, .. } => pool,
+                };
+                let open = u32::try_from(pool.open_connections()).unwrap_or(u32::MAX);
+                let mut h = up.health.snapshot(up.url.to_string(), open);
+                h.tls_handshakes_full = pool.handshakes.full.load(Ordering::Relaxed);
+                h.tls_handshakes_resumed = pool.handshakes.resumed.load(Ordering::Relaxed);
+                h
+            })
+            .collect()
+    }
+
+    /// The configured strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.inner.strategy
+    }
+
+    /// Queries currently waiting on upstreams (bounded by `max_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .max_in_flight
+            .saturating_sub(self.inner.limit.available_permits())
+    }
+
+    /// Closes all pooled connections (shutdown or reload). Queries still in flight on them
+    /// are retried on new connections; the upstreams stay usable and reconnect lazily.
+    pub async fn shutdown(&self) {
+        for up in &self.inner.upstreams {
+            match &up.transport {
+                Transport::Udp { tcp } => tcp.close_all(),
+                Transport::Stream { pool, .. } => pool.close_all(),
+            }
+        }
+        // Let the writers send their close_notify / FIN.
+        tokio::task::yield_now().await;
+    }
+
+    /// The order in which upstreams are tried for one query: by strategy, healthy first,
+    /// then those due for a retry, then those still backing off (better than no answer).
+    fn order(&self, now: Instant) -> Vec<usize> {
+        let inner = &self.inner;
+        let n = inner.upstreams.len();
+        let base: Vec<usize> = match inner.strategy {
+            Strategy::Failover => (0..n).collect(),
+            Strategy::RoundRobin => {
+                let start = inner.round_robin.fetch_add(1, Ordering::Relaxed) % n.max(1);
+                (0..n).map(|i| (start + i) % n).collect()
+            }
+            Strategy::Fastest => {
+                let mut v: Vec<(u64, usize)> = inner
+                    .upstreams
+                    .iter()
+                    .enumerate()
+                    .map(|(i, up)| (up.health.srtt_us(), i))
+                    .collect();
+                // An upstream without a sample sorts first, so every one gets measured.
+                v.sort_unstable();
+                let mut v: Vec<usize> = v.into_iter().map(|(_, i)| i).collect();
+                if n > 1 && rand::random_ratio(1, EXPLORE_ONE_IN) {
+                    v.swap(0, rand::random_range(1..n));
+                }
+                v
+            }
+        };
+        let mut first = Vec::with_capacity(n);
+        let mut retry = Vec::new();
+        let mut down = Vec::new();
+        for i in base {
+            let Some(up) = inner.upstreams.get(i) else {
+                continue;
+            };
+            match up.health.state(now) {
+                State::Up => first.push(i),
+                State::Retry if inner.health_check => {
+                    self.spawn_probe(i);
+                    retry.push(i);
+                }
+                // Without health checks a client query is the probe.
+                State::Retry => first.push(i),
+                State::Down => down.push(i),
+            }
+        }
+        first.extend(retry);
+        first.extend(down);
+        first
+    }
+
+    /// Probes a down upstream whose back-off ended with `. IN NS`, at most one at a time.
+    fn spawn_probe(&self, idx: usize) {
+        let Some(up) = self.inner.upstreams.get(idx) else {
+            return;
+        };
+        if !up.health.start_probe() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let Some(up) = inner.upstreams.get(idx) else {
+                return;
+            };
+            match probe_query() {
+                Ok(prepared) => {
+                    let deadline = Instant::now() + inner.attempt_timeout;
+                    match up.attempt(&prepared, deadline, inner.padding).await {
+                        Ok(_) => tracing::info!(upstream = %up.url, "health check succeeded"),
+                        Err(e) => tracing::debug!(upstream = %up.url, error = %e, "health check failed"),
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot build the health check query"),
+            }
+            up.health.end_probe();
+        });
+    }
+}
+
+/// `. IN NS`, recursion desired.
+fn probe_query() -> Result<Prepared, UpstreamError> {
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::root(), RecordType::NS));
+    let wire = msg
+        .to_vec()
+        .map_err(|e| UpstreamError::MalformedQuery(e.to_string()))?;
+    Prepared::parse(&wire)
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// One attempt on this upstream, recorded in its health.
+    async fn attempt(
+        &self,
+        prepared: &Prepared,
+        deadline: Instant,
+        padding: bool,
+    ) -> Result<(Vec<u8>, Protocol), UpstreamError> {
+        let start = Instant::now();
+        self.health.on_attempt();
+        let result = match timeout_at(
+            deadline + DEADLINE_SLACK,
+            self.exchange(prepared, deadline, padding),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout { addr: self.addr }),
+        };
+        match &result {
+            Ok(_) => self.health.on_success(start.elapsed()),
+            Err(e) => {
+                let timed_out =
+                    matches!(e, UpstreamError::Timeout { .. }).then(|| deadline - start);
+                self.health
+                    .on_failure(&e.to_string(), timed_out, Instant::now());
+            }
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        prepared: &Prepared,
+        deadline: Instant,
+        padding: bool,
+    ) -> Result<(Vec<u8>, Protocol), UpstreamError> {
+        let bad = |reason| UpstreamError::BadResponse {
+            addr: self.addr,
+            reason,
+        };
+        match &self.transport {
+            Transport::Udp { tcp } => {
+                match udp::exchange(self.addr, prepared, deadline, &self.health).await? {
+                    UdpReply::Answer(answer) => Ok((answer, Protocol::Udp)),
+                    UdpReply::Truncated => {
+                        tracing::debug!(upstream = %self.url, "truncated over UDP, retrying over TCP");
+                        let resp = tcp.exchange(prepared.wire(), deadline).await?;
+                        let answer = prepared.accept(&resp, false).map_err(bad)?;
+                        Ok((answer, Protocol::Tcp))
+                    }
+                }
+            }
+            Transport::Stream { pool, tls } => {
+                let padded = *tls && padding;
+                let wire = if padded {
+                    prepared.padded_wire()?
+                } else {
+                    prepared.wire()
+                };
+                let resp = pool.exchange(wire, deadline).await?;
+                let answer = prepared.accept(&resp, padded).map_err(bad)?;
+                let protocol = if *tls { Protocol::Tls } else { Protocol::Tcp };
+                Ok((answer, protocol))
+            }
+        }
+    }
+}

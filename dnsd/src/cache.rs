@@ -1,0 +1,449 @@
+//! The answer cache: TTL-correct positive and negative entries, LRU-bounded, each remembering until when fwd committed its addresses.
+//!
+//! A cache hit must never hand out an address whose kernel grant is gone (dnsmasq's nftset
+//! bug). Every entry therefore carries the wall-clock time until which fwd guaranteed its
+//! grants (the minimum `expires_unix_ms` over its addresses), per client scope. The handler
+//! re-authorizes before answering when less than the remaining TTL plus a margin is left
+//! ([`needs_authorization`]), and never touches fwd otherwise.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::{DNSClass, Name, RecordType};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::answer;
+
+/// How many client scopes one entry tracks grants for (per-client gateway mode); beyond that
+/// the scope whose grant ends first is forgotten and will simply be re-authorized.
+const MAX_GRANT_SCOPES: usize = 64;
+
+/// What identifies a cached answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The query name (hickory's `Name` hashes and compares case-insensitively).
+    pub name: Name,
+    /// The query type.
+    pub qtype: RecordType,
+    /// The query class.
+    pub qclass: DNSClass,
+    /// The client's EDNS DO bit: answers with and without DNSSEC records differ.
+    pub dnssec_ok: bool,
+}
+
+/// The grant state of one entry for one client scope (`None` unless fwd runs per client).
+#[derive(Debug, Clone, Default)]
+struct Grants {
+    scopes: Vec<(Option<IpAddr>, u64)>,
+}
+
+impl Grants {
+    fn get(&self, scope: Option<IpAddr>) -> Option<u64> {
+        self.scopes
+            .iter()
+            .find(|(s, _)| *s == scope)
+            .map(|(_, until)| *until)
+    }
+
+    fn set(&mut self, scope: Option<IpAddr>, until_ms: u64) {
+        if let Some(slot) = self.scopes.iter_mut().find(|(s, _)| *s == scope) {
+            slot.1 = until_ms;
+            return;
+        }
+        if self.scopes.len() >= MAX_GRANT_SCOPES
+            && let Some(pos) = self
+                .scopes
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, until))| *until)
+                .map(|(i, _)| i)
+        {
+            self.scopes.swap_remove(pos);
+        }
+        self.scopes.push((scope, until_ms));
+    }
+}
+
+/// One cached answer.
+#[derive(Debug, Clone)]
+struct Entry {
+    msg: Message,
+    inserted: Instant,
+    ttl: u32,
+    negative: bool,
+    /// Whether serving this entry needs a live grant (it names grantable addresses).
+    needs_grant: bool,
+    grants: Grants,
+}
+
+/// A cache hit, with TTLs already decremented by the time spent in cache.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// The answer to serve (header ID and flags are the handler's business).
+    pub msg: Message,
+    /// Seconds of TTL left.
+    pub remaining: u32,
+    /// Whether the answer names addresses that need a live grant.
+    pub needs_grant: bool,
+    /// Until when (wall-clock Unix ms) fwd committed this entry's addresses for the scope asked.
+    pub grant_until_ms: Option<u64>,
+    /// Whether this is a negative (NXDOMAIN/NODATA) entry.
+    pub negative: bool,
+    /// Identifies this entry's generation for [`Cache::record_grant`].
+    pub inserted: Instant,
+}
+
+/// What to store.
+#[derive(Debug, Clone)]
+pub struct Insert {
+    /// The answer with clamped TTLs.
+    pub msg: Message,
+    /// Lifetime in seconds; 0 is not stored.
+    pub ttl: u32,
+    /// NXDOMAIN or NODATA.
+    pub negative: bool,
+    /// Whether serving it needs a live grant.
+    pub needs_grant: bool,
+    /// The grant fwd committed with the answer: (client scope, until Unix ms).
+    pub grant: Option<(Option<IpAddr>, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<Key, (Entry, u64)>,
+    lru: BTreeMap<u64, Key>,
+    tick: u64,
+}
+
+impl Inner {
+    fn bump(&mut self, key: &Key) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((_, t)) = self.map.get_mut(key) {
+            self.lru.remove(t);
+            *t = tick;
+            self.lru.insert(tick, key.clone());
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        match self.map.remove(key) {
+            Some((_, t)) => {
+                self.lru.remove(&t);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The bounded answer cache.
+#[derive(Debug)]
+pub struct Cache {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+/// Whether a cached answer must be re-authorized before it is served.
+///
+/// True when no grant is known for this scope, or when the grant ends before the answer's
+/// remaining TTL plus `margin`: the client may use the address for as long as the TTL it is
+/// told, so the grant must outlive it.
+pub fn needs_authorization(
+    grant_until_ms: Option<u64>,
+    now_ms: u64,
+    remaining_s: u32,
+    margin: Duration,
+) -> bool {
+    match grant_until_ms {
+        None => true,
+        Some(until) => {
+            let needed = now_ms
+                .saturating_add(u64::from(remaining_s) * 1000)
+                .saturating_add(u64::try_from(margin.as_millis()).unwrap_or(u64::MAX));
+            until < needed
+        }
+    }
+}
+
+impl Cache {
+    /// A cache holding at most `capacity` answers (0 disables caching).
+    pub fn new(capacity: usize) -> Self {
+        Cache {
+            inner: Mutex::new(Inner::default()),
+            capacity,
+        }
+    }
+
+    /// Looks up `key`; expired entries are removed and count as misses.
+    pub fn get(&self, key: &Key, scope: Option<IpAddr>) -> Option<Hit> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        let (entry, _) = inner.map.get(key)?;
+        let age = now.saturating_duration_since(entry.inserted);
+        if age >= Duration::from_secs(u64::from(entry.ttl)) {
+            inner.remove(key);
+            return None;
+        }
+        let elapsed = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
+        let mut msg = entry.msg.clone();
+        answer::age_ttls(&mut msg, elapsed);
+        let hit = Hit {
+            msg,
+            remaining: entry.ttl.saturating_sub(elapsed),
+            needs_grant: entry.needs_grant,
+            grant_until_ms: entry.grants.get(scope),
+            negative: entry.negative,
+            inserted: entry.inserted,
+        };
+        inner.bump(key);
+        Some(hit)
+    }
+
+    /// Stores an answer, evicting the least recently used entry when full.
+    pub fn insert(&self, key: Key, item: Insert) {
+        if self.capacity == 0 || item.ttl == 0 {
+            return;
+        }
+        let mut grants = Grants::default();
+        if let Some((scope, until)) = item.grant {
+            grants.set(scope, until);
+        }
+        let entry = Entry {
+            msg: item.msg,
+            inserted: Instant::now(),
+            ttl: item.ttl,
+            negative: item.negative,
+            needs_grant: item.needs_grant,
+            grants,
+        };
+        let mut inner = self.inner.lock();
+        inner.remove(&key);
+        while inner.map.len() >= self.capacity {
+            let Some((_, oldest)) = inner.lru.pop_first() else {
+                break;
+            };
+            inner.map.remove(&oldest);
+        }
+        inner.tick += 1;
+        let tick = inner.tick;
+        inner.lru.insert(tick, key.clone());
+        inner.map.insert(key, (entry, tick));
+    }
+
+    /// Records a grant fwd committed for a cached entry, if that entry is still the one hit.
+    pub fn record_grant(&self, key: &Key, inserted: Instant, scope: Option<IpAddr>, until_ms: u64) {
+        let mut inner = self.inner.lock();
+        if let Some((entry, _)) = inner.map.get_mut(key)
+            && entry.inserted == inserted
+        {
+            entry.grants.set(scope, until_ms);
+        }
+    }
+
+    /// Removes one entry.
+    pub fn remove(&self, key: &Key) {
+        self.inner.lock().remove(key);
+    }
+
+    /// Removes every entry (`name` = `None`) or those for `name` and every name below it.
+    /// Returns how many were removed.
+    pub fn flush(&self, name: Option<&Name>) -> u64 {
+        let mut inner = self.inner.lock();
+        let before = inner.map.len();
+        match name {
+            None => {
+                inner.map.clear();
+                inner.lru.clear();
+            }
+            Some(zone) => {
+                let doomed: Vec<Key> = inner
+                    .map
+                    .keys()
+                    .filter(|k| zone.zone_of(&k.name))
+                    .cloned()
+                    .collect();
+                for k in &doomed {
+                    inner.remove(k);
+                }
+            }
+        }
+        (before - inner.map.len()) as u64
+    }
+
+    /// How many entries are stored (expired ones included until they are touched or evicted).
+    pub fn len(&self) -> usize {
+        self.inner.lock().map.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use hickory_proto::op::{MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+
+    use super::*;
+
+    fn key(name: &str) -> Key {
+        Key {
+            name: Name::from_ascii(name).unwrap(),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+            dnssec_ok: false,
+        }
+    }
+
+    fn answer(name: &str, ttl: u32) -> Message {
+        let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+        let n = Name::from_ascii(name).unwrap();
+        m.add_query(Query::query(n.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(n, ttl, RData::A(A(Ipv4Addr::new(192, 0, 2, 1)))));
+        m
+    }
+
+    fn item(name: &str, ttl: u32, grant: Option<u64>) -> Insert {
+        Insert {
+            msg: answer(name, ttl),
+            ttl,
+            negative: false,
+            needs_grant: true,
+            grant: grant.map(|g| (None, g)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttl_decrements_on_hits_and_expires() {
+        let c = Cache::new(10);
+        c.insert(key("example.com."), item("example.com.", 300, Some(1)));
+        let h = c.get(&key("EXAMPLE.com."), None).unwrap();
+        assert_eq!(h.remaining, 300);
+        assert_eq!(h.msg.answers[0].ttl, 300);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let h = c.get(&key("example.com."), None).unwrap();
+        assert_eq!(h.remaining, 200);
+        assert_eq!(h.msg.answers[0].ttl, 200);
+        tokio::time::advance(Duration::from_millis(199_500)).await;
+        let h = c.get(&key("example.com."), None).unwrap();
+        assert_eq!(h.remaining, 1);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(c.get(&key("example.com."), None).is_none());
+        assert!(c.is_empty(), "expired entry is removed on touch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_entries_are_cached_and_expire() {
+        let c = Cache::new(10);
+        let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+        m.metadata.response_code = hickory_proto::op::ResponseCode::NXDomain;
+        c.insert(
+            key("nx.example."),
+            Insert {
+                msg: m,
+                ttl: 60,
+                negative: true,
+                needs_grant: false,
+                grant: None,
+            },
+        );
+        let h = c.get(&key("nx.example."), None).unwrap();
+        assert!(h.negative);
+        assert!(!h.needs_grant);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(c.get(&key("nx.example."), None).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_lru() {
+        let c = Cache::new(2);
+        c.insert(key("a."), item("a.", 300, None));
+        c.insert(key("b."), item("b.", 300, None));
+        // Touch a, so b is the least recently used.
+        assert!(c.get(&key("a."), None).is_some());
+        c.insert(key("c."), item("c.", 300, None));
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&key("b."), None).is_none());
+        assert!(c.get(&key("a."), None).is_some());
+        assert!(c.get(&key("c."), None).is_some());
+        // Re-inserting an existing key does not evict.
+        c.insert(key("c."), item("c.", 300, None));
+        assert_eq!(c.len(), 2);
+        // Capacity 0 disables the cache; TTL 0 is never stored.
+        let off = Cache::new(0);
+        off.insert(key("a."), item("a.", 300, None));
+        assert!(off.is_empty());
+        c.insert(key("z."), item("z.", 0, None));
+        assert!(c.get(&key("z."), None).is_none());
+    }
+
+    #[test]
+    fn grant_expiry_decision() {
+        let margin = Duration::from_secs(2);
+        let now = 1_000_000;
+        // No grant known: authorize.
+        assert!(needs_authorization(None, now, 10, margin));
+        // Grant covers remaining TTL plus margin: serve without fwd.
+        assert!(!needs_authorization(Some(now + 12_000), now, 10, margin));
+        assert!(!needs_authorization(Some(now + 60_000), now, 10, margin));
+        // Grant ends inside the margin or before the TTL: re-authorize.
+        assert!(needs_authorization(Some(now + 11_999), now, 10, margin));
+        assert!(needs_authorization(Some(now + 5_000), now, 10, margin));
+        // Grant already over.
+        assert!(needs_authorization(Some(now - 1), now, 0, Duration::ZERO));
+        // No overflow near the end of time.
+        assert!(!needs_authorization(Some(u64::MAX), u64::MAX - 1, u32::MAX, Duration::MAX));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grants_are_recorded_per_scope_and_generation() {
+        let c = Cache::new(10);
+        let k = key("example.com.");
+        c.insert(k.clone(), item("example.com.", 300, Some(5_000)));
+        let h = c.get(&k, None).unwrap();
+        assert_eq!(h.grant_until_ms, Some(5_000));
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(c.get(&k, Some(client)).unwrap().grant_until_ms, None);
+        c.record_grant(&k, h.inserted, Some(client), 9_000);
+        assert_eq!(c.get(&k, Some(client)).unwrap().grant_until_ms, Some(9_000));
+        c.record_grant(&k, h.inserted, None, 7_000);
+        assert_eq!(c.get(&k, None).unwrap().grant_until_ms, Some(7_000));
+        // A grant for an entry that has since been replaced is dropped.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        c.insert(k.clone(), item("example.com.", 300, None));
+        c.record_grant(&k, h.inserted, None, 99_000);
+        assert_eq!(c.get(&k, None).unwrap().grant_until_ms, None);
+    }
+
+    #[test]
+    fn grant_scopes_are_bounded() {
+        let mut g = Grants::default();
+        for i in 0..(MAX_GRANT_SCOPES as u64 + 10) {
+            g.set(Some(IpAddr::from([10, 0, 0, i as u8])), 1000 + i);
+        }
+        assert_eq!(g.scopes.len(), MAX_GRANT_SCOPES);
+        // The earliest-ending scopes were forgotten.
+        assert_eq!(g.get(Some(IpAddr::from([10, 0, 0, 0]))), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_name_and_below() {
+        let c = Cache::new(10);
+        for n in ["example.com.", "www.example.com.", "example.org.", "notexample.com."] {
+            c.insert(key(n), item(n, 300, None));
+        }
+        assert_eq!(c.flush(Some(&Name::from_ascii("Example.COM.").unwrap())), 2);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.flush(None), 2);
+        assert!(c.is_empty());
+    }
+}

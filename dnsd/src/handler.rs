@@ -1,0 +1,838 @@
+//! The query pipeline: ACL and rate limit, parsing, domain policy, cache, upstream, chain extraction, authorize-before-answer, encoding.
+//!
+//! Every path that releases an A/AAAA answer naming a grantable address goes through fwd's
+//! Authorize first (or through a cache entry whose committed grant outlives the TTL told to
+//! the client). The answer is encoded only after fwd's reply; when fwd fails, the client gets
+//! SERVFAIL (fail closed) unless `on_fwd_error = "answer"`.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, RecordType};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::answer::{self, Cacheability};
+use crate::authorize::{self, Authorizer, Verdict as GrantVerdict};
+use crate::cache::{self, Cache, Key};
+use crate::config::{Config, DomainAction, OnFwdError};
+use crate::forward::Forward;
+use crate::metrics::{InFlight, Metrics};
+use crate::policy::{Acl, DomainPolicy, RateLimiter, Verdict};
+
+/// DNS header length.
+const HEADER_LEN: usize = 12;
+/// The smallest possible resource record (root name, type, class, TTL, rdlength).
+const MIN_RR_LEN: usize = 11;
+/// The smallest possible question (root name, type, class).
+const MIN_QUESTION_LEN: usize = 5;
+/// Slack on top of the upstream module's own deadline, so that its error (with the upstream
+/// named) normally wins over ours.
+const UPSTREAM_SLACK: Duration = Duration::from_millis(500);
+
+/// How a query arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP: answers are limited to the client's payload size and truncated beyond it.
+    Udp,
+    /// TCP (RFC 7766).
+    Tcp,
+    /// DNS over TLS (RFC 7858).
+    Tls,
+}
+
+/// The parts of the configuration that SIGHUP may replace, swapped atomically as a whole.
+#[derive(Debug)]
+pub struct Live {
+    /// Upstream resolvers.
+    pub upstreams: Arc<dyn Forward>,
+    /// Client allow list.
+    pub acl: Acl,
+    /// Per-client rate limits (the table restarts empty on reload).
+    pub rate: RateLimiter,
+    /// Domain allow/deny list.
+    pub domains: DomainPolicy,
+}
+
+impl Live {
+    /// Builds the reloadable state from a validated config and its upstreams.
+    pub fn new(cfg: &Config, upstreams: Arc<dyn Forward>) -> Self {
+        Live {
+            upstreams,
+            acl: Acl::new(&cfg.acl),
+            rate: RateLimiter::new(
+                cfg.acl.rate_limit_qps,
+                cfg.acl.rate_limit_burst,
+                cfg.acl.rate_limit_clients,
+            ),
+            domains: DomainPolicy::new(&cfg.domains),
+        }
+    }
+}
+
+/// Settings fixed for the life of the process.
+#[derive(Debug, Clone)]
+struct Settings {
+    log_queries: bool,
+    udp_payload: u16,
+    min_ttl: u32,
+    max_ttl: u32,
+    negative_max_ttl: u32,
+    never_authorize: Vec<ipnet::IpNet>,
+    refresh_margin: Duration,
+    per_client: bool,
+    max_batch: usize,
+    on_fwd_error: OnFwdError,
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// A query admitted under the in-flight limit.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _in_flight: InFlight,
+}
+
+/// A successfully parsed client query.
+#[derive(Debug, Clone)]
+struct ClientQuery {
+    id: u16,
+    query: Query,
+    rd: bool,
+    cd: bool,
+    /// The client's EDNS payload size, if it sent EDNS.
+    edns_payload: Option<u16>,
+    dnssec_ok: bool,
+}
+
+/// What to do with bytes that are not a usable query.
+#[derive(Debug, PartialEq, Eq)]
+enum Reject {
+    /// No parseable header, or a response: say nothing.
+    Drop,
+    /// Answer with this code and no question (the header was parseable).
+    Reply(ResponseCode),
+}
+
+/// The query handler shared by every listener.
+#[derive(Debug)]
+pub struct Handler {
+    live: watch::Receiver<Arc<Live>>,
+    cache: Cache,
+    authorizer: Authorizer,
+    metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
+    settings: Settings,
+}
+
+impl Handler {
+    /// Builds a handler; `live` carries the reloadable state.
+    pub fn new(cfg: &Config, live: watch::Receiver<Arc<Live>>, metrics: Arc<Metrics>) -> Self {
+        Handler {
+            live,
+            cache: Cache::new(cfg.cache.size),
+            authorizer: Authorizer::new(&cfg.authorize.socket, cfg.authorize.timeout),
+            metrics,
+            slots: Arc::new(Semaphore::new(cfg.listen.max_in_flight)),
+            settings: Settings {
+                log_queries: cfg.log_queries,
+                udp_payload: cfg.listen.udp_payload,
+                min_ttl: secs(cfg.cache.min_ttl),
+                max_ttl: secs(cfg.cache.max_ttl),
+                negative_max_ttl: secs(cfg.cache.negative_max_ttl),
+                never_authorize: cfg.authorize.never_authorize.clone(),
+                refresh_margin: cfg.authorize.refresh_margin,
+                per_client: cfg.authorize.per_client,
+                max_batch: cfg.authorize.max_batch,
+                on_fwd_error: cfg.authorize.on_fwd_error,
+            },
+        }
+    }
+
+    /// The answer cache (for the control service).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The current reloadable state.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.borrow().clone()
+    }
+
+    /// Takes an in-flight slot, or `None` when `listen.max_in_flight` queries are already
+    /// being processed. Listeners call this before spawning work for a query.
+    pub fn admit(&self) -> Option<Admission> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Admission {
+            _permit: permit,
+            _in_flight: self.metrics.start_query(),
+        })
+    }
+
+    /// Answers one query. `None` means send nothing.
+    pub async fn handle(
+        &self,
+        _admission: Admission,
+        wire: &[u8],
+        peer: SocketAddr,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let client = peer.ip().to_canonical();
+        let live = self.live();
+        match live.acl.check(client) {
+            Verdict::Allow => {}
+            Verdict::Drop => {
+                self.metrics.dropped("acl");
+                return None;
+            }
+            Verdict::Refuse => return self.header_only(wire, ResponseCode::Refused),
+        }
+        if !live.rate.allow(client) {
+            self.metrics.dropped("rate_limit");
+            // Over UDP silence is the only safe answer (no reflection); a stream client
+            // gets REFUSED so that it does not wait for its timeout.
+            return match transport {
+                Transport::Udp => None,
+                _ => self.header_only(wire, ResponseCode::Refused),
+            };
+        }
+        let q = match parse_query(wire) {
+            Ok(q) => q,
+            Err(Reject::Drop) => {
+                self.metrics.dropped("malformed");
+                return None;
+            }
+            Err(Reject::Reply(rcode)) => return self.header_only(wire, rcode),
+        };
+        let started = StdInstant::now();
+        let (msg, source) = self.resolve(&q, client, &live).await;
+        let out = self.finalize(msg, &q, transport);
+        if self.settings.log_queries {
+            tracing::info!(
+                client = %client,
+                qname = %q.query.name(),
+                qtype = %q.query.query_type(),
+                rcode = %out.1,
+                source,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "query"
+            );
+        } else {
+            tracing::debug!(
+                qtype = %q.query.query_type(),
+                rcode = %out.1,
+                source,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "query"
+            );
+        }
+        Some(out.0)
+    }
+
+    /// A header-only answer built from the raw query's header, or nothing when the header is
+    /// not there or is a response.
+    fn header_only(&self, wire: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
+        let out = raw_error(wire, rcode);
+        match out {
+            Some(_) => self.metrics.answered(None, rcode),
+            None => self.metrics.dropped("malformed"),
+        }
+        out
+    }
+
+    /// Resolves a parsed query to a response (ID and flags are set by `finalize`).
+    async fn resolve(&self, q: &ClientQuery, client: IpAddr, live: &Live) -> (Message, &'static str) {
+        let qname = q.query.name();
+        if !live.domains.permits(qname) {
+            let rcode = match live.domains.action() {
+                DomainAction::Nxdomain => ResponseCode::NXDomain,
+                DomainAction::Refused => ResponseCode::Refused,
+            };
+            return (error_msg(rcode), "policy");
+        }
+        let key = Key {
+            name: qname.to_lowercase(),
+            qtype: q.query.query_type(),
+            qclass: q.query.query_class(),
+            dnssec_ok: q.dnssec_ok,
+        };
+        let scope = self.settings.per_client.then_some(client);
+        if let Some(hit) = self.cache.get(&key, scope) {
+            self.metrics.cache_hit();
+            return (self.serve_hit(q, client, &key, scope, hit).await, "cache");
+        }
+        self.metrics.cache_miss();
+        (self.resolve_upstream(q, client, &key, scope, live).await, "upstream")
+    }
+
+    /// Serves a cache hit, re-authorizing first when the committed grant would not outlive
+    /// the TTL the client is about to be told.
+    async fn serve_hit(
+        &self,
+        q: &ClientQuery,
+        client: IpAddr,
+        key: &Key,
+        scope: Option<IpAddr>,
+        hit: cache::Hit,
+    ) -> Message {
+        let mut msg = hit.msg;
+        let now_ms = authorize::now_unix_ms();
+        if !hit.needs_grant
+            || !cache::needs_authorization(
+                hit.grant_until_ms,
+                now_ms,
+                hit.remaining,
+                self.settings.refresh_margin,
+            )
+        {
+            return msg;
+        }
+        let qtype = q.query.query_type();
+        let Ok(chain) = answer::follow_chain(&msg, q.query.name(), qtype) else {
+            // Cannot happen for an entry we stored, but never serve what we cannot check.
+            self.cache.remove(key);
+            return error_msg(ResponseCode::ServFail);
+        };
+        let grants = self.grants_for(&chain, hit.remaining);
+        if grants.is_empty() {
+            return msg;
+        }
+        match self
+            .authorize(&grants, q, client, "cache-refresh")
+            .await
+        {
+            Ok(result) => {
+                answer::remove_addresses(&mut msg, &result.rejected);
+                if !result.rejected.is_empty() {
+                    // The cached answer names addresses fwd now refuses: refetch next time.
+                    self.cache.remove(key);
+                }
+                if let Some(until) = result.until_ms {
+                    self.cache.record_grant(key, hit.inserted, scope, until);
+                    answer::cap_ttls(&mut msg, self.grant_cap(until));
+                }
+                msg
+            }
+            Err(()) => match self.settings.on_fwd_error {
+                OnFwdError::Servfail => error_msg(ResponseCode::ServFail),
+                OnFwdError::Answer => msg,
+            },
+        }
+    }
+
+    /// The grantable addresses of a chain, at most `max_batch`, each with `ttl`.
+    fn grants_for(&self, chain: &answer::Chain, ttl: u32) -> Vec<(IpAddr, u32)> {
+        chain
+            .addrs
+            .iter()
+            .filter(|a| answer::grantable(a.ip, &self.settings.never_authorize))
+            .map(|a| (a.ip, ttl))
+            .collect()
+    }
+
+    /// Seconds of TTL that a grant ending at `until_ms` covers, keeping the refresh margin.
+    fn grant_cap(&self, until_ms: u64) -> u32 {
+        let margin = u64::try_from(self.settings.refresh_margin.as_millis()).unwrap_or(u64::MAX);
+        let left = until_ms
+            .saturating_sub(authorize::now_unix_ms())
+            .saturating_sub(margin);
+        u32::try_from(left / 1000).unwrap_or(u32::MAX)
+    }
+
+    /// Calls fwd and sorts its verdicts; `Err` means the call failed as a whole (logged).
+    async fn authorize(
+        &self,
+        grants: &[(IpAddr, u32)],
+        q: &ClientQuery,
+        client: IpAddr,
+        reason: &'static str,
+    ) -> Result<AuthorizeResult, ()> {
+        let qname = q.query.name().to_lowercase().to_ascii();
+        let qname = qname.trim_end_matches('.');
+        let started = StdInstant::now();
+        let res = self
+            .authorizer
+            .authorize(authorize::Request {
+                grants,
+                qname,
+                client,
+                reason,
+            })
+            .await;
+        match res {
+            Ok(verdicts) => {
+                self.metrics.authorize(started.elapsed(), None);
+                let mut rejected = HashSet::new();
+                let mut until_ms: Option<u64> = None;
+                for ((ip, _), v) in grants.iter().zip(verdicts) {
+                    match v {
+                        GrantVerdict::Granted { expires_unix_ms } => {
+                            until_ms = Some(until_ms.map_or(expires_unix_ms, |u| u.min(expires_unix_ms)));
+                        }
+                        GrantVerdict::Rejected { error } => {
+                            if self.settings.log_queries {
+                                tracing::info!(ip = %ip, qname, %error, "fwd rejected address; removed from answer");
+                            } else {
+                                tracing::debug!(%error, "fwd rejected an address; removed from answer");
+                            }
+                            rejected.insert(*ip);
+                        }
+                    }
+                }
+                Ok(AuthorizeResult { rejected, until_ms })
+            }
+            Err(e) => {
+                self.metrics.authorize(started.elapsed(), Some(e.kind()));
+                match self.settings.on_fwd_error {
+                    OnFwdError::Servfail => {
+                        tracing::warn!(error = %e, "authorize failed; answering SERVFAIL");
+                    }
+                    OnFwdError::Answer => {
+                        tracing::warn!(error = %e, "authorize failed; releasing the answer anyway (on_fwd_error = answer)");
+                    }
+                }
+                Err(())
+            }
+        }
+    }
+
+    /// Cache miss: ask upstream, check the answer, authorize its addresses, cache it.
+    async fn resolve_upstream(
+        &self,
+        q: &ClientQuery,
+        client: IpAddr,
+        key: &Key,
+        scope: Option<IpAddr>,
+        live: &Live,
+    ) -> Message {
+        let qtype = q.query.query_type();
+        let Some(upstream_query) = upstream_query(q) else {
+            return error_msg(ResponseCode::ServFail);
+        };
+        let deadline = live.upstreams.timeout() + UPSTREAM_SLACK;
+        let fwd = match tokio::time::timeout(deadline, live.upstreams.forward(&upstream_query.1))
+            .await
+        {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                self.metrics
+                    .upstream_error(e.upstream.as_deref().unwrap_or("none"), e.kind);
+                tracing::debug!(error = %e, "upstream failed; answering SERVFAIL");
+                return error_msg(ResponseCode::ServFail);
+            }
+            Err(_) => {
+                self.metrics.upstream_error("none", "deadline");
+                tracing::debug!("upstream deadline passed; answering SERVFAIL");
+                return error_msg(ResponseCode::ServFail);
+            }
+        };
+        self.metrics.upstream_latency(&fwd.upstream, fwd.latency);
+        let Some(mut msg) = parse_upstream(&fwd.wire, upstream_query.0, &q.query) else {
+            self.metrics.upstream_error(&fwd.upstream, "malformed");
+            tracing::warn!(upstream = %fwd.upstream, "unusable upstream answer; answering SERVFAIL");
+            return error_msg(ResponseCode::ServFail);
+        };
+        let rcode = msg.metadata.response_code;
+        if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+            // Pass the error on, without whatever records came with it.
+            return error_msg(rcode);
+        }
+        let chain = match answer::follow_chain(&msg, q.query.name(), qtype) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "broken CNAME chain; answering SERVFAIL");
+                return error_msg(ResponseCode::ServFail);
+            }
+        };
+        let address_query = answer::is_address_query(qtype);
+        if address_query {
+            answer::strip_off_chain(&mut msg, &chain);
+        }
+        let s = &self.settings;
+        let (mut ttl, negative) = match answer::cacheability(&msg, &chain) {
+            Cacheability::Positive(t) => (t.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl)), false),
+            Cacheability::Negative(t) => (t.min(s.negative_max_ttl), true),
+            Cacheability::No => (0, false),
+        };
+        if negative {
+            answer::cap_ttls(&mut msg, ttl);
+        } else {
+            answer::clamp_ttls(&mut msg, s.min_ttl, s.max_ttl);
+        }
+        let mut needs_grant = false;
+        let mut until_ms = None;
+        if address_query && rcode == ResponseCode::NoError && !chain.addrs.is_empty() {
+            // The grant TTL is the minimum along the chain (clamped like the records), and
+            // no record may be served for longer than the grant.
+            let chain_ttl = chain
+                .min_ttl
+                .unwrap_or(0)
+                .clamp(s.min_ttl, s.max_ttl.max(s.min_ttl));
+            answer::cap_ttls(&mut msg, chain_ttl);
+            ttl = ttl.min(chain_ttl);
+            let mut grants = self.grants_for(&chain, chain_ttl);
+            if grants.len() > s.max_batch {
+                let extra: HashSet<IpAddr> = grants[s.max_batch..].iter().map(|g| g.0).collect();
+                answer::remove_addresses(&mut msg, &extra);
+                grants.truncate(s.max_batch);
+            }
+            if !grants.is_empty() {
+                needs_grant = true;
+                match self.authorize(&grants, q, client, "answer").await {
+                    Ok(result) => {
+                        answer::remove_addresses(&mut msg, &result.rejected);
+                        if result.rejected.len() == grants.len() {
+                            needs_grant = false;
+                        }
+                        if let Some(until) = result.until_ms {
+                            let cap = self.grant_cap(until);
+                            answer::cap_ttls(&mut msg, cap);
+                            ttl = ttl.min(cap);
+                            until_ms = Some(until);
+                        }
+                    }
+                    Err(()) => match s.on_fwd_error {
+                        OnFwdError::Servfail => return error_msg(ResponseCode::ServFail),
+                        OnFwdError::Answer => {}
+                    },
+                }
+            }
+        }
+        if ttl > 0 {
+            self.cache.insert(
+                key.clone(),
+                cache::Insert {
+                    msg: msg.clone(),
+                    ttl,
+                    negative,
+                    needs_grant,
+                    grant: until_ms.map(|u| (scope, u)),
+                },
+            );
+        }
+        msg
+    }
+
+    /// Sets the header, question and EDNS for the client and encodes, truncating over UDP.
+    /// Returns the bytes and the rcode sent.
+    fn finalize(&self, mut msg: Message, q: &ClientQuery, transport: Transport) -> (Vec<u8>, ResponseCode) {
+        let rcode = msg.metadata.response_code;
+        msg.metadata.id = q.id;
+        msg.metadata.message_type = MessageType::Response;
+        msg.metadata.op_code = OpCode::Query;
+        msg.metadata.authoritative = false;
+        msg.metadata.truncation = false;
+        msg.metadata.recursion_desired = q.rd;
+        msg.metadata.recursion_available = true;
+        msg.metadata.checking_disabled = q.cd;
+        msg.metadata.authentic_data = msg.metadata.authentic_data && (q.dnssec_ok || false);
+        msg.queries = vec![q.query.clone()];
+        msg.signature = None;
+        msg.edns = q.edns_payload.map(|_| {
+            let mut e = Edns::new();
+            e.set_max_payload(self.settings.udp_payload);
+            e.set_dnssec_ok(q.dnssec_ok);
+            e
+        });
+        let limit = match transport {
+            Transport::Udp => match q.edns_payload {
+                Some(p) => usize::from(p.clamp(512, self.settings.udp_payload)),
+                None => 512,
+            },
+            Transport::Tcp | Transport::Tls => usize::from(u16::MAX),
+        };
+        let bytes = match msg.to_vec() {
+            Ok(b) if b.len() <= limit => b,
+            Ok(_) => {
+                let mut t = msg.truncate();
+                t.metadata.truncation = true;
+                t.to_vec().unwrap_or_else(|_| header_bytes(q.id, q.rd, ResponseCode::ServFail))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not encode an answer; answering SERVFAIL");
+                self.metrics.answered(Some(q.query.query_type()), ResponseCode::ServFail);
+                return (
+                    header_bytes(q.id, q.rd, ResponseCode::ServFail),
+                    ResponseCode::ServFail,
+                );
+            }
+        };
+        self.metrics.answered(Some(q.query.query_type()), rcode);
+        (bytes, rcode)
+    }
+}
+
+/// The outcome of a successful Authorize call.
+#[derive(Debug)]
+struct AuthorizeResult {
+    rejected: HashSet<IpAddr>,
+    /// The earliest expiry over the granted addresses (`None` when all were rejected).
+    until_ms: Option<u64>,
+}
+
+/// An empty response carrying only `rcode`.
+fn error_msg(rcode: ResponseCode) -> Message {
+    Message::error_msg(0, OpCode::Query, rcode)
+}
+
+/// A 12-byte response header.
+fn header_bytes(id: u16, rd: bool, rcode: ResponseCode) -> Vec<u8> {
+    let code = u16::from(rcode) & 0x000f;
+    let flags: u16 = 0x8000 | if rd { 0x0100 } else { 0 } | 0x0080 | code;
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out
+}
+
+/// A header-only error answer echoing the raw query's ID, opcode and RD; `None` when there is
+/// no complete header or the message is itself a response.
+fn raw_error(wire: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
+    if wire.len() < HEADER_LEN || wire[2] & 0x80 != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([wire[0], wire[1]]);
+    let mut out = header_bytes(id, wire[2] & 0x01 != 0, rcode);
+    // Echo the opcode.
+    out[2] |= wire[2] & 0x78;
+    Some(out)
+}
+
+/// Parses and checks a client query.
+fn parse_query(wire: &[u8]) -> Result<ClientQuery, Reject> {
+    if wire.len() < HEADER_LEN {
+        return Err(Reject::Drop);
+    }
+    if wire[2] & 0x80 != 0 {
+        // A response sent to us: never answer it (reflection loops).
+        return Err(Reject::Drop);
+    }
+    let opcode = (wire[2] >> 3) & 0x0f;
+    if opcode != 0 {
+        return Err(Reject::Reply(ResponseCode::NotImp));
+    }
+    let count = |i: usize| usize::from(u16::from_be_bytes([wire[i], wire[i + 1]]));
+    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    if qd != 1 {
+        return Err(Reject::Reply(ResponseCode::FormErr));
+    }
+    // Lying counts: refuse before the parser sizes buffers from them.
+    if HEADER_LEN + MIN_QUESTION_LEN + (an + ns + ar) * MIN_RR_LEN > wire.len() {
+        return Err(Reject::Reply(ResponseCode::FormErr));
+    }
+    let msg = Message::from_vec(wire).map_err(|_| Reject::Reply(ResponseCode::FormErr))?;
+    let Some(query) = msg.queries.first().cloned() else {
+        return Err(Reject::Reply(ResponseCode::FormErr));
+    };
+    match query.query_type() {
+        RecordType::OPT => return Err(Reject::Reply(ResponseCode::FormErr)),
+        RecordType::AXFR | RecordType::IXFR => return Err(Reject::Reply(ResponseCode::Refused)),
+        _ => {}
+    }
+    if query.query_class() != DNSClass::IN {
+        return Err(Reject::Reply(ResponseCode::Refused));
+    }
+    let (edns_payload, dnssec_ok) = match &msg.edns {
+        Some(e) => (Some(e.max_payload().max(512)), e.flags().dnssec_ok),
+        None => (None, false),
+    };
+    Ok(ClientQuery {
+        id: msg.metadata.id,
+        query,
+        rd: msg.metadata.recursion_desired,
+        cd: msg.metadata.checking_disabled,
+        edns_payload,
+        dnssec_ok,
+    })
+}
+
+/// The query dnsd sends upstream: a fresh message with its own ID, the client's question,
+/// RD set, and only the EDNS that dnsd chooses (the client's options, such as client subnet,
+/// are not forwarded).
+fn upstream_query(q: &ClientQuery) -> Option<(u16, Vec<u8>)> {
+    let id: u16 = rand::random();
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.metadata.checking_disabled = q.cd;
+    m.add_query(q.query.clone());
+    let mut e = Edns::new();
+    e.set_max_payload(1232);
+    e.set_dnssec_ok(q.dnssec_ok);
+    m.set_edns(e);
+    m.to_vec().ok().map(|w| (id, w))
+}
+
+/// Parses an upstream answer and checks it belongs to our query; `None` means unusable.
+fn parse_upstream(wire: &[u8], id: u16, question: &Query) -> Option<Message> {
+    if wire.len() < HEADER_LEN {
+        return None;
+    }
+    let count = |i: usize| usize::from(u16::from_be_bytes([wire[i], wire[i + 1]]));
+    let total = count(4) * MIN_QUESTION_LEN + (count(6) + count(8) + count(10)) * MIN_RR_LEN;
+    if HEADER_LEN + total > wire.len() {
+        return None;
+    }
+    let msg = Message::from_vec(wire).ok()?;
+    if msg.metadata.id != id || msg.metadata.message_type != MessageType::Response {
+        return None;
+    }
+    match msg.queries.as_slice() {
+        [q] if q.name() == question.name()
+            && q.query_type() == question.query_type()
+            && q.query_class() == question.query_class() => {}
+        _ => return None,
+    }
+    Some(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(
+            hickory_proto::rr::Name::from_ascii(name).unwrap(),
+            qtype,
+        ));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn well_formed_query_parses() {
+        let q = parse_query(&query_bytes("Example.COM.", RecordType::AAAA, Some(4096))).unwrap();
+        assert_eq!(q.id, 0x1234);
+        assert!(q.rd);
+        assert_eq!(q.edns_payload, Some(4096));
+        assert_eq!(q.query.query_type(), RecordType::AAAA);
+        assert_eq!(q.query.name().to_ascii(), "Example.COM.");
+    }
+
+    #[test]
+    fn malformed_queries() {
+        // Too short for a header: dropped.
+        assert_eq!(parse_query(&[0x12]).unwrap_err(), Reject::Drop);
+        assert_eq!(parse_query(&[0; 11]).unwrap_err(), Reject::Drop);
+        // Responses are never answered.
+        let mut resp = query_bytes("example.com.", RecordType::A, None);
+        resp[2] |= 0x80;
+        assert_eq!(parse_query(&resp).unwrap_err(), Reject::Drop);
+        assert_eq!(raw_error(&resp, ResponseCode::FormErr), None);
+        // Header only, no question: FORMERR.
+        let mut hdr = vec![0u8; 12];
+        hdr[0] = 0xab;
+        assert_eq!(
+            parse_query(&hdr).unwrap_err(),
+            Reject::Reply(ResponseCode::FormErr)
+        );
+        // Truncated question.
+        let full = query_bytes("example.com.", RecordType::A, None);
+        for cut in 12..full.len() {
+            assert_eq!(
+                parse_query(&full[..cut]).unwrap_err(),
+                Reject::Reply(ResponseCode::FormErr),
+                "cut at {cut}"
+            );
+        }
+        // Lying counts.
+        let mut lying = full.clone();
+        lying[6] = 0xff;
+        lying[7] = 0xff;
+        assert_eq!(
+            parse_query(&lying).unwrap_err(),
+            Reject::Reply(ResponseCode::FormErr)
+        );
+        // Two questions.
+        let mut two = full.clone();
+        two[5] = 2;
+        assert_eq!(
+            parse_query(&two).unwrap_err(),
+            Reject::Reply(ResponseCode::FormErr)
+        );
+        // Compression loop in the question name: a pointer to itself.
+        let mut looped = full[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
+        assert_eq!(
+            parse_query(&looped).unwrap_err(),
+            Reject::Reply(ResponseCode::FormErr)
+        );
+        // Other opcodes: NOTIMP.
+        let mut notify = full.clone();
+        notify[2] = (4 << 3) | 0x01;
+        assert_eq!(
+            parse_query(&notify).unwrap_err(),
+            Reject::Reply(ResponseCode::NotImp)
+        );
+        // Zone transfers and other classes: REFUSED.
+        assert_eq!(
+            parse_query(&query_bytes("example.com.", RecordType::AXFR, None)).unwrap_err(),
+            Reject::Reply(ResponseCode::Refused)
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for len in [0usize, 1, 11, 12, 13, 40, 512, 4096, 65_535] {
+            for _ in 0..50 {
+                let mut buf = vec![0u8; len];
+                rng.fill(&mut buf[..]);
+                let _ = parse_query(&buf);
+                let _ = parse_upstream(&buf, 1, &Query::new());
+                let _ = raw_error(&buf, ResponseCode::FormErr);
+            }
+        }
+    }
+
+    #[test]
+    fn raw_error_echoes_id_opcode_rd() {
+        let q = query_bytes("example.com.", RecordType::A, None);
+        let e = raw_error(&q, ResponseCode::Refused).unwrap();
+        assert_eq!(e.len(), 12);
+        let m = Message::from_vec(&e).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert!(m.metadata.recursion_desired);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn upstream_answer_must_match_question_and_id() {
+        let q = parse_query(&query_bytes("example.com.", RecordType::A, None)).unwrap();
+        let (id, wire) = upstream_query(&q).unwrap();
+        let mut resp = Message::from_vec(&wire).unwrap();
+        resp.metadata.message_type = MessageType::Response;
+        let ok = resp.to_vec().unwrap();
+        assert!(parse_upstream(&ok, id, &q.query).is_some());
+        assert!(parse_upstream(&ok, id.wrapping_add(1), &q.query).is_none());
+        let mut other = resp.clone();
+        other.queries[0].set_name(hickory_proto::rr::Name::from_ascii("evil.example.").unwrap());
+        assert!(parse_upstream(&other.to_vec().unwrap(), id, &q.query).is_none());
+        // Case differences (0x20) are fine.
+        let mut upper = resp.clone();
+        upper.queries[0].set_name(hickory_proto::rr::Name::from_ascii("EXAMPLE.com.").unwrap());
+        assert!(parse_upstream(&upper.to_vec().unwrap(), id, &q.query).is_some());
+        // The upstream query carries no client EDNS options.
+        let up = Message::from_vec(&wire).unwrap();
+        assert!(up.metadata.recursion_desired);
+        assert_eq!(up.edns.as_ref().map(|e| e.max_payload()), Some(1232));
+    }
+}

@@ -1,0 +1,464 @@
+//! Counters and histograms (Prometheus text format over a tiny HTTP endpoint), plus the totals the `Stats` RPC reports.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Labels of `dnsd_queries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueryLabels {
+    qtype: &'static str,
+    rcode: &'static str,
+}
+
+/// Labels of per-upstream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// Labels of per-upstream error series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    upstream: String,
+    kind: &'static str,
+}
+
+/// Labels of authorize failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Every metric dnsd exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    queries: Family<QueryLabels, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    authorize_latency: Histogram,
+    authorize_failures: Family<ReasonLabels, Counter>,
+    in_flight: Gauge,
+    dropped: Family<ReasonLabels, Counter>,
+    totals: Totals,
+}
+
+/// Plain totals for the `Stats` RPC.
+#[derive(Debug, Default)]
+struct Totals {
+    queries: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    servfail: AtomicU64,
+    refused: AtomicU64,
+    authorize_calls: AtomicU64,
+    authorize_failures: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A snapshot of the totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Queries answered.
+    pub queries: u64,
+    /// Answers served from cache.
+    pub cache_hits: u64,
+    /// Cache misses.
+    pub cache_misses: u64,
+    /// SERVFAIL answers.
+    pub servfail: u64,
+    /// REFUSED answers.
+    pub refused: u64,
+    /// Authorize calls made to fwd.
+    pub authorize_calls: u64,
+    /// Authorize calls that failed.
+    pub authorize_failures: u64,
+    /// Queries being processed now.
+    pub in_flight: u64,
+}
+
+/// Bounded label values for query types: anything unusual is "other", so that a client
+/// cannot grow the metric set by asking for 65536 types.
+fn qtype_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::CNAME => "CNAME",
+        RecordType::MX => "MX",
+        RecordType::NS => "NS",
+        RecordType::PTR => "PTR",
+        RecordType::SOA => "SOA",
+        RecordType::SRV => "SRV",
+        RecordType::TXT => "TXT",
+        RecordType::HTTPS => "HTTPS",
+        RecordType::SVCB => "SVCB",
+        RecordType::CAA => "CAA",
+        RecordType::DS => "DS",
+        RecordType::DNSKEY => "DNSKEY",
+        RecordType::ANY => "ANY",
+        _ => "other",
+    }
+}
+
+fn rcode_label(r: ResponseCode) -> &'static str {
+    match r {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        _ => "other",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let queries = Family::<QueryLabels, Counter>::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let upstream_latency =
+            Family::<UpstreamLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        let authorize_latency = latency_histogram();
+        let authorize_failures = Family::<ReasonLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "dnsd_queries",
+            "Queries answered, by query type and response code",
+            queries.clone(),
+        );
+        registry.register(
+            "dnsd_cache_hits",
+            "Answers served from the cache",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "dnsd_cache_misses",
+            "Cache lookups that missed",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "dnsd_upstream_latency_seconds",
+            "Upstream answer latency",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "dnsd_upstream_errors",
+            "Upstream failures by upstream and kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "dnsd_authorize_latency_seconds",
+            "Latency of Authorize calls to fwd",
+            authorize_latency.clone(),
+        );
+        registry.register(
+            "dnsd_authorize_failures",
+            "Authorize calls that failed, by reason",
+            authorize_failures.clone(),
+        );
+        registry.register(
+            "dnsd_in_flight",
+            "Queries being processed",
+            in_flight.clone(),
+        );
+        registry.register(
+            "dnsd_dropped",
+            "Queries dropped without an answer, by reason",
+            dropped.clone(),
+        );
+        Metrics {
+            registry,
+            queries,
+            cache_hits,
+            cache_misses,
+            upstream_latency,
+            upstream_errors,
+            authorize_latency,
+            authorize_failures,
+            in_flight,
+            dropped,
+            totals: Totals::default(),
+        }
+    }
+
+    /// Counts one answered query.
+    pub fn answered(&self, qtype: Option<RecordType>, rcode: ResponseCode) {
+        self.queries
+            .get_or_create(&QueryLabels {
+                qtype: qtype.map_or("none", qtype_label),
+                rcode: rcode_label(rcode),
+            })
+            .inc();
+        self.totals.queries.fetch_add(1, Ordering::Relaxed);
+        match rcode {
+            ResponseCode::ServFail => {
+                self.totals.servfail.fetch_add(1, Ordering::Relaxed);
+            }
+            ResponseCode::Refused => {
+                self.totals.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts a query dropped without answer.
+    pub fn dropped(&self, reason: &'static str) {
+        self.dropped.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts a cache hit.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+        self.totals.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a cache miss.
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+        self.totals.cache_misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one upstream answer's latency.
+    pub fn upstream_latency(&self, upstream: &str, latency: Duration) {
+        self.upstream_latency
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, upstream: &str, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                upstream: upstream.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Records one Authorize call; `failure` names why it failed.
+    pub fn authorize(&self, latency: Duration, failure: Option<&'static str>) {
+        self.authorize_latency.observe(latency.as_secs_f64());
+        self.totals.authorize_calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(reason) = failure {
+            self.authorize_failures
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+            self.totals
+                .authorize_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks a query as started; the guard marks it finished when dropped.
+    pub fn start_query(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        self.totals.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// The totals for the `Stats` RPC.
+    pub fn snapshot(&self) -> Snapshot {
+        let t = &self.totals;
+        Snapshot {
+            queries: t.queries.load(Ordering::Relaxed),
+            cache_hits: t.cache_hits.load(Ordering::Relaxed),
+            cache_misses: t.cache_misses.load(Ordering::Relaxed),
+            servfail: t.servfail.load(Ordering::Relaxed),
+            refused: t.refused.load(Ordering::Relaxed),
+            authorize_calls: t.authorize_calls.load(Ordering::Relaxed),
+            authorize_failures: t.authorize_failures.load(Ordering::Relaxed),
+            in_flight: t.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Decrements the in-flight gauge when a query finishes, however it finishes.
+#[derive(Debug)]
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+        self.0.totals.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === HTTP endpoint ===
+
+async fn respond(
+    req: Request<Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    if req.method() != Method::GET {
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    } else if req.uri().path() != "/metrics" {
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+    } else {
+        *resp.body_mut() = Full::new(Bytes::from(metrics.encode()));
+        if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if conns.len() >= 64 {
+            // A scraper needs one connection; refuse to be a resource sink.
+            drop(stream);
+            continue;
+        }
+        while conns.try_join_next().is_some() {}
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| respond(req, metrics.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::timeout(Duration::from_secs(30), conn) => {}
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_text() {
+        let m = Arc::new(Metrics::new());
+        m.answered(Some(RecordType::A), ResponseCode::NoError);
+        m.answered(Some(RecordType::from(65_000)), ResponseCode::ServFail);
+        m.answered(None, ResponseCode::FormErr);
+        m.cache_hit();
+        m.cache_miss();
+        m.upstream_latency("udp://127.0.0.1:53", Duration::from_millis(3));
+        m.upstream_error("udp://127.0.0.1:53", "timeout");
+        m.authorize(Duration::from_millis(1), None);
+        m.authorize(Duration::from_millis(1), Some("unavailable"));
+        {
+            let _q = m.start_query();
+            assert_eq!(m.snapshot().in_flight, 1);
+        }
+        let s = m.snapshot();
+        assert_eq!(
+            s,
+            Snapshot {
+                queries: 3,
+                cache_hits: 1,
+                cache_misses: 1,
+                servfail: 1,
+                refused: 0,
+                authorize_calls: 2,
+                authorize_failures: 1,
+                in_flight: 0,
+            }
+        );
+        let text = m.encode();
+        for want in [
+            "dnsd_queries_total{qtype=\"A\",rcode=\"NOERROR\"} 1",
+            "dnsd_queries_total{qtype=\"other\",rcode=\"SERVFAIL\"} 1",
+            "dnsd_cache_hits_total 1",
+            "dnsd_upstream_latency_seconds_count{upstream=\"udp://127.0.0.1:53\"} 1",
+            "dnsd_upstream_errors_total{upstream=\"udp://127.0.0.1:53\",kind=\"timeout\"} 1",
+            "dnsd_authorize_failures_total{reason=\"unavailable\"} 1",
+            "dnsd_authorize_latency_seconds_count 2",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http_endpoint() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Arc::new(Metrics::new());
+        m.cache_hit();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, m, token.clone()));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("dnsd_cache_hits_total 1"), "{text}");
+        token.cancel();
+        server.await.unwrap();
+    }
+}

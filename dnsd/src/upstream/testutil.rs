@@ -1,0 +1,1 @@
+//! Test-only DNS servers (UDP, TCP, TLS) for the upstream unit tests.

@@ -1,0 +1,1025 @@
+//! The grant engine: one committer thread that group-commits Authorize calls into one SQLite
+//! transaction and one netlink batch, keeps the committed view, sweeps expiries and reconciles at start.
+//!
+//! Invariant: an entry in `committed` means the kernel holds that element with an expiry at least
+//! as late as the entry's. Entries are inserted or raised only after the kernel commit, and removed
+//! before a kernel delete. So a caller told "granted" or "unchanged" always has a live kernel rule.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use guard_proto::v1 as pb;
+use ipnet::IpNet;
+use tokio::sync::oneshot;
+
+use crate::command::{self, Authorize, Refusal};
+use crate::config::Settings;
+use crate::model::{AuditEvent, Caller, Change, EventKind, GrantKey, Source, now_ms};
+use crate::nft::{self, AUTH4, AUTH4C, AUTH6, AUTH6C, ManualElem};
+use crate::store::Store;
+use crate::sys::{ElemOp, KeyType, Netlink, SetKey, SysError};
+
+/// Grace after a recorded expiry before the sweeper forgets an entry. The kernel's own expiry is
+/// never earlier than ours (it started its clock after we read ours), so after this the element is gone.
+const EXPIRY_GRACE_MS: u64 = 2_000;
+/// Largest number of jobs folded into one group commit.
+const MAX_GROUP: usize = 1024;
+/// Reconcile commits in chunks of this many ops (not one transaction: each chunk only adds
+/// granted elements or removes ungranted ones, so partial progress is always safe).
+const RECONCILE_CHUNK: usize = 20_000;
+
+/// Failures the engine reports to RPC callers.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The state store failed; nothing was committed (fail closed).
+    #[error("state store failed, nothing committed: {0}")]
+    Store(String),
+    /// The kernel refused or netlink failed; nothing was committed.
+    #[error("kernel commit failed: {0}")]
+    Kernel(String),
+    /// The request conflicts with existing state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The committer thread is gone.
+    #[error("fwd is shutting down")]
+    Stopped,
+}
+
+/// Errors at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Netlink could not be opened or listed.
+    #[error("netlink: {0}")]
+    Netlink(#[from] SysError),
+    /// Ruleset setup failed.
+    #[error("ruleset: {0}")]
+    Nft(#[from] nft::NftError),
+    /// The store failed.
+    #[error("state store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Reconcile commit failed.
+    #[error("reconcile: {0}")]
+    Reconcile(String),
+    /// The committer thread could not start.
+    #[error("cannot start committer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What reconcile did at start (also written to the audit).
+#[derive(Debug, Default, Clone)]
+pub struct ReconcileReport {
+    /// Unexpired grants loaded from SQLite.
+    pub loaded: usize,
+    /// Grants already present in the kernel with a long enough timeout.
+    pub kept: usize,
+    /// Grants (re-)added to the kernel.
+    pub added: usize,
+    /// Kernel elements removed because SQLite does not grant them.
+    pub removed_stale: usize,
+    /// Grants that expired while fwd was down.
+    pub expired: usize,
+    /// Manual allowances reinstalled.
+    pub manual: usize,
+    /// Wall time taken.
+    pub took: Duration,
+}
+
+/// Result of a manual allow.
+#[derive(Debug, Clone, Copy)]
+pub struct Allowed {
+    /// Expiry, if any.
+    pub expires_ms: Option<u64>,
+}
+
+enum Job {
+    Authorize {
+        cmd: Authorize,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Vec<pb::GrantResult>, EngineError>>,
+    },
+    Allow {
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: String,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Allowed, EngineError>>,
+    },
+    Revoke {
+        net: IpNet,
+        comment: String,
+        caller: Caller,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
+    },
+    Audit(Vec<AuditEvent>),
+}
+
+struct Shared {
+    settings: Arc<Settings>,
+    committed: RwLock<HashMap<SetKey, u64>>,
+    manual: RwLock<HashMap<IpNet, Option<u64>>>,
+    heartbeat_ms: AtomicU64,
+}
+
+/// Handle to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// Counts for status.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    /// Live IPv4 DNS grants.
+    pub v4: u64,
+    /// Live IPv6 DNS grants.
+    pub v6: u64,
+    /// Manual allowances.
+    pub manual: u64,
+}
+
+/// Builds the kernel key of a grant.
+pub fn set_key(ip: IpAddr, client: Option<IpAddr>) -> Option<SetKey> {
+    Some(match (ip, client) {
+        (IpAddr::V4(d), None) => SetKey::V4(d),
+        (IpAddr::V6(d), None) => SetKey::V6(d),
+        (IpAddr::V4(dst), Some(IpAddr::V4(client))) => SetKey::V4Pair { client, dst },
+        (IpAddr::V6(dst), Some(IpAddr::V6(client))) => SetKey::V6Pair { client, dst },
+        _ => return None,
+    })
+}
+
+fn key_parts(k: &SetKey) -> (IpAddr, Option<IpAddr>) {
+    match *k {
+        SetKey::V4(d) => (d.into(), None),
+        SetKey::V6(d) => (d.into(), None),
+        SetKey::V4Pair { client, dst } => (dst.into(), Some(client.into())),
+        SetKey::V6Pair { client, dst } => (dst.into(), Some(client.into())),
+    }
+}
+
+fn grant_key(k: &SetKey) -> GrantKey {
+    let (ip, client) = key_parts(k);
+    GrantKey::host(ip, client)
+}
+
+fn set_of(k: &SetKey) -> &'static str {
+    match k {
+        SetKey::V4(_) => AUTH4,
+        SetKey::V6(_) => AUTH6,
+        SetKey::V4Pair { .. } => AUTH4C,
+        SetKey::V6Pair { .. } => AUTH6C,
+    }
+}
+
+fn add_op(k: SetKey, timeout_ms: u64) -> ElemOp {
+    ElemOp::Add {
+        set: set_of(&k).into(),
+        key: k,
+        timeout: Some(Duration::from_millis(timeout_ms.max(1))),
+    }
+}
+
+fn del_op(k: SetKey) -> ElemOp {
+    ElemOp::Delete {
+        set: set_of(&k).into(),
+        key: k,
+    }
+}
+
+fn event(kind: EventKind, target: Option<String>, caller: Caller, reason: impl Into<String>) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        at_ms: now_ms(),
+        kind,
+        target,
+        client: None,
+        name: None,
+        caller,
+        reason: reason.into(),
+        expires_ms: None,
+    }
+}
+
+/// Commits `ops`, dropping deletes the kernel reports as already gone (ENOENT: expired meanwhile)
+/// and retrying. `group[i]` ties op `i` to its key: when any op of a key fails for another reason,
+/// every op of that key is dropped, so a delete never goes through without its re-add.
+/// Returns the indices of ops that failed, with their errno text.
+fn commit_tolerant(
+    nl: &mut Netlink,
+    table: &str,
+    ops: &[ElemOp],
+    group: &[usize],
+) -> Result<Vec<(usize, String)>, String> {
+    let mut live: Vec<usize> = (0..ops.len()).collect();
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    for _attempt in 0..4 {
+        let batch: Vec<ElemOp> = live.iter().map(|&i| ops[i].clone()).collect();
+        match nl.commit(table, &batch) {
+            Ok(()) => return Ok(failed),
+            Err(SysError::Rejected { failures }) => {
+                let mut drop_ops: HashSet<usize> = HashSet::new();
+                let mut drop_groups: HashSet<usize> = HashSet::new();
+                for (bi, errno) in failures {
+                    let Some(&oi) = live.get(bi) else { continue };
+                    let benign = errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. });
+                    if benign {
+                        drop_ops.insert(oi);
+                    } else if drop_groups.insert(group.get(oi).copied().unwrap_or(oi)) {
+                        failed.push((oi, std::io::Error::from_raw_os_error(errno).to_string()));
+                    }
+                }
+                if drop_ops.is_empty() && drop_groups.is_empty() {
+                    return Err("kernel rejected the batch without naming an element".into());
+                }
+                live.retain(|i| {
+                    !drop_ops.contains(i) && !drop_groups.contains(&group.get(*i).copied().unwrap_or(*i))
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("kernel kept rejecting the batch".into())
+}
+
+/// Op-to-key grouping for `commit_tolerant` from the key of each op.
+fn groups_of(ops: &[ElemOp]) -> Vec<usize> {
+    let mut ids: HashMap<SetKey, usize> = HashMap::new();
+    ops.iter()
+        .map(|op| {
+            let k = match op {
+                ElemOp::Add { key, .. } | ElemOp::Delete { key, .. } => *key,
+            };
+            let n = ids.len();
+            *ids.entry(k).or_insert(n)
+        })
+        .collect()
+}
+
+impl Engine {
+    /// Reconciles SQLite with the kernel, sets up the ruleset and starts the committer thread.
+    pub fn start(settings: Arc<Settings>, mut store: Store) -> Result<(Engine, ReconcileReport), StartError> {
+        let t0 = Instant::now();
+        let s = &settings;
+        let table = s.raw.table.clone();
+        let now = now_ms();
+        let mut report = ReconcileReport::default();
+        let mut committed: HashMap<SetKey, u64> = HashMap::new();
+        let mut manual: HashMap<IpNet, Option<u64>> = HashMap::new();
+        let mut expired: Vec<(GrantKey, &'static str)> = Vec::new();
+        store.for_each_grant(|key, exp, source| match source {
+            Source::Dns => {
+                let k = (key.net.prefix_len() == key.net.max_prefix_len())
+                    .then(|| set_key(key.net.addr(), key.client))
+                    .flatten()
+                    .filter(|k| matches!(k, SetKey::V4Pair { .. } | SetKey::V6Pair { .. }) == s.raw.per_client);
+                match (k, exp) {
+                    (Some(k), Some(e)) if e > now => {
+                        committed.insert(k, e);
+                    }
+                    (Some(_), _) => expired.push((key, "expired while fwd was down")),
+                    (None, _) => expired.push((key, "dropped: grant shape does not match per_client mode")),
+                }
+            }
+            Source::Manual => match exp {
+                Some(e) if e <= now => expired.push((key, "expired while fwd was down")),
+                _ => {
+                    manual.insert(key.net, exp);
+                }
+            },
+        })?;
+        report.loaded = committed.len();
+        report.expired = expired.len();
+        report.manual = manual.len();
+        let melems: Vec<ManualElem> = manual
+            .iter()
+            .map(|(net, e)| ManualElem {
+                net: *net,
+                remaining: e.map(|e| Duration::from_millis(e.saturating_sub(now))),
+            })
+            .collect();
+        nft::setup(s, &melems)?;
+
+        let mut nl = Netlink::open()?;
+        let sets: [(&str, KeyType); 2] = if s.raw.per_client {
+            [(AUTH4C, KeyType::V4Pair), (AUTH6C, KeyType::V6Pair)]
+        } else {
+            [(AUTH4, KeyType::V4), (AUTH6, KeyType::V6)]
+        };
+        let mut ops: Vec<ElemOp> = Vec::new();
+        let mut seen: HashSet<SetKey> = HashSet::new();
+        let now = now_ms();
+        for (set, kt) in sets {
+            for (k, remaining) in nl.list(&table, set, kt)? {
+                match committed.get(&k) {
+                    None => {
+                        ops.push(del_op(k));
+                        report.removed_stale += 1;
+                    }
+                    Some(&e) => {
+                        seen.insert(k);
+                        let want = e.saturating_sub(now);
+                        let have = remaining.map(|d| d.as_millis() as u64);
+                        if have.is_none_or(|h| h + 1_000 < want) {
+                            ops.push(del_op(k));
+                            ops.push(add_op(k, want));
+                            report.added += 1;
+                        } else {
+                            report.kept += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for (k, e) in &committed {
+            if !seen.contains(k) {
+                ops.push(add_op(*k, e.saturating_sub(now)));
+                report.added += 1;
+            }
+        }
+        for chunk in ops.chunks(RECONCILE_CHUNK) {
+            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk)).map_err(StartError::Reconcile)?;
+            if let Some((i, e)) = failed.first() {
+                return Err(StartError::Reconcile(format!("{:?}: {e}", chunk[*i])));
+            }
+        }
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        for (key, why) in &expired {
+            changes.push(Change::Remove { key: *key });
+            let mut ev = event(EventKind::Expired, Some(key.net.to_string()), Caller::default(), *why);
+            ev.client = key.client;
+            events.push(ev);
+        }
+        report.took = t0.elapsed();
+        events.push(event(
+            EventKind::Started,
+            None,
+            Caller::default(),
+            format!(
+                "reconciled in {:?}: {} grants loaded, {} kept, {} (re)added, {} stale removed, {} expired while down, {} manual",
+                report.took, report.loaded, report.kept, report.added, report.removed_stale, report.expired, report.manual
+            ),
+        ));
+        store.apply(&changes, &events)?;
+
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            committed: RwLock::new(committed),
+            manual: RwLock::new(manual),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+        });
+        let (tx, rx) = mpsc::channel();
+        let mut committer = Committer {
+            shared: shared.clone(),
+            store,
+            nl,
+            table,
+            rx,
+        };
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || committer.run())
+            .map_err(StartError::Thread)?;
+        Ok((Engine { shared, tx }, report))
+    }
+
+    /// The settings the engine runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Wall-clock ms of the committer's last loop; the watchdog pings only while it advances.
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.shared.heartbeat_ms.load(Ordering::Relaxed)
+    }
+
+    /// Live grant counts.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        if let Ok(m) = self.shared.committed.read() {
+            for k in m.keys() {
+                match k {
+                    SetKey::V4(_) | SetKey::V4Pair { .. } => c.v4 += 1,
+                    SetKey::V6(_) | SetKey::V6Pair { .. } => c.v6 += 1,
+                }
+            }
+        }
+        if let Ok(m) = self.shared.manual.read() {
+            c.manual = m.len() as u64;
+        }
+        c
+    }
+
+    /// Authorizes a validated batch. Returns only after every accepted address is committed.
+    pub async fn authorize(&self, cmd: Authorize, caller: Caller) -> Result<Vec<pb::GrantResult>, EngineError> {
+        // Fast path: everything already committed long enough and nothing to audit.
+        if let Some(results) = self.fast_path(&cmd) {
+            return Ok(results);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Authorize { cmd, caller, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    fn fast_path(&self, cmd: &Authorize) -> Option<Vec<pb::GrantResult>> {
+        let s = &self.shared.settings;
+        let now = now_ms();
+        let margin = s.raw.ttl.margin.0.as_millis() as u64;
+        let map = self.shared.committed.read().ok()?;
+        cmd.items
+            .iter()
+            .map(|it| {
+                let ip = *it.ip.as_ref().ok()?;
+                let k = set_key(ip, cmd.client)?;
+                let want = now + it.ttl.as_millis() as u64 + margin;
+                let have = *map.get(&k)?;
+                (have > now && have + margin / 2 >= want).then(|| pb::GrantResult {
+                    ip: it.raw.clone(),
+                    outcome: pb::Outcome::Unchanged as i32,
+                    expires_unix_ms: have,
+                    effective_ttl_s: it.ttl.as_secs() as u32,
+                    error: String::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Manually allows a network.
+    pub async fn allow(&self, net: IpNet, ttl: Option<Duration>, comment: String, caller: Caller) -> Result<Allowed, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Allow { net, ttl, comment, caller, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Revokes every grant and allowance inside `net`.
+    pub async fn revoke(&self, net: IpNet, comment: String, caller: Caller) -> Result<u64, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Revoke { net, comment, caller, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Appends audit events (denied callers, refused calls) without waiting.
+    pub fn audit(&self, events: Vec<AuditEvent>) {
+        let _ = self.tx.send(Job::Audit(events));
+    }
+}
+
+struct Committer {
+    shared: Arc<Shared>,
+    store: Store,
+    nl: Netlink,
+    table: String,
+    rx: mpsc::Receiver<Job>,
+}
+
+/// One address's state while a group is being committed.
+struct Pending {
+    expiry: u64,
+    had: Option<u64>,
+    failed: Option<String>,
+    /// Index (in `waiting`) of the first call that asked for this key: its name goes in the audit.
+    first: usize,
+}
+
+impl Committer {
+    fn run(&mut self) {
+        let sweep = self.shared.settings.raw.expiry.sweep_interval.0;
+        let mut next_sweep = Instant::now() + sweep;
+        let mut last_prune = Instant::now();
+        loop {
+            let wait = next_sweep.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(job) => {
+                    let mut jobs = vec![job];
+                    while jobs.len() < MAX_GROUP {
+                        match self.rx.try_recv() {
+                            Ok(j) => jobs.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    self.process(jobs);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            if Instant::now() >= next_sweep {
+                self.sweep();
+                next_sweep = Instant::now() + sweep;
+            }
+            if last_prune.elapsed() > Duration::from_secs(3600) {
+                self.prune();
+                last_prune = Instant::now();
+            }
+        }
+    }
+
+    fn prune(&mut self) {
+        let keep = self.shared.settings.raw.limits.audit_retention.0;
+        if keep.is_zero() {
+            return;
+        }
+        let before = now_ms().saturating_sub(keep.as_millis() as u64);
+        match self.store.prune_audit(before) {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "audit retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "audit prune failed"),
+        }
+    }
+
+    /// Runs jobs in arrival order; consecutive Authorize/Audit jobs are group-committed together.
+    fn process(&mut self, jobs: Vec<Job>) {
+        let mut group: Vec<Job> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Authorize { .. } | Job::Audit(_) => group.push(job),
+                Job::Allow { net, ttl, comment, caller, reply } => {
+                    self.authorize_group(std::mem::take(&mut group));
+                    let _ = reply.send(self.allow(net, ttl, comment, caller));
+                }
+                Job::Revoke { net, comment, caller, reply } => {
+                    self.authorize_group(std::mem::take(&mut group));
+                    let _ = reply.send(self.revoke(net, comment, caller));
+                }
+            }
+        }
+        self.authorize_group(group);
+    }
+
+    fn authorize_group(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let s = self.shared.settings.clone();
+        let now = now_ms();
+        let margin = s.raw.ttl.margin.0.as_millis() as u64;
+        let max_grants = s.raw.limits.max_grants;
+        let mut changes: Vec<Change> = Vec::new();
+        let mut events: Vec<AuditEvent> = Vec::new();
+        let mut pending: HashMap<SetKey, Pending> = HashMap::new();
+        let mut order: Vec<SetKey> = Vec::new();
+        let mut waiting = Vec::new();
+        {
+            let map = match self.shared.committed.read() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let mut live = map.len();
+            for job in jobs {
+                let (cmd, caller, reply) = match job {
+                    Job::Audit(ev) => {
+                        events.extend(ev);
+                        continue;
+                    }
+                    Job::Authorize { cmd, caller, reply } => (cmd, caller, reply),
+                    _ => continue,
+                };
+                // Per item: Ok(key) to be answered after commit, or a final result now.
+                let mut slots: Vec<(usize, Vec<u8>, Duration, Result<SetKey, Refusal>)> = Vec::new();
+                for it in &cmd.items {
+                    let res = it.ip.clone().and_then(|ip| {
+                        set_key(ip, cmd.client).ok_or(Refusal::FamilyMismatch)
+                    });
+                    let res = res.and_then(|k| {
+                        let want = now + it.ttl.as_millis() as u64 + margin;
+                        if let Some(p) = pending.get_mut(&k) {
+                            p.expiry = p.expiry.max(want);
+                            return Ok(k);
+                        }
+                        let had = map.get(&k).copied();
+                        if let Some(h) = had.filter(|&h| h > now && h + margin / 2 >= want) {
+                            // Covered by what is committed: no kernel work, but the caller still waits
+                            // for this group so it is never answered ahead of an in-flight commit.
+                            pending.insert(k, Pending { expiry: h, had: Some(h), failed: None, first: waiting.len() });
+                            order.push(k);
+                            return Ok(k);
+                        }
+                        if had.is_none() {
+                            if live >= max_grants {
+                                return Err(Refusal::Full);
+                            }
+                            live += 1;
+                        }
+                        // Never shorten: the new expiry is at least the committed one.
+                        let expiry = want.max(had.unwrap_or(0));
+                        pending.insert(k, Pending { expiry, had, failed: None, first: waiting.len() });
+                        order.push(k);
+                        Ok(k)
+                    });
+                    match &res {
+                        Ok(k) => changes.push(Change::Upsert {
+                            key: grant_key(k),
+                            name: cmd.qname.clone(),
+                            at_ms: now,
+                            expires_ms: None, // filled below, once the final expiry is known
+                            source: Source::Dns,
+                            comment: String::new(),
+                        }),
+                        Err(r) => {
+                            let mut ev = event(EventKind::Rejected, Some(command::raw_text(&it.raw)), caller, r.to_string());
+                            ev.client = cmd.client;
+                            ev.name = cmd.qname.clone();
+                            events.push(ev);
+                        }
+                    }
+                    slots.push((it.index, it.raw.clone(), it.ttl, res));
+                }
+                waiting.push((cmd.qname.clone(), cmd.client, cmd.reason.clone(), caller, slots, reply));
+            }
+        }
+        // Final expiries into the upserts; drop upserts of unchanged grants (nothing to record).
+        changes.retain_mut(|c| {
+            if let Change::Upsert { key, expires_ms, .. } = c {
+                match set_key(key.net.addr(), key.client).and_then(|k| pending.get(&k)) {
+                    Some(p) if p.had != Some(p.expiry) => {
+                        *expires_ms = Some(p.expiry);
+                        true
+                    }
+                    _ => false,
+                }
+            } else {
+                true
+            }
+        });
+        // One event per changed key, with the first name and caller that asked for it.
+        let mut ops: Vec<ElemOp> = Vec::new();
+        let mut op_key: Vec<SetKey> = Vec::new();
+        for k in &order {
+            let p = &pending[k];
+            if p.had == Some(p.expiry) {
+                continue;
+            }
+            let alive = p.had.is_some_and(|h| h + EXPIRY_GRACE_MS > now);
+            if p.had.is_some() {
+                ops.push(del_op(*k));
+                op_key.push(*k);
+            }
+            ops.push(add_op(*k, p.expiry - now));
+            op_key.push(*k);
+            let (qname, client, reason, caller) = waiting
+                .get(p.first)
+                .map(|w| (w.0.clone(), w.1, w.2.clone(), w.3))
+                .unwrap_or_default();
+            let (ip, _) = key_parts(k);
+            let mut ev = event(
+                if alive { EventKind::Extended } else { EventKind::Granted },
+                Some(ip.to_string()),
+                caller,
+                reason,
+            );
+            ev.client = client;
+            ev.name = qname;
+            ev.expires_ms = Some(p.expiry);
+            events.push(ev);
+        }
+        // Intent first: if we crash after this, restart re-adds it (only addresses DNS named).
+        if let Err(e) = self.store.apply(&changes, &events) {
+            tracing::error!(error = %e, "state store write failed; failing the group closed");
+            for w in waiting {
+                let _ = w.5.send(Err(EngineError::Store(e.to_string())));
+            }
+            return;
+        }
+        let mut kernel_error: Option<String> = None;
+        if !ops.is_empty() {
+            match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
+                Ok(failed) => {
+                    for (i, why) in failed {
+                        if let Some(p) = pending.get_mut(&op_key[i]) {
+                            p.failed = Some(why);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "netlink commit failed; reopening");
+                    if let Ok(nl) = Netlink::open() {
+                        self.nl = nl;
+                    }
+                    match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
+                        Ok(failed) => {
+                            for (i, why) in failed {
+                                if let Some(p) = pending.get_mut(&op_key[i]) {
+                                    p.failed = Some(why);
+                                }
+                            }
+                        }
+                        Err(e) => kernel_error = Some(e),
+                    }
+                }
+            }
+        }
+        // Compensate the intent of whatever did not reach the kernel.
+        let mut undo_changes = Vec::new();
+        let mut undo_events = Vec::new();
+        for (k, p) in pending.iter_mut() {
+            if p.had == Some(p.expiry) {
+                continue;
+            }
+            if let Some(e) = &kernel_error {
+                p.failed.get_or_insert_with(|| e.clone());
+            }
+            if let Some(why) = &p.failed {
+                let key = grant_key(k);
+                undo_changes.push(match p.had {
+                    Some(h) if h > now => Change::Upsert {
+                        key,
+                        name: None,
+                        at_ms: now,
+                        expires_ms: Some(h),
+                        source: Source::Dns,
+                        comment: String::new(),
+                    },
+                    _ => Change::Remove { key },
+                });
+                let mut ev = event(EventKind::Rejected, Some(key.net.addr().to_string()), Caller::default(), format!("kernel refused: {why}"));
+                ev.client = key.client;
+                undo_events.push(ev);
+            }
+        }
+        if !undo_changes.is_empty() {
+            if let Err(e) = self.store.apply(&undo_changes, &undo_events) {
+                tracing::error!(error = %e, "could not record kernel failure in the store");
+            }
+        }
+        {
+            let mut map = match self.shared.committed.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            for (k, p) in &pending {
+                if p.failed.is_none() {
+                    map.insert(*k, p.expiry);
+                }
+            }
+        }
+        for (_, _, _, _, slots, reply) in waiting {
+            let results = slots
+                .into_iter()
+                .map(|(_, raw, ttl, res)| {
+                    let res = res.and_then(|k| {
+                        let p = &pending[&k];
+                        match &p.failed {
+                            Some(why) => Err(Refusal::Kernel(why.clone())),
+                            None => Ok((k, p)),
+                        }
+                    });
+                    match res {
+                        Ok((_, p)) => pb::GrantResult {
+                            ip: raw,
+                            outcome: if p.had == Some(p.expiry) {
+                                pb::Outcome::Unchanged
+                            } else if p.had.is_some_and(|h| h + EXPIRY_GRACE_MS > now) {
+                                pb::Outcome::Extended
+                            } else {
+                                pb::Outcome::Granted
+                            } as i32,
+                            expires_unix_ms: p.expiry,
+                            effective_ttl_s: ttl.as_secs() as u32,
+                            error: String::new(),
+                        },
+                        Err(r) => pb::GrantResult {
+                            ip: raw,
+                            outcome: pb::Outcome::Rejected as i32,
+                            expires_unix_ms: 0,
+                            effective_ttl_s: 0,
+                            error: r.to_string(),
+                        },
+                    }
+                })
+                .collect();
+            let _ = reply.send(Ok(results));
+        }
+    }
+
+    fn allow(&mut self, net: IpNet, ttl: Option<Duration>, comment: String, caller: Caller) -> Result<Allowed, EngineError> {
+        let s = self.shared.settings.clone();
+        let net = command::check_net(net, &s.never).map_err(EngineError::Invalid)?;
+        let now = now_ms();
+        let expires_ms = ttl.map(|t| now + t.as_millis() as u64);
+        let prev = {
+            let m = self.shared.manual.read().map_err(|_| EngineError::Stopped)?;
+            if let Some(other) = m.keys().find(|o| **o != net && (o.contains(&net) || net.contains(*o))) {
+                return Err(EngineError::Conflict(format!(
+                    "{net} overlaps manual allowance {other}; revoke it first"
+                )));
+            }
+            m.get(&net).copied()
+        };
+        let key = GrantKey { net, client: None };
+        let mut ev = event(EventKind::ManualAllow, Some(net.to_string()), caller, comment.clone());
+        ev.expires_ms = expires_ms;
+        self.store
+            .apply(
+                &[Change::Upsert { key, name: None, at_ms: now, expires_ms, source: Source::Manual, comment }],
+                &[ev],
+            )
+            .map_err(|e| EngineError::Store(e.to_string()))?;
+        let elem = ManualElem { net, remaining: ttl };
+        if let Err(e) = nft::manual_add(&self.table, &elem, prev.is_some()) {
+            let undo = match prev {
+                Some(p) => Change::Upsert { key, name: None, at_ms: now, expires_ms: p, source: Source::Manual, comment: String::new() },
+                None => Change::Remove { key },
+            };
+            let why = nft::error_text(&e);
+            let _ = self.store.apply(&[undo], &[event(EventKind::Rejected, Some(net.to_string()), caller, format!("kernel refused manual allow: {why}"))]);
+            return Err(EngineError::Kernel(why));
+        }
+        if let Ok(mut m) = self.shared.manual.write() {
+            m.insert(net, expires_ms);
+        }
+        Ok(Allowed { expires_ms })
+    }
+
+    fn revoke(&mut self, net: IpNet, comment: String, caller: Caller) -> Result<u64, EngineError> {
+        let manual: Vec<IpNet> = {
+            let m = self.shared.manual.read().map_err(|_| EngineError::Stopped)?;
+            if let Some(outer) = m.keys().find(|o| **o != net && o.contains(&net)) {
+                return Err(EngineError::Conflict(format!(
+                    "{net} lies inside manual allowance {outer}; revoke {outer} instead"
+                )));
+            }
+            m.keys().filter(|o| net.contains(*o)).copied().collect()
+        };
+        // Remove from the committed view first: from now on nobody is told "granted" for these.
+        let keys: Vec<SetKey> = {
+            let mut map = self.shared.committed.write().map_err(|_| EngineError::Stopped)?;
+            let keys: Vec<SetKey> = map.keys().filter(|k| net.contains(&key_parts(k).0)).copied().collect();
+            for k in &keys {
+                map.remove(k);
+            }
+            keys
+        };
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        for k in &keys {
+            let gk = grant_key(k);
+            changes.push(Change::Remove { key: gk });
+            let mut ev = event(EventKind::Revoked, Some(key_parts(k).0.to_string()), caller, comment.clone());
+            ev.client = gk.client;
+            events.push(ev);
+        }
+        for n in &manual {
+            changes.push(Change::Remove { key: GrantKey { net: *n, client: None } });
+            events.push(event(EventKind::Revoked, Some(n.to_string()), caller, comment.clone()));
+        }
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        self.store.apply(&changes, &events).map_err(|e| EngineError::Store(e.to_string()))?;
+        let ops: Vec<ElemOp> = keys.iter().map(|k| del_op(*k)).collect();
+        let failed = commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)).map_err(EngineError::Kernel)?;
+        if let Some((i, why)) = failed.first() {
+            return Err(EngineError::Kernel(format!("{:?}: {why}", ops[*i])));
+        }
+        nft::manual_delete(&self.table, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
+        if let Ok(mut m) = self.shared.manual.write() {
+            for n in &manual {
+                m.remove(n);
+            }
+        }
+        Ok((keys.len() + manual.len()) as u64)
+    }
+
+    /// Records kernel expiries, and renews grants that still carry live flows if configured.
+    fn sweep(&mut self) {
+        let s = self.shared.settings.clone();
+        let now = now_ms();
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        if s.raw.expiry.renew_live_flows {
+            self.renew(now);
+        }
+        let gone: Vec<(SetKey, u64)> = {
+            let mut map = match self.shared.committed.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let gone: Vec<(SetKey, u64)> = map.iter().filter(|(_, e)| **e + EXPIRY_GRACE_MS <= now).map(|(k, e)| (*k, *e)).collect();
+            for (k, _) in &gone {
+                map.remove(k);
+            }
+            gone
+        };
+        for (k, e) in &gone {
+            let gk = grant_key(k);
+            changes.push(Change::Remove { key: gk });
+            let mut ev = event(EventKind::Expired, Some(key_parts(k).0.to_string()), Caller::default(), "kernel timeout");
+            ev.client = gk.client;
+            ev.expires_ms = Some(*e);
+            events.push(ev);
+        }
+        let mgone: Vec<(IpNet, u64)> = {
+            let mut m = match self.shared.manual.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let g: Vec<(IpNet, u64)> = m.iter().filter_map(|(n, e)| e.filter(|e| e + EXPIRY_GRACE_MS <= now).map(|e| (*n, e))).collect();
+            for (n, _) in &g {
+                m.remove(n);
+            }
+            g
+        };
+        for (n, e) in &mgone {
+            changes.push(Change::Remove { key: GrantKey { net: *n, client: None } });
+            let mut ev = event(EventKind::Expired, Some(n.to_string()), Caller::default(), "manual allowance timeout");
+            ev.expires_ms = Some(*e);
+            events.push(ev);
+        }
+        if !changes.is_empty() {
+            if let Err(e) = self.store.apply(&changes, &events) {
+                tracing::error!(error = %e, "could not record expiries");
+            } else {
+                tracing::debug!(expired = changes.len(), "sweep");
+            }
+        }
+    }
+
+    /// Extends grants about to expire whose destination still has conntrack flows. The work is
+    /// bounded by `renew_max_flows` entries read per sweep.
+    fn renew(&mut self, now: u64) {
+        let s = self.shared.settings.clone();
+        let horizon = now + 2 * s.raw.expiry.sweep_interval.0.as_millis() as u64 + EXPIRY_GRACE_MS;
+        let due: Vec<(SetKey, u64)> = match self.shared.committed.read() {
+            Ok(m) => m.iter().filter(|(_, e)| **e > now && **e <= horizon).map(|(k, e)| (*k, *e)).collect(),
+            Err(_) => return,
+        };
+        if due.is_empty() {
+            return;
+        }
+        let flows = match crate::sys::conntrack_flows(s.raw.expiry.renew_max_flows) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack dump failed; not renewing");
+                return;
+            }
+        };
+        let dsts: HashSet<IpAddr> = flows.iter().map(|(_, d)| *d).collect();
+        let pairs: HashSet<(IpAddr, IpAddr)> = flows.into_iter().collect();
+        let renew_ms = s.raw.expiry.renew_ttl.0.as_millis() as u64;
+        let mut ops = Vec::new();
+        let mut renewed = Vec::new();
+        for (k, e) in due {
+            let (dst, client) = key_parts(&k);
+            let live = match client {
+                Some(c) => pairs.contains(&(c, dst)),
+                None => dsts.contains(&dst),
+            };
+            let new = now + renew_ms;
+            if live && new > e {
+                ops.push(del_op(k));
+                ops.push(add_op(k, renew_ms));
+                renewed.push((k, new));
+            }
+        }
+        if renewed.is_empty() {
+            return;
+        }
+        let changes: Vec<Change> = renewed
+            .iter()
+            .map(|(k, e)| Change::Upsert { key: grant_key(k), name: None, at_ms: now, expires_ms: Some(*e), source: Source::Dns, comment: String::new() })
+            .collect();
+        let events: Vec<AuditEvent> = renewed
+            .iter()
+            .map(|(k, e)| {
+                let mut ev = event(EventKind::Renewed, Some(key_parts(k).0.to_string()), Caller::default(), "live conntrack flows");
+                ev.client = key_parts(k).1;
+                ev.expires_ms = Some(*e);
+                ev
+            })
+            .collect();
+        if self.store.apply(&changes, &events).is_err() {
+            return;
+        }
+        match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
+            Ok(failed) if failed.is_empty() => {
+                if let Ok(mut m) = self.shared.committed.write() {
+                    for (k, e) in renewed {
+                        m.insert(k, e);
+                    }
+                }
+            }
+            Ok(failed) => tracing::warn!(failed = failed.len(), "some renewals were refused by the kernel"),
+            Err(e) => tracing::warn!(error = %e, "renewal commit failed"),
+        }
+    }
+}

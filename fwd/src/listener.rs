@@ -1,0 +1,66 @@
+//! The control socket (bound before privileges drop) and the shutdown signals.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// Failures binding the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Another fwd answers on the socket.
+    #[error("another fwd is already serving on {0}")]
+    InUse(String),
+    /// An I/O step failed.
+    #[error("socket {path}: {what}: {source}")]
+    Io {
+        /// The socket path.
+        path: String,
+        /// The step.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ListenError + 'a {
+    move |source| ListenError::Io { path: path.display().to_string(), what, source }
+}
+
+/// Binds the socket, replacing a stale one, with the configured mode and group.
+pub fn bind(s: &Settings) -> Result<UnixListener, ListenError> {
+    let path = s.raw.socket.as_path();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(path, "create parent directory"))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io(path, "remove stale socket"))?;
+    }
+    let l = UnixListener::bind(path).map_err(io(path, "bind"))?;
+    if let Some(gid) = s.socket_gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| ListenError::Io { path: path.display().to_string(), what: "chown", source: e.into() })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.socket_mode)).map_err(io(path, "chmod"))?;
+    Ok(l)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn signals(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    token.cancel();
+}

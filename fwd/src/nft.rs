@@ -1,0 +1,472 @@
+//! The `inet guard` ruleset: atomic setup and refresh through the `nftables` crate (not the hot path).
+//!
+//! Setup is one `nft -j -f` transaction. It creates what is missing and replaces the chain's rules
+//! and the static sets, but never flushes the authorized sets: a restart must not drop grants.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use nftables::helper;
+use nftables::schema::{NfListObject, NfObject, Nftables};
+use serde_json::{Value, json};
+
+use crate::config::{Mode, Policy, Settings};
+
+/// Authorized DNS grants, IPv4 (flags timeout).
+pub const AUTH4: &str = "auth4";
+/// Authorized DNS grants, IPv6 (flags timeout).
+pub const AUTH6: &str = "auth6";
+/// Per-client grants `saddr . daddr`, IPv4.
+pub const AUTH4C: &str = "auth4c";
+/// Per-client grants `saddr . daddr`, IPv6.
+pub const AUTH6C: &str = "auth6c";
+/// Manual allowances, IPv4 (interval, timeout).
+pub const MANUAL4: &str = "manual4";
+/// Manual allowances, IPv6 (interval, timeout).
+pub const MANUAL6: &str = "manual6";
+
+/// Named counters fwd reads for `status`.
+pub const COUNTERS: [&str; 5] = [
+    "accepted_dns",
+    "accepted_manual",
+    "accepted_static",
+    "rejected",
+    "invalid",
+];
+
+/// Failures talking to nft.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// nft failed or could not run.
+    #[error("nft {what}: {source}")]
+    Exec {
+        /// What we were doing.
+        what: &'static str,
+        /// The crate's error (carries nft's stderr).
+        source: helper::NftablesError,
+    },
+    /// We built JSON the nftables schema refused: a bug in fwd.
+    #[error("nft {what}: internal schema error: {source}")]
+    Schema {
+        /// What we were doing.
+        what: &'static str,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+}
+
+fn nft_err(what: &'static str) -> impl FnOnce(helper::NftablesError) -> NftError {
+    move |source| NftError::Exec { what, source }
+}
+
+/// Turns nft's error into the operator-facing text (nft's stderr when there is one).
+pub fn error_text(e: &NftError) -> String {
+    match e {
+        NftError::Exec {
+            source: helper::NftablesError::NftFailed { stderr, .. },
+            ..
+        } => stderr.trim().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A manual allowance to (re)install: network and remaining lifetime (None: permanent).
+#[derive(Debug, Clone, Copy)]
+pub struct ManualElem {
+    /// The network.
+    pub net: IpNet,
+    /// Remaining lifetime.
+    pub remaining: Option<Duration>,
+}
+
+fn prefix(n: &IpNet) -> Value {
+    if n.prefix_len() == n.max_prefix_len() {
+        json!(n.addr().to_string())
+    } else {
+        json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}})
+    }
+}
+
+fn manual_value(e: &ManualElem) -> Value {
+    match e.remaining {
+        // nft's JSON timeouts are whole seconds; round up so an allowance never ends early.
+        Some(d) => json!({"elem": {"val": prefix(&e.net), "timeout": d.as_millis().div_ceil(1000).max(1) as u64}}),
+        None => prefix(&e.net),
+    }
+}
+
+/// Builds the whole setup transaction for `s`, reinstalling `manual` into the manual sets.
+/// `existing_chains` are the base chains present now (a mode switch deletes the other one).
+pub fn setup_batch(s: &Settings, manual: &[ManualElem], existing_chains: &[String]) -> Value {
+    let t = s.raw.table.as_str();
+    let mut cmds: Vec<Value> = Vec::new();
+    let add = |o: Value| json!({"add": o});
+    cmds.push(add(json!({"table": {"family": "inet", "name": t}})));
+    let set = |name: &str, ty: Value, flags: &[&str]| {
+        json!({"set": {"family": "inet", "table": t, "name": name, "type": ty, "flags": flags}})
+    };
+    let defs = [
+        (AUTH4, json!("ipv4_addr"), &["timeout"][..]),
+        (AUTH6, json!("ipv6_addr"), &["timeout"][..]),
+        (AUTH4C, json!(["ipv4_addr", "ipv4_addr"]), &["timeout"][..]),
+        (AUTH6C, json!(["ipv6_addr", "ipv6_addr"]), &["timeout"][..]),
+        (MANUAL4, json!("ipv4_addr"), &["interval", "timeout"][..]),
+        (MANUAL6, json!("ipv6_addr"), &["interval", "timeout"][..]),
+        ("allow4", json!("ipv4_addr"), &["interval"][..]),
+        ("allow6", json!("ipv6_addr"), &["interval"][..]),
+        (
+            "upstream4",
+            json!(["ipv4_addr", "inet_proto", "inet_service"]),
+            &[][..],
+        ),
+        (
+            "upstream6",
+            json!(["ipv6_addr", "inet_proto", "inet_service"]),
+            &[][..],
+        ),
+    ];
+    for (name, ty, flags) in &defs {
+        cmds.push(add(set(name, ty.clone(), flags)));
+    }
+    for c in COUNTERS {
+        cmds.push(add(json!({"counter": {"family": "inet", "table": t, "name": c}})));
+    }
+    // Static sets are rebuilt from config in the same transaction: flush + refill is atomic.
+    for (name, ty, flags) in defs.iter().skip(4) {
+        cmds.push(json!({"flush": set(name, ty.clone(), flags)}));
+    }
+    let elems = |name: &str, v: Vec<Value>| {
+        json!({"add": {"element": {"family": "inet", "table": t, "name": name, "elem": v}}})
+    };
+    let (a4, a6): (Vec<_>, Vec<_>) = s.allow.iter().partition(|n| matches!(n, IpNet::V4(_)));
+    for (name, nets) in [("allow4", a4), ("allow6", a6)] {
+        if !nets.is_empty() {
+            cmds.push(elems(name, nets.iter().map(|n| prefix(n)).collect()));
+        }
+    }
+    let mut up4 = Vec::new();
+    let mut up6 = Vec::new();
+    for sa in &s.upstreams {
+        for proto in ["tcp", "udp"] {
+            let v = json!({"concat": [sa.ip().to_string(), proto, sa.port()]});
+            if sa.is_ipv4() { up4.push(v) } else { up6.push(v) }
+        }
+    }
+    for (name, v) in [("upstream4", up4), ("upstream6", up6)] {
+        if !v.is_empty() {
+            cmds.push(elems(name, v));
+        }
+    }
+    let (m4, m6): (Vec<_>, Vec<_>) = manual.iter().partition(|m| matches!(m.net, IpNet::V4(_)));
+    for (name, v) in [(MANUAL4, m4), (MANUAL6, m6)] {
+        if !v.is_empty() {
+            cmds.push(elems(name, v.into_iter().map(manual_value).collect()));
+        }
+    }
+    // One base chain, named after its hook; a mode switch removes the other in the same transaction.
+    let (chain, other) = match s.raw.mode {
+        Mode::Local => ("output", "forward"),
+        Mode::Gateway => ("forward", "output"),
+    };
+    if existing_chains.iter().any(|c| c == other) {
+        cmds.push(json!({"delete": {"chain": {"family": "inet", "table": t, "name": other}}}));
+    }
+    let policy = if s.raw.policy == Policy::Audit { "accept" } else { "drop" };
+    cmds.push(add(json!({"chain": {
+        "family": "inet", "table": t, "name": chain, "type": "filter",
+        "hook": chain, "prio": 0, "policy": policy
+    }})));
+    cmds.push(json!({"flush": {"chain": {"family": "inet", "table": t, "name": chain}}}));
+    for expr in rules(s) {
+        cmds.push(add(json!({"rule": {"family": "inet", "table": t, "chain": chain, "expr": expr}})));
+    }
+    json!({ "nftables": cmds })
+}
+
+fn m(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+fn payload(proto: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": proto, "field": field}})
+}
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+/// The rule list, in evaluation order.
+fn rules(s: &Settings) -> Vec<Vec<Value>> {
+    let accept = json!({"accept": null});
+    let mut r: Vec<Vec<Value>> = vec![
+        vec![
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}),
+            accept.clone(),
+        ],
+        vec![
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}),
+            json!({"counter": "invalid"}),
+            json!({"drop": null}),
+        ],
+    ];
+    if s.raw.mode == Mode::Local {
+        r.push(vec![m(meta("oif"), json!("lo")), accept.clone()]);
+    }
+    if s.raw.allow.dhcp {
+        r.push(vec![
+            m(meta("nfproto"), json!("ipv4")),
+            m(payload("udp", "sport"), json!(68)),
+            m(payload("udp", "dport"), json!(67)),
+            accept.clone(),
+        ]);
+        r.push(vec![
+            m(meta("nfproto"), json!("ipv6")),
+            m(payload("udp", "sport"), json!(546)),
+            m(payload("udp", "dport"), json!(547)),
+            accept.clone(),
+        ]);
+    }
+    if s.raw.allow.ndp {
+        r.push(vec![
+            m(
+                payload("icmpv6", "type"),
+                json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-report", "mld2-listener-report"]}),
+            ),
+            accept.clone(),
+        ]);
+    }
+    if s.raw.allow.icmp_errors {
+        r.push(vec![
+            m(
+                payload("icmp", "type"),
+                json!({"set": ["destination-unreachable", "time-exceeded", "parameter-problem"]}),
+            ),
+            accept.clone(),
+        ]);
+        r.push(vec![
+            m(
+                payload("icmpv6", "type"),
+                json!({"set": ["destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem"]}),
+            ),
+            accept.clone(),
+        ]);
+    }
+    r.push(vec![m(payload("ip", "daddr"), json!("@allow4")), json!({"counter": "accepted_static"}), accept.clone()]);
+    r.push(vec![m(payload("ip6", "daddr"), json!("@allow6")), json!({"counter": "accepted_static"}), accept.clone()]);
+    r.push(vec![
+        m(json!({"concat": [payload("ip", "daddr"), meta("l4proto"), payload("th", "dport")]}), json!("@upstream4")),
+        json!({"counter": "accepted_static"}),
+        accept.clone(),
+    ]);
+    r.push(vec![
+        m(json!({"concat": [payload("ip6", "daddr"), meta("l4proto"), payload("th", "dport")]}), json!("@upstream6")),
+        json!({"counter": "accepted_static"}),
+        accept.clone(),
+    ]);
+    r.push(vec![m(payload("ip", "daddr"), json!("@manual4")), json!({"counter": "accepted_manual"}), accept.clone()]);
+    r.push(vec![m(payload("ip6", "daddr"), json!("@manual6")), json!({"counter": "accepted_manual"}), accept.clone()]);
+    if s.raw.per_client {
+        r.push(vec![
+            m(json!({"concat": [payload("ip", "saddr"), payload("ip", "daddr")]}), json!("@auth4c")),
+            json!({"counter": "accepted_dns"}),
+            accept.clone(),
+        ]);
+        r.push(vec![
+            m(json!({"concat": [payload("ip6", "saddr"), payload("ip6", "daddr")]}), json!("@auth6c")),
+            json!({"counter": "accepted_dns"}),
+            accept.clone(),
+        ]);
+    } else {
+        r.push(vec![m(payload("ip", "daddr"), json!("@auth4")), json!({"counter": "accepted_dns"}), accept.clone()]);
+        r.push(vec![m(payload("ip6", "daddr"), json!("@auth6")), json!({"counter": "accepted_dns"}), accept.clone()]);
+    }
+    match s.raw.policy {
+        Policy::Reject => {
+            r.push(vec![
+                m(meta("l4proto"), json!("tcp")),
+                json!({"counter": "rejected"}),
+                json!({"reject": {"type": "tcp reset"}}),
+            ]);
+            r.push(vec![
+                json!({"counter": "rejected"}),
+                json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+            ]);
+        }
+        Policy::Drop => r.push(vec![json!({"counter": "rejected"}), json!({"drop": null})]),
+        Policy::Audit => r.push(vec![
+            json!({"counter": "rejected"}),
+            json!({"log": {"prefix": "guard-audit: "}}),
+            accept,
+        ]),
+    }
+    r
+}
+
+/// Runs one JSON transaction through the nftables crate (typed schema check, then `nft -j -f -`).
+pub fn apply(what: &'static str, batch: Value) -> Result<(), NftError> {
+    let typed: Nftables =
+        serde_json::from_value(batch).map_err(|source| NftError::Schema { what, source })?;
+    helper::apply_ruleset(&typed).map_err(nft_err(what))
+}
+
+/// The table's base chains as they are now; `None` when the table does not exist.
+pub fn existing_chains(table: &str) -> Result<Option<Vec<String>>, NftError> {
+    let listed = helper::get_current_ruleset_with_args(
+        helper::DEFAULT_NFT,
+        ["list", "tables"].iter().copied(),
+    )
+    .map_err(nft_err("list tables"))?;
+    let present = listed.objects.iter().any(|o| {
+        matches!(o, NfObject::ListObject(NfListObject::Table(t))
+            if t.name == table && t.family == nftables::types::NfFamily::INet)
+    });
+    if !present {
+        return Ok(None);
+    }
+    let cur = helper::get_current_ruleset_with_args(
+        helper::DEFAULT_NFT,
+        ["list", "table", "inet", table].iter().copied(),
+    )
+    .map_err(nft_err("list table"))?;
+    Ok(Some(
+        cur.objects
+            .iter()
+            .filter_map(|o| match o {
+                NfObject::ListObject(NfListObject::Chain(c)) => Some(c.name.to_string()),
+                _ => None,
+            })
+            .collect(),
+    ))
+}
+
+/// Creates or refreshes the ruleset atomically, keeping the authorized sets' elements.
+pub fn setup(s: &Settings, manual: &[ManualElem]) -> Result<(), NftError> {
+    let chains = existing_chains(&s.raw.table)?.unwrap_or_default();
+    apply("setup", setup_batch(s, manual, &chains))
+}
+
+/// Deletes the whole table (the documented way to remove guard's filtering).
+pub fn remove_table(table: &str) -> Result<bool, NftError> {
+    if existing_chains(table)?.is_none() {
+        return Ok(false);
+    }
+    apply(
+        "delete table",
+        json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}),
+    )?;
+    Ok(true)
+}
+
+fn manual_set(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => MANUAL4,
+        IpNet::V6(_) => MANUAL6,
+    }
+}
+
+/// Adds or replaces a manual allowance in one transaction (`replace` deletes the old element first).
+pub fn manual_add(table: &str, e: &ManualElem, replace: bool) -> Result<(), NftError> {
+    let set = manual_set(&e.net);
+    let mut cmds = Vec::new();
+    if replace {
+        cmds.push(json!({"delete": {"element": {"family": "inet", "table": table, "name": set, "elem": [prefix(&e.net)]}}}));
+    }
+    cmds.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": [manual_value(e)]}}}));
+    apply("add manual element", json!({ "nftables": cmds }))
+}
+
+/// Removes manual allowances in one transaction.
+pub fn manual_delete(table: &str, nets: &[IpNet]) -> Result<(), NftError> {
+    if nets.is_empty() {
+        return Ok(());
+    }
+    let cmds: Vec<Value> = nets
+        .iter()
+        .map(|n| json!({"delete": {"element": {"family": "inet", "table": table, "name": manual_set(n), "elem": [prefix(n)]}}}))
+        .collect();
+    apply("delete manual element", json!({ "nftables": cmds }))
+}
+
+/// Reads the named counters (packets, bytes).
+pub fn counters(table: &str) -> Result<Vec<(String, u64, u64)>, NftError> {
+    let cur = helper::get_current_ruleset_with_args(
+        helper::DEFAULT_NFT,
+        ["list", "counters", "table", "inet", table].iter().copied(),
+    )
+    .map_err(nft_err("list counters"))?;
+    Ok(cur
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Counter(c)) => Some((
+                c.name.to_string(),
+                c.packets.unwrap_or(0) as u64,
+                c.bytes.unwrap_or(0) as u64,
+            )),
+            _ => None,
+        })
+        .collect())
+}
+
+/// True when `ip` is inside any manual network (used by revoke to refuse partial holes).
+pub fn covers(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+#[allow(dead_code)]
+fn _cow(_: Cow<'_, str>) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn settings(text: &str) -> Settings {
+        Config::parse(Path::new("t"), text)
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap()
+    }
+
+    /// Every variant of the setup batch must pass the nftables crate's schema.
+    #[test]
+    fn setup_batches_fit_the_schema() {
+        for text in [
+            "",
+            "policy = \"drop\"",
+            "policy = \"audit\"",
+            "mode = \"gateway\"\nper_client = true",
+            "[allow]\ncidrs = [\"192.0.2.0/24\", \"2001:db8::/32\", \"198.51.100.7\"]\nupstreams = [\"192.0.2.53:853\", \"[2001:db8::53]:53\"]\ndhcp = false\nndp = false\nicmp_errors = false",
+        ] {
+            let s = settings(text);
+            let manual = [
+                ManualElem { net: "203.0.113.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1500)) },
+                ManualElem { net: "2001:db8:5::/48".parse().unwrap(), remaining: None },
+            ];
+            let v = setup_batch(&s, &manual, &["forward".into()]);
+            for cmd in v["nftables"].as_array().unwrap() {
+                let one = json!({"nftables": [cmd]});
+                let typed: Result<Nftables, _> = serde_json::from_value(one);
+                assert!(typed.is_ok(), "{text}: {typed:?}\n{cmd:#}");
+            }
+        }
+    }
+
+    #[test]
+    fn mode_switch_deletes_the_other_chain() {
+        let s = settings("mode = \"gateway\"");
+        let v = setup_batch(&s, &[], &["output".into()]).to_string();
+        assert!(v.contains(r#"{"delete":{"chain":{"family":"inet","name":"output","table":"guard"}}}"#), "{v}");
+        let v = setup_batch(&s, &[], &["forward".into()]).to_string();
+        assert!(!v.contains("\"delete\""));
+    }
+
+    #[test]
+    fn manual_timeouts_round_up_to_seconds() {
+        let e = ManualElem { net: "192.0.2.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1001)) };
+        assert_eq!(manual_value(&e)["elem"]["timeout"], 2);
+        let e = ManualElem { net: "192.0.2.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1)) };
+        assert_eq!(manual_value(&e)["elem"]["timeout"], 1);
+    }
+}
