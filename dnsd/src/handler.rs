@@ -580,6 +580,11 @@ struct AuthorizeResult {
     until_ms: Option<u64>,
 }
 
+/// A header-only SERVFAIL for a raw query (used when a stream query cannot be admitted).
+pub fn servfail_for(wire: &[u8]) -> Option<Vec<u8>> {
+    raw_error(wire, ResponseCode::ServFail)
+}
+
 /// An empty response carrying only `rcode`.
 fn error_msg(rcode: ResponseCode) -> Message {
     Message::error_msg(0, OpCode::Query, rcode)

@@ -194,7 +194,7 @@ fn inherit() -> Result<Option<Sockets>, ListenerError> {
         .map(|v| v.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
     let mut fds = listenfd::ListenFd::from_env();
-    if fds.is_empty() {
+    if fds.len() == 0 {
         return Ok(None);
     }
     let mut s = Sockets::default();

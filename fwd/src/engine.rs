@@ -1023,3 +1023,262 @@ impl Committer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Engine tests against the real kernel (a private network namespace per test) and real SQLite.
+    use super::*;
+    use crate::config::Config;
+    use crate::store::{HistoryFilter, Reader};
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs `f` on a thread inside a fresh network namespace (the namespace dies with the thread).
+    fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "engine tests need root: they create network namespaces and nftables tables"
+        );
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    fn settings(dir: &Path, extra: &str) -> Arc<Settings> {
+        let text = format!(
+            "socket = \"{0}/fwd.sock\"\ndatabase = \"{0}/fwd.db\"\n{extra}\n[access]\nauthorizer_uids = [0]\n",
+            dir.display()
+        );
+        Arc::new(Config::parse(Path::new("t"), &text).unwrap().validate(Path::new("t")).unwrap())
+    }
+
+    fn start(s: &Arc<Settings>) -> (Engine, ReconcileReport) {
+        let store = Store::open(&s.raw.database).unwrap();
+        Engine::start(s.clone(), store).unwrap()
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn cmd(ips: &[&str], ttl_s: u64, s: &Settings) -> Authorize {
+        let req = pb::AuthorizeRequest {
+            grants: ips
+                .iter()
+                .map(|a| pb::Grant { ip: guard_proto::ip_to_bytes(ip(a)), ttl_s: ttl_s as u32 })
+                .collect(),
+            qname: "test.example".into(),
+            ..Default::default()
+        };
+        Authorize::parse(&req, s).unwrap()
+    }
+
+    fn root() -> Caller {
+        Caller { uid: Some(0), gid: Some(0), pid: Some(1) }
+    }
+
+    /// Elements of an auth set as the kernel reports them through `nft -j` (independent of sys).
+    fn kernel(set: &str) -> Vec<(String, Option<u64>)> {
+        let out = Command::new("nft").args(["-j", "list", "set", "inet", "guard", set]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut res = Vec::new();
+        for o in v["nftables"].as_array().unwrap() {
+            if let Some(elems) = o["set"]["elem"].as_array() {
+                for e in elems {
+                    if let Some(s) = e.as_str() {
+                        res.push((s.to_string(), None));
+                    } else {
+                        let val = e["elem"]["val"].as_str().unwrap_or_default().to_string();
+                        res.push((val, e["elem"]["expires"].as_u64()));
+                    }
+                }
+            }
+        }
+        res
+    }
+
+    fn outcome(r: &pb::GrantResult) -> pb::Outcome {
+        pb::Outcome::try_from(r.outcome).unwrap()
+    }
+
+    #[test]
+    fn extends_longer_requests_and_never_shortens() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "[ttl]\nmin = \"1s\"\nmargin = \"1s\"");
+            let (e, _) = start(&s);
+            let rt = rt();
+            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root())).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
+            let first = r[0].expires_unix_ms;
+            let k = kernel(AUTH4);
+            assert_eq!(k.len(), 1, "{k:?}");
+            assert!(k[0].1.unwrap() <= 61, "{k:?}");
+
+            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 600, &s), root())).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Extended);
+            assert!(r[0].expires_unix_ms > first + 500_000);
+            let k = kernel(AUTH4);
+            assert_eq!(k.len(), 1, "{k:?}");
+            assert!(k[0].1.unwrap() > 500, "kernel timeout was not extended: {k:?}");
+
+            let longer = r[0].expires_unix_ms;
+            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root())).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Unchanged);
+            assert_eq!(r[0].expires_unix_ms, longer, "a shorter request must not shorten the grant");
+            assert!(kernel(AUTH4)[0].1.unwrap() > 500);
+        });
+    }
+
+    /// nettrust registered an IP as granted before the nft add, so a concurrent answer for the
+    /// same IP was released before the rule existed. Every caller must find the element in the kernel.
+    #[test]
+    fn nettrust_race_concurrent_same_ip_waits_for_commit() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            // Worker threads are spawned from this thread, so they share its network namespace.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for t in 0..32u32 {
+                    let e = e.clone();
+                    let s = s.clone();
+                    tasks.spawn(async move {
+                        let mut nl = Netlink::open().unwrap();
+                        // Callers walk the same addresses at different speeds, so some arrive while
+                        // another caller's commit of that address is in flight.
+                        for r in 0..200u32 {
+                            let addr = std::net::Ipv4Addr::new(198, 51, 100, (r % 250) as u8 + 1);
+                            if (r + t) % 7 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                            let res = e.authorize(cmd(&[&addr.to_string()], 300, &s), root()).await.unwrap();
+                            assert_ne!(outcome(&res[0]), pb::Outcome::Rejected);
+                            let present = nl
+                                .list("guard", AUTH4, KeyType::V4)
+                                .unwrap()
+                                .iter()
+                                .any(|(k, _)| *k == SetKey::V4(addr));
+                            assert!(present, "{addr} was answered {:?} before it was in the kernel", outcome(&res[0]));
+                        }
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r.unwrap();
+                }
+            });
+        });
+    }
+
+    #[test]
+    fn restart_reconciles_kernel_with_store() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "[ttl]\nmin = \"1s\"\nmargin = \"1s\"");
+            let rt = rt();
+            {
+                let (e, _) = start(&s);
+                rt.block_on(e.authorize(cmd(&["192.0.2.1", "192.0.2.2", "2001:db8::1"], 3600, &s), root())).unwrap();
+                rt.block_on(e.authorize(cmd(&["192.0.2.9"], 1, &s), root())).unwrap();
+            }
+            // Tamper with the kernel as a crash or an operator might: lose one, add a stranger.
+            let nft = |script: &str| {
+                let st = Command::new("nft").arg(script).status().unwrap();
+                assert!(st.success(), "{script}");
+            };
+            nft("delete element inet guard auth4 { 192.0.2.2 }");
+            nft("add element inet guard auth4 { 203.0.113.66 timeout 1h }");
+            // Let the short grant lapse while "fwd is down" (the behaviour under test is expiry).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while kernel(AUTH4).iter().any(|(a, _)| a == "192.0.2.9") {
+                assert!(Instant::now() < deadline, "kernel never expired 192.0.2.9");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            while now_ms() < 2_000 + Reader::open(&s.raw.database).unwrap().list(&Default::default()).unwrap().0.iter().filter_map(|g| g.expires_ms).min().unwrap_or(0) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let (_e, report) = start(&s);
+            assert_eq!(report.loaded, 3, "{report:?}");
+            assert_eq!(report.kept, 2, "{report:?}");
+            assert_eq!(report.added, 1, "{report:?}");
+            assert_eq!(report.removed_stale, 1, "{report:?}");
+            assert_eq!(report.expired, 1, "{report:?}");
+            let mut v4: Vec<String> = kernel(AUTH4).into_iter().map(|(a, _)| a).collect();
+            v4.sort();
+            assert_eq!(v4, ["192.0.2.1", "192.0.2.2"]);
+            assert_eq!(kernel(AUTH6).len(), 1);
+            let hist = Reader::open(&s.raw.database)
+                .unwrap()
+                .history(&HistoryFilter { limit: 100, ..Default::default() })
+                .unwrap();
+            assert!(hist.iter().any(|h| h.kind == EventKind::Expired
+                && h.target.as_deref() == Some("192.0.2.9/32")
+                && h.reason.contains("while fwd was down")), "{hist:#?}");
+            assert!(hist.iter().any(|h| h.kind == EventKind::Started));
+        });
+    }
+
+    #[test]
+    fn revoke_removes_and_rejections_are_audited() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            let r = rt
+                .block_on(e.authorize(cmd(&["192.0.2.1", "0.0.0.0", "224.0.0.1", "169.254.169.254", "192.0.2.2"], 300, &s), root()))
+                .unwrap();
+            let got: Vec<_> = r.iter().map(outcome).collect();
+            assert_eq!(
+                got,
+                [pb::Outcome::Granted, pb::Outcome::Rejected, pb::Outcome::Rejected, pb::Outcome::Rejected, pb::Outcome::Granted]
+            );
+            assert!(r[3].error.contains("never-authorize"), "{:?}", r[3]);
+            assert_eq!(kernel(AUTH4).len(), 2);
+            let n = rt.block_on(e.revoke("192.0.2.0/24".parse().unwrap(), "test".into(), root())).unwrap();
+            assert_eq!(n, 2);
+            assert!(kernel(AUTH4).is_empty());
+            // Revoking is not blocking: the next DNS answer grants again.
+            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 300, &s), root())).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
+            // Audit reached the store before the reply.
+            let hist = Reader::open(&s.raw.database).unwrap().history(&HistoryFilter { limit: 100, ..Default::default() }).unwrap();
+            let rejected: Vec<_> = hist.iter().filter(|h| h.kind == EventKind::Rejected).collect();
+            assert_eq!(rejected.len(), 3, "{hist:#?}");
+            assert_eq!(hist.iter().filter(|h| h.kind == EventKind::Revoked).count(), 2);
+        });
+    }
+
+    #[test]
+    fn manual_allow_conflicts_are_explained() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            rt.block_on(e.allow("203.0.113.0/24".parse().unwrap(), Some(Duration::from_secs(60)), "x".into(), root())).unwrap();
+            let err = rt.block_on(e.allow("203.0.113.0/25".parse().unwrap(), None, String::new(), root())).unwrap_err();
+            assert!(err.to_string().contains("overlaps"), "{err}");
+            let err = rt.block_on(e.revoke("203.0.113.0/26".parse().unwrap(), String::new(), root())).unwrap_err();
+            assert!(err.to_string().contains("inside manual allowance"), "{err}");
+            let err = rt.block_on(e.allow("169.254.0.0/24".parse().unwrap(), None, String::new(), root())).unwrap_err();
+            assert!(matches!(err, EngineError::Invalid(_)), "{err}");
+            // Re-allowing the same network replaces its timeout.
+            rt.block_on(e.allow("203.0.113.0/24".parse().unwrap(), None, String::new(), root())).unwrap();
+            let out = Command::new("nft").args(["list", "set", "inet", "guard", nft::MANUAL4]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("203.0.113.0/24") && !text.contains("expires"), "{text}");
+            assert_eq!(rt.block_on(e.revoke("203.0.113.0/24".parse().unwrap(), String::new(), root())).unwrap(), 1);
+        });
+    }
+}

@@ -23,7 +23,8 @@ pub struct Cli {
         value_name = "PATH",
         env = "GUARD_FWD_SOCKET",
         default_value = "/run/guard/fwd.sock",
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     pub fwd_socket: PathBuf,
 
@@ -33,12 +34,13 @@ pub struct Cli {
         value_name = "PATH",
         env = "GUARD_DNSD_SOCKET",
         default_value = "/run/guard/dnsd.sock",
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     pub dnsd_socket: PathBuf,
 
     /// Print one machine-readable JSON document on stdout instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
 
     /// Give up on a daemon that does not answer within this long.
@@ -47,7 +49,8 @@ pub struct Cli {
         value_name = "DURATION",
         default_value = "10s",
         value_parser = parse_timeout,
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     pub timeout: Duration,
 

@@ -124,7 +124,7 @@ pub(crate) fn socket_permission_message(daemon: Daemon, path: &Path, io: &io::Er
                  add the user with `usermod -aG {group} USER` and log in again, or run as root",
                 p.display(),
                 md.permissions().mode() & 0o7777,
-                md.uid(),
+                user_name(md.uid()),
             ));
         }
         None => msg.push_str(
@@ -133,6 +133,13 @@ pub(crate) fn socket_permission_message(daemon: Daemon, path: &Path, io: &io::Er
         ),
     }
     msg
+}
+
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
 }
 
 fn group_name(gid: u32) -> String {

@@ -430,7 +430,7 @@ fn socket_permissions_name_the_group() {
     assert_eq!(out.code, 1, "{out:#?}");
     let expected = format!(
         "guardctl: permission denied connecting to fwd at {0}: Permission denied (os error 13); \
-         the caller needs to be in the socket's group 'root' (socket {0} is mode 0660, owner 0:root)",
+         the caller needs to be in the socket's group 'root' (socket {0} is mode 0660, owner root:root)",
         d.fwd_socket.display()
     );
     assert!(out.stderr.starts_with(&expected), "{out:#?}");

@@ -48,11 +48,7 @@ impl From<std::io::Error> for Error {
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Self::msg(format!(
-            "gRPC status {:?}: {}",
-            s.code(),
-            s.message()
-        ))
+        Self::msg(format!("gRPC status {:?}: {}", s.code(), s.message()))
     }
 }
 

@@ -147,7 +147,11 @@ impl Fwd {
         if cfg.get("database").is_none() {
             cfg = cfg.set("database", database.to_string_lossy().as_ref());
         }
-        let socket = PathBuf::from(cfg.get("socket").and_then(toml::Value::as_str).unwrap_or(""));
+        let socket = PathBuf::from(
+            cfg.get("socket")
+                .and_then(toml::Value::as_str)
+                .unwrap_or(""),
+        );
         let database = PathBuf::from(
             cfg.get("database")
                 .and_then(toml::Value::as_str)
@@ -308,8 +312,14 @@ impl Fwd {
     pub fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        let tail = lines.get(lines.len().saturating_sub(40)..).unwrap_or_default();
-        format!("--- fwd log tail ({}) ---\n{}", self.log.display(), tail.join("\n"))
+        let tail = lines
+            .get(lines.len().saturating_sub(40)..)
+            .unwrap_or_default();
+        format!(
+            "--- fwd log tail ({}) ---\n{}",
+            self.log.display(),
+            tail.join("\n")
+        )
     }
 
     fn spawn_and_wait(&mut self) -> Result<()> {

@@ -80,7 +80,9 @@ pub fn wait_until(
             Err(e) => last_err = Some(e),
         }
         if Instant::now() >= deadline {
-            let why = last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+            let why = last_err
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default();
             return Err(Error::msg(format!(
                 "timed out after {timeout:?} waiting for {what}{why}"
             )));

@@ -74,7 +74,9 @@ impl Netns {
 
     /// Runs `argv` inside the namespace and returns its stdout, failing unless it exited 0.
     pub fn exec_ok(&self, argv: &[&str]) -> Result<String> {
-        self.exec(argv)?.ok().context(format!("in netns {}", self.name))
+        self.exec(argv)?
+            .ok()
+            .context(format!("in netns {}", self.name))
     }
 
     /// `ip -n NAME ARGS...`, failing unless it exited 0.

@@ -20,7 +20,9 @@ pub struct SetElem {
 /// Whether table `inet TABLE` exists in `ns`.
 pub fn table_exists(ns: &Netns, table: &str) -> Result<bool> {
     let out = ns.exec(&["nft", "-j", "list", "tables"])?;
-    let out = out.ok().context(format!("listing tables in {}", ns.name()))?;
+    let out = out
+        .ok()
+        .context(format!("listing tables in {}", ns.name()))?;
     let v: Value = serde_json::from_str(&out)?;
     Ok(items(&v, "table")
         .any(|t| t["family"].as_str() == Some("inet") && t["name"].as_str() == Some(table)))

@@ -66,7 +66,10 @@ pub fn is_refusal(e: &io::Error) -> bool {
 
 /// Whether `e` means the deadline passed.
 pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
 }
 
 /// The echo server's address for `ip`.

@@ -142,7 +142,16 @@ impl Topology {
             (b, "b0", CLIENT_B_V4, CLIENT_B_V6),
         ] {
             fwd.ip(&[
-                "link", "add", port, "type", "veth", "peer", "name", "lan0", "netns", ns.name(),
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "lan0",
+                "netns",
+                ns.name(),
             ])?;
             fwd.ip(&["link", "set", port, "master", "br0"])?;
             fwd.ip(&["link", "set", port, "up"])?;
@@ -150,11 +159,25 @@ impl Topology {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "lan0"])?;
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "lan0", "nodad"])?;
             ns.ip(&["route", "add", "default", "via", &GW_LAN_V4.to_string()])?;
-            ns.ip(&["-6", "route", "add", "default", "via", &GW_LAN_V6.to_string()])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GW_LAN_V6.to_string(),
+            ])?;
             clients.push(Client { ns, v4, v6 });
         }
         fwd.ip(&["addr", "add", &format!("{GW_LAN_V4}/24"), "dev", "br0"])?;
-        fwd.ip(&["addr", "add", &format!("{GW_LAN_V6}/64"), "dev", "br0", "nodad"])?;
+        fwd.ip(&[
+            "addr",
+            "add",
+            &format!("{GW_LAN_V6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         net.ip(&[
             "route",
             "add",
@@ -219,14 +242,37 @@ impl Topology {
 /// service addresses). Created from inside the namespaces, never in the host's.
 fn uplink(inner: &Netns, net: &Netns) -> Result<()> {
     inner.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "down0", "netns", net.name(),
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "down0",
+        "netns",
+        net.name(),
     ])?;
     inner.ip(&["link", "set", "up0", "up"])?;
     net.ip(&["link", "set", "down0", "up"])?;
     inner.ip(&["addr", "add", &format!("{UPLINK_V4}/24"), "dev", "up0"])?;
-    inner.ip(&["addr", "add", &format!("{UPLINK_V6}/64"), "dev", "up0", "nodad"])?;
+    inner.ip(&[
+        "addr",
+        "add",
+        &format!("{UPLINK_V6}/64"),
+        "dev",
+        "up0",
+        "nodad",
+    ])?;
     net.ip(&["addr", "add", &format!("{NET_V4}/24"), "dev", "down0"])?;
-    net.ip(&["addr", "add", &format!("{NET_V6}/64"), "dev", "down0", "nodad"])?;
+    net.ip(&[
+        "addr",
+        "add",
+        &format!("{NET_V6}/64"),
+        "dev",
+        "down0",
+        "nodad",
+    ])?;
     for ip in all_services() {
         let (plen, extra): (&str, &[&str]) = match ip {
             IpAddr::V4(_) => ("24", &[]),

@@ -202,8 +202,8 @@ mod tests {
         let h = Health::new(policy());
         h.on_success(Duration::from_millis(80));
         assert_eq!(h.srtt_us(), 80_000);
-        h.on_success(Duration::from_millis(0));
-        assert_eq!(h.srtt_us(), 70_000);
+        h.on_success(Duration::from_millis(40));
+        assert_eq!(h.srtt_us(), 75_000);
         for _ in 0..100 {
             h.on_success(Duration::from_millis(10));
         }

@@ -184,9 +184,9 @@ struct Upstream {
 #[derive(Debug)]
 enum Transport {
     /// UDP, with a TCP pool for truncated answers.
-    Udp { tcp: Pool },
+    Udp { tcp: Arc<Pool> },
     /// A pooled stream: TCP or TLS.
-    Stream { pool: Pool, tls: bool },
+    Stream { pool: Arc<Pool>, tls: bool },
 }
 
 // === impl Upstreams ===
@@ -215,7 +215,13 @@ impl Upstreams {
             .into_iter()
             .map(|url| {
                 let pool = |connector| {
-                    Pool::new(url.addr, connector, cfg.tls_connections, cfg.idle_timeout)
+                    Arc::new(Pool::new(
+                        url.addr,
+                        connector,
+                        cfg.tls_connections,
+                        cfg.idle_timeout,
+                        cfg.attempt_timeout,
+                    ))
                 };
                 let transport = match (&url.protocol, &tls_connector) {
                     (Protocol::Udp, _) => Transport::Udp {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -67,7 +67,11 @@ pub(crate) struct Pool {
     connector: Connector,
     max_conns: usize,
     idle_timeout: Duration,
+    /// Bound on opening a connection in the background.
+    connect_timeout: Duration,
     conns: Mutex<Vec<Arc<Conn>>>,
+    /// A background task is opening another connection.
+    growing: AtomicBool,
     /// Serializes connection attempts so a burst of queries opens one connection, not many.
     connect_lock: tokio::sync::Mutex<()>,
     /// Bumped after every connection attempt.
@@ -83,13 +87,16 @@ impl Pool {
         connector: Connector,
         max_conns: usize,
         idle_timeout: Duration,
+        connect_timeout: Duration,
     ) -> Self {
         Self {
             addr,
             connector,
             max_conns: max_conns.max(1),
             idle_timeout,
+            connect_timeout,
             conns: Mutex::new(Vec::new()),
+            growing: AtomicBool::new(false),
             connect_lock: tokio::sync::Mutex::new(()),
             connect_gen: AtomicU64::new(0),
             last_connect_error: Mutex::new(None),
@@ -100,7 +107,7 @@ impl Pool {
     /// Sends `wire` (any ID) and returns the raw response, whose ID is the one this pool chose.
     /// A query whose connection dies is retried on another connection.
     pub(crate) async fn exchange(
-        &self,
+        self: &Arc<Self>,
         wire: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
@@ -134,32 +141,29 @@ impl Pool {
         }
     }
 
-    /// A connection to send on: the least loaded one, or a new one while the pool may grow
-    /// and every connection is busy.
-    async fn get(&self, deadline: Instant) -> Result<Arc<Conn>, UpstreamError> {
+    /// A connection to send on: the least loaded one. While every connection is busy and
+    /// the pool may grow, another one is opened in the background, so that no query waits
+    /// for a handshake when a connection is already up.
+    async fn get(self: &Arc<Self>, deadline: Instant) -> Result<Arc<Conn>, UpstreamError> {
         let gen_seen = self.connect_gen.load(Ordering::Acquire);
         match self.pick() {
             Pick::Use(c) => return Ok(c),
             Pick::Grow(c) => {
-                // Grow only if nobody else is connecting; meanwhile pipeline on `c`.
-                let Ok(_guard) = self.connect_lock.try_lock() else {
-                    return Ok(c);
-                };
-                return match self.connect(deadline).await {
-                    Ok(n) => Ok(n),
-                    Err(e) => {
-                        tracing::debug!(addr = %self.addr, error = %e, "cannot grow pool");
-                        Ok(c)
-                    }
-                };
+                self.grow();
+                return Ok(c);
             }
             Pick::None => {}
         }
         let Ok(_guard) = timeout_at(deadline, self.connect_lock.lock()).await else {
             return Err(UpstreamError::Timeout { addr: self.addr });
         };
-        if let Pick::Use(c) | Pick::Grow(c) = self.pick() {
-            return Ok(c);
+        match self.pick() {
+            Pick::Use(c) => return Ok(c),
+            Pick::Grow(c) => {
+                self.grow();
+                return Ok(c);
+            }
+            Pick::None => {}
         }
         if self.connect_gen.load(Ordering::Acquire) != gen_seen
             && let Some(e) = self.last_connect_error.lock().clone()
@@ -168,6 +172,26 @@ impl Pool {
             return Err(e);
         }
         self.connect(deadline).await
+    }
+
+    /// Opens one more connection in the background, unless one is being opened already.
+    fn grow(self: &Arc<Self>) {
+        if self.growing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            {
+                let _guard = pool.connect_lock.lock().await;
+                if matches!(pool.pick(), Pick::Grow(_)) {
+                    let deadline = Instant::now() + pool.connect_timeout;
+                    if let Err(e) = pool.connect(deadline).await {
+                        tracing::debug!(addr = %pool.addr, error = %e, "cannot grow pool");
+                    }
+                }
+            }
+            pool.growing.store(false, Ordering::Release);
+        });
     }
 
     fn pick(&self) -> Pick {
@@ -485,4 +509,130 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         shared.close(&reason);
     }
     let _ = timeout(CLOSE_TIMEOUT, wr.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+
+    use tokio::task::JoinSet;
+
+    use super::super::testutil::{assert_answers, config, query, tcp_server, udp_server};
+    use super::super::{Protocol, UpstreamConfig, Upstreams};
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_pipelines_with_rewritten_ids() {
+        let server = tcp_server().await;
+        let cfg = UpstreamConfig {
+            tls_connections: 1,
+            ..config(vec![server.tcp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let mut set = JoinSet::new();
+        for i in 0..100u32 {
+            let ups = ups.clone();
+            let name = format!("delay-{}.t{i}.test.", (i * 37) % 50);
+            set.spawn(async move { (ups.query(&query(&name, 0xFFFF)).await, name) });
+        }
+        while let Some(r) = set.join_next().await {
+            let (a, name) = r.unwrap();
+            let a = a.unwrap();
+            assert_answers(&a.response, &name, 0xFFFF);
+            assert_eq!(a.protocol, Protocol::Tcp);
+        }
+        assert_eq!(server.connections(), 1);
+        let ids: HashSet<u16> = server.stats.ids.lock().iter().copied().collect();
+        assert_eq!(ids.len(), 100);
+        // Plain TCP is not padded.
+        let lens = server.stats.lens.lock().clone();
+        assert!(lens.iter().any(|l| l % 128 != 0), "{lens:?}");
+    }
+
+    #[tokio::test]
+    async fn tcp_pool_grows_up_to_its_limit() {
+        let server = tcp_server().await;
+        let cfg = UpstreamConfig {
+            tls_connections: 3,
+            ..config(vec![server.tcp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let mut set = JoinSet::new();
+        for i in 0..200 {
+            let ups = ups.clone();
+            set.spawn(async move { ups.query(&query(&format!("delay-20.g{i}.test."), 1)).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert!((2..=3).contains(&server.connections()), "{}", server.connections());
+        assert!(ups.health()[0].open_connections <= 3);
+    }
+
+    #[tokio::test]
+    async fn tcp_connection_killed_mid_flight_is_retried() {
+        let server = tcp_server().await;
+        server.behavior.kill_after.store(5, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            tls_connections: 1,
+            ..config(vec![server.tcp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let mut set = JoinSet::new();
+        for i in 0..30 {
+            let ups = ups.clone();
+            let name = format!("delay-50.r{i}.test.");
+            set.spawn(async move { (ups.query(&query(&name, 5)).await, name) });
+        }
+        while let Some(r) = set.join_next().await {
+            let (a, name) = r.unwrap();
+            assert_answers(&a.unwrap().response, &name, 5);
+        }
+        assert!(server.connections() >= 2);
+        assert_eq!(ups.health()[0].errors, 0);
+    }
+
+    #[tokio::test]
+    async fn silent_connection_is_dropped_after_a_timeout() {
+        let server = tcp_server().await;
+        let cfg = UpstreamConfig {
+            timeout: Duration::from_millis(300),
+            attempt_timeout: Duration::from_millis(300),
+            ..config(vec![server.tcp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let err = ups.query(&query("silent.test.", 1)).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Timeout { .. }), "{err}");
+        // Nothing was read on the connection since the query was sent: presumed dead.
+        assert_eq!(ups.health()[0].open_connections, 0);
+        ups.query(&query("ok.test.", 1)).await.unwrap();
+        assert_eq!(server.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn waiters_share_a_failed_connect() {
+        // A UDP-only port: TCP connects are refused.
+        let server = udp_server().await;
+        let pool = Arc::new(Pool::new(
+            server.addr,
+            Connector::Tcp,
+            2,
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let wire = query("a.test.", 1);
+        let results = tokio::join!(
+            pool.exchange(&wire, deadline),
+            pool.exchange(&wire, deadline),
+            pool.exchange(&wire, deadline)
+        );
+        for r in [results.0, results.1, results.2] {
+            assert!(matches!(r, Err(UpstreamError::Connect { .. })), "{r:?}");
+        }
+        assert_eq!(pool.open_connections(), 0);
+    }
 }

@@ -95,3 +95,93 @@ fn refused_or(addr: SocketAddr) -> impl Fn(std::io::Error) -> UpstreamError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::super::testutil::{
+        assert_answers, config, query, udp_server, udp_tcp_server,
+    };
+    use super::super::{Protocol, UpstreamConfig, Upstreams};
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_with_the_client_id_from_random_ports() {
+        let server = udp_server().await;
+        let ups = Upstreams::new(&config(vec![server.udp_url()])).unwrap();
+        for i in 0..10u16 {
+            let name = format!("n{i}.example.");
+            let a = ups.query(&query(&name, 0xABCD)).await.unwrap();
+            assert_answers(&a.response, &name, 0xABCD);
+            assert_eq!(a.protocol, Protocol::Udp);
+            assert_eq!((a.upstream, a.attempts), (0, 1));
+            assert!(a.latency <= a.elapsed);
+        }
+        assert!(server.stats.ports.lock().len() >= 2, "source ports vary");
+        let h = &ups.health()[0];
+        assert_eq!((h.queries, h.errors), (10, 0));
+        assert!(h.srtt_us > 0);
+        assert!(h.healthy);
+        assert_eq!(h.url, server.udp_url());
+    }
+
+    #[tokio::test]
+    async fn garbage_before_the_answer_is_ignored_and_counted() {
+        let server = udp_server().await;
+        server.behavior.udp_garbage.store(true, Ordering::SeqCst);
+        let ups = Upstreams::new(&config(vec![server.udp_url()])).unwrap();
+        let a = ups.query(&query("spoofed.example.", 77)).await.unwrap();
+        assert_answers(&a.response, "spoofed.example.", 77);
+        let h = &ups.health()[0];
+        assert!(h.errors >= 4, "{h:?}");
+        assert!(h.healthy);
+    }
+
+    #[tokio::test]
+    async fn only_garbage_times_out_without_panicking() {
+        let server = udp_server().await;
+        server.behavior.udp_garbage.store(true, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            timeout: Duration::from_millis(300),
+            attempt_timeout: Duration::from_millis(300),
+            ..config(vec![server.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        for name in ["silent.example.", "wrongid.x.", "short.x.", "garbage.x.", "wrongq.x."] {
+            let err = ups.query(&query(name, 1)).await.unwrap_err();
+            assert!(matches!(err, UpstreamError::Timeout { .. }), "{name}: {err}");
+        }
+        let h = &ups.health()[0];
+        assert!(h.errors >= 5 * 5, "{h:?}");
+    }
+
+    #[tokio::test]
+    async fn truncated_answer_is_retried_over_tcp() {
+        let server = udp_tcp_server().await;
+        server.behavior.truncate_udp.store(true, Ordering::SeqCst);
+        let ups = Upstreams::new(&config(vec![server.udp_url()])).unwrap();
+        let a = ups.query(&query("big.example.", 4242)).await.unwrap();
+        assert_answers(&a.response, "big.example.", 4242);
+        assert_eq!(a.protocol, Protocol::Tcp);
+        assert_eq!(server.queries(), 2, "once over UDP, once over TCP");
+        assert_eq!(server.connections(), 1);
+        assert_eq!(ups.health()[0].open_connections, 1);
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_a_fast_connect_error() {
+        let addr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let ups = Upstreams::new(&config(vec![format!("udp://{addr}")])).unwrap();
+        let started = Instant::now();
+        let err = ups.query(&query("a.example.", 1)).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(900));
+    }
+}

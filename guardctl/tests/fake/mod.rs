@@ -32,14 +32,21 @@ pub enum Fwd {
 /// Requests the fakes received, for asserting on what guardctl sent.
 #[derive(Debug, Default)]
 pub struct Log {
+    /// `Firewall.List` requests.
     pub list: Vec<ListRequest>,
+    /// `Firewall.Allow` requests.
     pub allow: Vec<AllowRequest>,
+    /// `Firewall.Revoke` requests.
     pub revoke: Vec<RevokeRequest>,
+    /// `Firewall.History` requests.
     pub history: Vec<HistoryRequest>,
+    /// `Resolver.FlushCache` requests.
     pub flush: Vec<FlushCacheRequest>,
+    /// Every call to either fake, denied ones included.
     pub calls: usize,
 }
 
+/// Wall-clock now in Unix ms.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -49,8 +56,11 @@ pub fn now_ms() -> u64 {
 
 /// Both fakes, served from one background thread until dropped.
 pub struct Daemons {
+    /// Holds both sockets; removed on drop.
     pub dir: tempfile::TempDir,
+    /// fwd's socket (absent when started with `Fwd::Down`).
     pub fwd_socket: PathBuf,
+    /// dnsd's socket (absent when started without dnsd).
     pub dnsd_socket: PathBuf,
     log: Arc<Mutex<Log>>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -153,8 +163,11 @@ pub fn guardctl() -> Command {
 /// A finished guardctl run.
 #[derive(Debug)]
 pub struct Run {
+    /// Exit code (-1 if killed by a signal).
     pub code: i32,
+    /// Everything printed on stdout.
     pub stdout: String,
+    /// Everything printed on stderr.
     pub stderr: String,
 }
 

@@ -37,7 +37,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    if let Some(code) = table.get("fake_exit_code").and_then(toml::Value::as_integer) {
+    if let Some(code) = table
+        .get("fake_exit_code")
+        .and_then(toml::Value::as_integer)
+    {
         eprintln!("fake failing");
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
@@ -53,16 +56,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("fake: SIGTERM handler: {e}");
             return ExitCode::from(1);
         }
     };
-    notify("READY=1");
     eprintln!("fake ready");
+    notify("READY=1");
     term.recv().await;
     notify("STOPPING=1");
     eprintln!("fake stopping");

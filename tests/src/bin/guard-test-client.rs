@@ -59,7 +59,7 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
 }
 
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("--raw-ip {s}: odd number of hex digits"));
     }
     (0..s.len())
@@ -105,7 +105,10 @@ async fn main() -> ExitCode {
         grants: args
             .ips
             .into_iter()
-            .map(|ip| Grant { ip, ttl_s: args.ttl })
+            .map(|ip| Grant {
+                ip,
+                ttl_s: args.ttl,
+            })
             .collect(),
         qname: args.qname,
         client: args.client,
