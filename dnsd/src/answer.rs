@@ -250,6 +250,8 @@ pub fn age_ttls(msg: &mut Message, elapsed: u32) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::str::FromStr;
 
@@ -294,7 +296,10 @@ mod tests {
         let m = msg(
             "example.com.",
             RecordType::A,
-            vec![a("example.com.", 300, "192.0.2.1"), a("example.com.", 200, "192.0.2.2")],
+            vec![
+                a("example.com.", 300, "192.0.2.1"),
+                a("example.com.", 200, "192.0.2.2"),
+            ],
         );
         let c = follow_chain(&m, &n("example.com."), RecordType::A).unwrap();
         assert_eq!(ips(&c), ["192.0.2.1", "192.0.2.2"]);
@@ -389,7 +394,11 @@ mod tests {
     fn overlong_chain_is_an_error() {
         let mut records = Vec::new();
         for i in 0..=MAX_CHAIN {
-            records.push(cname(&format!("n{i}.example."), 300, &format!("n{}.example.", i + 1)));
+            records.push(cname(
+                &format!("n{i}.example."),
+                300,
+                &format!("n{}.example.", i + 1),
+            ));
         }
         let m = msg("n0.example.", RecordType::A, records);
         assert_eq!(
@@ -404,7 +413,10 @@ mod tests {
         let m = msg(
             "example.com.",
             RecordType::A,
-            vec![aaaa("example.com.", 300, "2001:db8::1"), a("example.com.", 300, "192.0.2.1")],
+            vec![
+                aaaa("example.com.", 300, "2001:db8::1"),
+                a("example.com.", 300, "192.0.2.1"),
+            ],
         );
         let c = follow_chain(&m, &n("example.com."), RecordType::A).unwrap();
         assert_eq!(ips(&c), ["192.0.2.1"]);
@@ -440,7 +452,10 @@ mod tests {
         let m = msg(
             "example.com.",
             RecordType::A,
-            vec![a("example.com.", 300, "192.0.2.1"), a("example.com.", 30, "192.0.2.1")],
+            vec![
+                a("example.com.", 300, "192.0.2.1"),
+                a("example.com.", 30, "192.0.2.1"),
+            ],
         );
         let c = follow_chain(&m, &n("example.com."), RecordType::A).unwrap();
         assert_eq!(ips(&c), ["192.0.2.1"]);
@@ -450,7 +465,14 @@ mod tests {
     #[test]
     fn unspecified_and_never_cidrs_are_not_grantable() {
         let never: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
-        for bad in ["0.0.0.0", "::", "::ffff:0.0.0.0", "10.1.2.3", "::ffff:10.1.2.3", "fd12::1"] {
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+            "fd12::1",
+        ] {
             assert!(!grantable(bad.parse().unwrap(), &never), "{bad}");
         }
         for good in ["192.0.2.1", "2001:db8::1", "11.0.0.1"] {
@@ -463,7 +485,10 @@ mod tests {
         let mut m = msg(
             "example.com.",
             RecordType::A,
-            vec![a("example.com.", 300, "192.0.2.1"), a("example.com.", 300, "192.0.2.2")],
+            vec![
+                a("example.com.", 300, "192.0.2.1"),
+                a("example.com.", 300, "192.0.2.2"),
+            ],
         );
         let drop: HashSet<IpAddr> = ["192.0.2.2".parse().unwrap()].into_iter().collect();
         remove_addresses(&mut m, &drop);
@@ -474,7 +499,15 @@ mod tests {
         Record::from_rdata(
             n("example.com."),
             ttl,
-            RData::SOA(SOA::new(n("ns.example.com."), n("h.example.com."), 1, 2, 3, 4, minimum)),
+            RData::SOA(SOA::new(
+                n("ns.example.com."),
+                n("h.example.com."),
+                1,
+                2,
+                3,
+                4,
+                minimum,
+            )),
         )
     }
 
@@ -514,7 +547,10 @@ mod tests {
         let m = msg(
             "example.com.",
             RecordType::A,
-            vec![cname("example.com.", 50, "x.example."), a("x.example.", 300, "192.0.2.1")],
+            vec![
+                cname("example.com.", 50, "x.example."),
+                a("x.example.", 300, "192.0.2.1"),
+            ],
         );
         let c = follow_chain(&m, &n("example.com."), RecordType::A).unwrap();
         assert_eq!(cacheability(&m, &c), Cacheability::Positive(50));
@@ -531,7 +567,10 @@ mod tests {
         let mut m = msg(
             "example.com.",
             RecordType::A,
-            vec![a("example.com.", 1, "192.0.2.1"), a("example.com.", 100_000, "192.0.2.2")],
+            vec![
+                a("example.com.", 1, "192.0.2.1"),
+                a("example.com.", 100_000, "192.0.2.2"),
+            ],
         );
         clamp_ttls(&mut m, 30, 86_400);
         assert_eq!(m.answers[0].ttl, 30);

@@ -243,6 +243,8 @@ impl Authorizer {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use guard_proto::v1::GrantResult;
 
     use super::*;

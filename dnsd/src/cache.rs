@@ -287,6 +287,8 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use std::net::Ipv4Addr;
 
     use hickory_proto::op::{MessageType, OpCode, Query};
@@ -308,7 +310,11 @@ mod tests {
         let mut m = Message::new(0, MessageType::Response, OpCode::Query);
         let n = Name::from_ascii(name).unwrap();
         m.add_query(Query::query(n.clone(), RecordType::A));
-        m.add_answer(Record::from_rdata(n, ttl, RData::A(A(Ipv4Addr::new(192, 0, 2, 1)))));
+        m.add_answer(Record::from_rdata(
+            n,
+            ttl,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
         m
     }
 
@@ -401,7 +407,12 @@ mod tests {
         // Grant already over.
         assert!(needs_authorization(Some(now - 1), now, 0, Duration::ZERO));
         // No overflow near the end of time.
-        assert!(!needs_authorization(Some(u64::MAX), u64::MAX - 1, u32::MAX, Duration::MAX));
+        assert!(!needs_authorization(
+            Some(u64::MAX),
+            u64::MAX - 1,
+            u32::MAX,
+            Duration::MAX
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -438,7 +449,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn flush_name_and_below() {
         let c = Cache::new(10);
-        for n in ["example.com.", "www.example.com.", "example.org.", "notexample.com."] {
+        for n in [
+            "example.com.",
+            "www.example.com.",
+            "example.org.",
+            "notexample.com.",
+        ] {
             c.insert(key(n), item(n, 300, None));
         }
         assert_eq!(c.flush(Some(&Name::from_ascii("Example.COM.").unwrap())), 2);

@@ -554,9 +554,7 @@ impl Config {
             dup_addrs("listen.tls.addrs", &tls.addrs, e);
             for (i, a) in tls.addrs.iter().enumerate() {
                 if l.tcp.contains(a) {
-                    e.push(format!(
-                        "listen.tls.addrs[{i}]: {a} is also in listen.tcp"
-                    ));
+                    e.push(format!("listen.tls.addrs[{i}]: {a} is also in listen.tcp"));
                 }
             }
             positive("listen.tls.handshake_timeout", tls.handshake_timeout, e);
@@ -676,6 +674,8 @@ mod duration_str {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
 
     const MINIMAL: &str = r#"
@@ -768,7 +768,10 @@ mod tests {
     fn load_reports_read_parse_and_invalid() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.toml");
-        assert!(matches!(Config::load(&missing), Err(ConfigError::Read { .. })));
+        assert!(matches!(
+            Config::load(&missing),
+            Err(ConfigError::Read { .. })
+        ));
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[listen\n").unwrap();
         assert!(matches!(Config::load(&bad), Err(ConfigError::Parse { .. })));

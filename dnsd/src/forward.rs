@@ -34,7 +34,8 @@ pub struct ForwardError {
 }
 
 /// A boxed future returned by [`Forward::forward`].
-pub type ForwardFuture<'a> = Pin<Box<dyn Future<Output = Result<Forwarded, ForwardError>> + Send + 'a>>;
+pub type ForwardFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Forwarded, ForwardError>> + Send + 'a>>;
 
 /// Something that resolves queries through upstream servers.
 pub trait Forward: Send + Sync + std::fmt::Debug + 'static {

@@ -251,7 +251,12 @@ impl Handler {
     }
 
     /// Resolves a parsed query to a response (ID and flags are set by `finalize`).
-    async fn resolve(&self, q: &ClientQuery, client: IpAddr, live: &Live) -> (Message, &'static str) {
+    async fn resolve(
+        &self,
+        q: &ClientQuery,
+        client: IpAddr,
+        live: &Live,
+    ) -> (Message, &'static str) {
         let qname = q.query.name();
         if !live.domains.permits(qname) {
             let rcode = match live.domains.action() {
@@ -272,7 +277,10 @@ impl Handler {
             return (self.serve_hit(q, client, &key, scope, hit).await, "cache");
         }
         self.metrics.cache_miss();
-        (self.resolve_upstream(q, client, &key, scope, live).await, "upstream")
+        (
+            self.resolve_upstream(q, client, &key, scope, live).await,
+            "upstream",
+        )
     }
 
     /// Serves a cache hit, re-authorizing first when the committed grant would not outlive
@@ -307,10 +315,7 @@ impl Handler {
         if grants.is_empty() {
             return msg;
         }
-        match self
-            .authorize(&grants, q, client, "cache-refresh")
-            .await
-        {
+        match self.authorize(&grants, q, client, "cache-refresh").await {
             Ok(result) => {
                 answer::remove_addresses(&mut msg, &result.rejected);
                 if !result.rejected.is_empty() {
@@ -377,7 +382,8 @@ impl Handler {
                 for ((ip, _), v) in grants.iter().zip(verdicts) {
                     match v {
                         GrantVerdict::Granted { expires_unix_ms } => {
-                            until_ms = Some(until_ms.map_or(expires_unix_ms, |u| u.min(expires_unix_ms)));
+                            until_ms =
+                                Some(until_ms.map_or(expires_unix_ms, |u| u.min(expires_unix_ms)));
                         }
                         GrantVerdict::Rejected { error } => {
                             if self.settings.log_queries {
@@ -420,22 +426,21 @@ impl Handler {
             return error_msg(ResponseCode::ServFail);
         };
         let deadline = live.upstreams.timeout() + UPSTREAM_SLACK;
-        let fwd = match tokio::time::timeout(deadline, live.upstreams.forward(&upstream_query.1))
-            .await
-        {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                self.metrics
-                    .upstream_error(e.upstream.as_deref().unwrap_or("none"), e.kind);
-                tracing::debug!(error = %e, "upstream failed; answering SERVFAIL");
-                return error_msg(ResponseCode::ServFail);
-            }
-            Err(_) => {
-                self.metrics.upstream_error("none", "deadline");
-                tracing::debug!("upstream deadline passed; answering SERVFAIL");
-                return error_msg(ResponseCode::ServFail);
-            }
-        };
+        let fwd =
+            match tokio::time::timeout(deadline, live.upstreams.forward(&upstream_query.1)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    self.metrics
+                        .upstream_error(e.upstream.as_deref().unwrap_or("none"), e.kind);
+                    tracing::debug!(error = %e, "upstream failed; answering SERVFAIL");
+                    return error_msg(ResponseCode::ServFail);
+                }
+                Err(_) => {
+                    self.metrics.upstream_error("none", "deadline");
+                    tracing::debug!("upstream deadline passed; answering SERVFAIL");
+                    return error_msg(ResponseCode::ServFail);
+                }
+            };
         self.metrics.upstream_latency(&fwd.upstream, fwd.latency);
         let Some(mut msg) = parse_upstream(&fwd.wire, upstream_query.0, &q.query) else {
             self.metrics.upstream_error(&fwd.upstream, "malformed");
@@ -457,6 +462,12 @@ impl Handler {
         let address_query = answer::is_address_query(qtype);
         if address_query {
             answer::strip_off_chain(&mut msg, &chain);
+            if rcode == ResponseCode::NXDomain {
+                // Addresses in a "does not exist" answer are contradictory; never serve them
+                // unauthorized.
+                let all: HashSet<IpAddr> = chain.addrs.iter().map(|a| a.ip).collect();
+                answer::remove_addresses(&mut msg, &all);
+            }
         }
         let s = &self.settings;
         let (mut ttl, negative) = match answer::cacheability(&msg, &chain) {
@@ -525,7 +536,12 @@ impl Handler {
 
     /// Sets the header, question and EDNS for the client and encodes, truncating over UDP.
     /// Returns the bytes and the rcode sent.
-    fn finalize(&self, mut msg: Message, q: &ClientQuery, transport: Transport) -> (Vec<u8>, ResponseCode) {
+    fn finalize(
+        &self,
+        mut msg: Message,
+        q: &ClientQuery,
+        transport: Transport,
+    ) -> (Vec<u8>, ResponseCode) {
         let rcode = msg.metadata.response_code;
         msg.metadata.id = q.id;
         msg.metadata.message_type = MessageType::Response;
@@ -535,7 +551,7 @@ impl Handler {
         msg.metadata.recursion_desired = q.rd;
         msg.metadata.recursion_available = true;
         msg.metadata.checking_disabled = q.cd;
-        msg.metadata.authentic_data = msg.metadata.authentic_data && (q.dnssec_ok || false);
+        msg.metadata.authentic_data &= q.dnssec_ok;
         msg.queries = vec![q.query.clone()];
         msg.signature = None;
         msg.edns = q.edns_payload.map(|_| {
@@ -556,11 +572,13 @@ impl Handler {
             Ok(_) => {
                 let mut t = msg.truncate();
                 t.metadata.truncation = true;
-                t.to_vec().unwrap_or_else(|_| header_bytes(q.id, q.rd, ResponseCode::ServFail))
+                t.to_vec()
+                    .unwrap_or_else(|_| header_bytes(q.id, q.rd, ResponseCode::ServFail))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not encode an answer; answering SERVFAIL");
-                self.metrics.answered(Some(q.query.query_type()), ResponseCode::ServFail);
+                self.metrics
+                    .answered(Some(q.query.query_type()), ResponseCode::ServFail);
                 return (
                     header_bytes(q.id, q.rd, ResponseCode::ServFail),
                     ResponseCode::ServFail,
@@ -703,6 +721,8 @@ fn parse_upstream(wire: &[u8], id: u16, question: &Query) -> Option<Message> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
 
     fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {

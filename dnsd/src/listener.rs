@@ -175,7 +175,10 @@ pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, ListenerError> 
 }
 
 /// Binds and listens on a TCP socket.
-pub fn bind_tcp(addr: SocketAddr, proto: &'static str) -> Result<std::net::TcpListener, ListenerError> {
+pub fn bind_tcp(
+    addr: SocketAddr,
+    proto: &'static str,
+) -> Result<std::net::TcpListener, ListenerError> {
     let fd = bind_fd(addr, SockType::Stream, proto)?;
     let backlog = Backlog::new(1024).unwrap_or(Backlog::MAXCONN);
     listen(&fd, backlog).map_err(|e| ListenerError::Bind {
@@ -291,7 +294,11 @@ pub fn tls_acceptor(cfg: &TlsListenConfig) -> Result<TlsAcceptor, ListenerError>
         .map_err(|e| cert_err(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| key_err(format!("does not match the certificate or is unusable: {e}")))?;
+        .map_err(|e| {
+            key_err(format!(
+                "does not match the certificate or is unusable: {e}"
+            ))
+        })?;
     config.alpn_protocols = vec![b"dot".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -403,13 +410,23 @@ pub async fn serve_tcp(
         tasks.spawn(async move {
             let _permit = permit;
             match tls {
-                None => serve_stream(stream, peer, Transport::Tcp, handler, settings, shutdown).await,
+                None => {
+                    serve_stream(stream, peer, Transport::Tcp, handler, settings, shutdown).await
+                }
                 Some(acceptor) => {
-                    let hs = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+                    let hs =
+                        tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
                     match hs.await {
                         Ok(Ok(tls_stream)) => {
-                            serve_stream(tls_stream, peer, Transport::Tls, handler, settings, shutdown)
-                                .await
+                            serve_stream(
+                                tls_stream,
+                                peer,
+                                Transport::Tls,
+                                handler,
+                                settings,
+                                shutdown,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "DoT handshake failed"),
                         Err(_) => tracing::debug!("DoT handshake timed out"),
@@ -447,7 +464,10 @@ async fn read_message<R: AsyncRead + Unpin>(
         rd.read_exact(&mut len[1..]).await?;
         let n = usize::from(u16::from_be_bytes(len));
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "zero-length message"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "zero-length message",
+            ));
         }
         let mut buf = vec![0u8; n];
         rd.read_exact(&mut buf).await?;
@@ -540,6 +560,8 @@ pub async fn serve_stream<S>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
 
     #[tokio::test]
@@ -547,7 +569,10 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(&[0, 3, 1, 2, 3, 0, 1, 9]).await.unwrap();
         let d = Duration::from_secs(1);
-        assert_eq!(read_message(&mut server, d, d).await.unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            read_message(&mut server, d, d).await.unwrap(),
+            vec![1, 2, 3]
+        );
         assert_eq!(read_message(&mut server, d, d).await.unwrap(), vec![9]);
         drop(client);
         assert_eq!(read_message(&mut server, d, d).await, Err(ReadEnd::Closed));
@@ -589,7 +614,10 @@ mod tests {
         // Idle connection: closed after the idle timeout, not earlier.
         let (_client, mut server) = tokio::io::duplex(1024);
         let start = tokio::time::Instant::now();
-        assert_eq!(read_message(&mut server, idle, deadline).await, Err(ReadEnd::Closed));
+        assert_eq!(
+            read_message(&mut server, idle, deadline).await,
+            Err(ReadEnd::Closed)
+        );
         assert!(start.elapsed() >= idle);
     }
 }

@@ -236,6 +236,8 @@ impl DomainPolicy {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
 
     fn policy(mode: DomainMode, names: &[&str]) -> DomainPolicy {
@@ -255,11 +257,20 @@ mod tests {
         let p = policy(DomainMode::Allow, &["example.com", "*.Example.ORG."]);
         assert!(p.permits(&name("example.com.")));
         assert!(p.permits(&name("EXAMPLE.com")));
-        assert!(!p.permits(&name("www.example.com.")), "exact does not cover subdomains");
+        assert!(
+            !p.permits(&name("www.example.com.")),
+            "exact does not cover subdomains"
+        );
         assert!(p.permits(&name("www.example.org.")));
         assert!(p.permits(&name("a.b.c.example.org.")));
-        assert!(!p.permits(&name("example.org.")), "*. matches strictly below");
-        assert!(!p.permits(&name("badexample.org.")), "label boundary respected");
+        assert!(
+            !p.permits(&name("example.org.")),
+            "*. matches strictly below"
+        );
+        assert!(
+            !p.permits(&name("badexample.org.")),
+            "label boundary respected"
+        );
         assert!(!p.permits(&name("example.org.evil.")));
         assert!(!p.permits(&name(".")));
     }
@@ -276,10 +287,23 @@ mod tests {
 
     #[test]
     fn pattern_validation() {
-        for ok in ["example.com", "*.example.com", "example.com.", "_dmarc.x-y.example"] {
+        for ok in [
+            "example.com",
+            "*.example.com",
+            "example.com.",
+            "_dmarc.x-y.example",
+        ] {
             assert!(check_pattern(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "*.", "a..b", "exa mple.com", "*x.example", "a.*.example", "*"] {
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "exa mple.com",
+            "*x.example",
+            "a.*.example",
+            "*",
+        ] {
             assert!(check_pattern(bad).is_err(), "{bad}");
         }
         assert!(check_pattern(&"a".repeat(64)).is_err());
@@ -288,12 +312,18 @@ mod tests {
     #[test]
     fn acl() {
         let acl = Acl::new(&AclConfig {
-            allow: vec!["127.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+            allow: vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
             action: AclAction::Refused,
             ..AclConfig::default()
         });
         assert_eq!(acl.check("127.0.0.1".parse().unwrap()), Verdict::Allow);
-        assert_eq!(acl.check("::ffff:127.0.0.1".parse().unwrap()), Verdict::Allow);
+        assert_eq!(
+            acl.check("::ffff:127.0.0.1".parse().unwrap()),
+            Verdict::Allow
+        );
         assert_eq!(acl.check("2001:db8::5".parse().unwrap()), Verdict::Allow);
         assert_eq!(acl.check("192.0.2.1".parse().unwrap()), Verdict::Refuse);
         let drop = Acl::new(&AclConfig {

@@ -92,14 +92,26 @@ impl Reloader {
         // Close the old upstreams' pools; queries still using them retry on new connections.
         old.upstreams.close().await;
         for (section, changed) in [
-            ("listen", format!("{:?}", self.current.listen) != format!("{:?}", new.listen)),
-            ("cache", format!("{:?}", self.current.cache) != format!("{:?}", new.cache)),
+            (
+                "listen",
+                format!("{:?}", self.current.listen) != format!("{:?}", new.listen),
+            ),
+            (
+                "cache",
+                format!("{:?}", self.current.cache) != format!("{:?}", new.cache),
+            ),
             (
                 "authorize",
                 format!("{:?}", self.current.authorize) != format!("{:?}", new.authorize),
             ),
-            ("control", format!("{:?}", self.current.control) != format!("{:?}", new.control)),
-            ("metrics", format!("{:?}", self.current.metrics) != format!("{:?}", new.metrics)),
+            (
+                "control",
+                format!("{:?}", self.current.control) != format!("{:?}", new.control),
+            ),
+            (
+                "metrics",
+                format!("{:?}", self.current.metrics) != format!("{:?}", new.metrics),
+            ),
             ("log_queries", self.current.log_queries != new.log_queries),
         ] {
             if changed {
@@ -137,7 +149,8 @@ pub async fn run(
     let mut addrs: Vec<String> = Vec::new();
 
     for sock in sockets.udp {
-        sock.set_nonblocking(true).map_err(socket_err("udp socket"))?;
+        sock.set_nonblocking(true)
+            .map_err(socket_err("udp socket"))?;
         let sock = tokio::net::UdpSocket::from_std(sock).map_err(socket_err("udp socket"))?;
         if let Ok(a) = sock.local_addr() {
             addrs.push(format!("udp://{a}"));
@@ -159,10 +172,13 @@ pub async fn run(
         .chain(sockets.tls.into_iter().map(|l| (l, tls.clone(), "tls")));
     for (l, acceptor, scheme) in stream_listeners {
         if scheme == "tls" && acceptor.is_none() {
-            tracing::warn!("a DoT socket was passed but [listen.tls] is not configured; ignoring it");
+            tracing::warn!(
+                "a DoT socket was passed but [listen.tls] is not configured; ignoring it"
+            );
             continue;
         }
-        l.set_nonblocking(true).map_err(socket_err("tcp listener"))?;
+        l.set_nonblocking(true)
+            .map_err(socket_err("tcp listener"))?;
         let l = tokio::net::TcpListener::from_std(l).map_err(socket_err("tcp listener"))?;
         if let Ok(a) = l.local_addr() {
             addrs.push(format!("{scheme}://{a}"));
@@ -176,7 +192,8 @@ pub async fn run(
     }
     if let Some(l) = sockets.control {
         use std::os::unix::fs::MetadataExt;
-        l.set_nonblocking(true).map_err(socket_err("control socket"))?;
+        l.set_nonblocking(true)
+            .map_err(socket_err("control socket"))?;
         let socket_gid = sockets
             .control_path
             .as_ref()
@@ -188,7 +205,8 @@ pub async fn run(
         services.spawn(async move { control::serve(l, svc, s).await.map_err(ServerError::from) });
     }
     if let Some(l) = sockets.metrics {
-        l.set_nonblocking(true).map_err(socket_err("metrics listener"))?;
+        l.set_nonblocking(true)
+            .map_err(socket_err("metrics listener"))?;
         let l = tokio::net::TcpListener::from_std(l).map_err(socket_err("metrics listener"))?;
         if let Ok(a) = l.local_addr() {
             addrs.push(format!("http://{a}/metrics"));
@@ -273,4 +291,52 @@ pub async fn run(
     }
     tracing::info!("dnsd stopped");
     failure.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn config(allow: &str) -> Config {
+        Config::parse(&format!(
+            "[upstream]\nservers = [\"udp://127.0.0.1:5300\"]\n[acl]\nallow = [\"{allow}\"]\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_valid_config_and_keeps_old_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dnsd.toml");
+        let first = config("127.0.0.0/8");
+        let (tx, rx) = watch::channel(Arc::new(build_live(&first).unwrap()));
+        let mut r = Reloader::new(path.clone(), first, tx);
+        let client: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        let verdict = |rx: &watch::Receiver<Arc<Live>>| rx.borrow().acl.check(client);
+        assert_eq!(verdict(&rx), crate::policy::Verdict::Refuse);
+
+        // Unreadable, unparsable and invalid files are all rejected; the old state stays.
+        let before = rx.borrow().clone();
+        assert!(!r.reload().await);
+        std::fs::write(&path, "[acl\n").unwrap();
+        assert!(!r.reload().await);
+        std::fs::write(&path, "[upstream]\nservers = []\n").unwrap();
+        assert!(!r.reload().await);
+        assert!(Arc::ptr_eq(&before, &rx.borrow()));
+
+        // A valid file swaps ACL (and upstreams, domains) in one step.
+        std::fs::write(
+            &path,
+            "[upstream]\nservers = [\"udp://127.0.0.1:5301\"]\n[acl]\nallow = [\"192.0.2.0/24\"]\n",
+        )
+        .unwrap();
+        assert!(r.reload().await);
+        assert_eq!(verdict(&rx), crate::policy::Verdict::Allow);
+        assert_eq!(
+            rx.borrow().upstreams.health()[0].url,
+            "udp://127.0.0.1:5301"
+        );
+    }
 }

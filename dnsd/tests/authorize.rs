@@ -24,7 +24,10 @@ fn zone() -> Responder {
         let qtype = q.queries[0].query_type();
         let answers: Vec<&str> = match (name.as_str(), qtype) {
             ("example.com.", RecordType::A) => {
-                vec!["example.com. 300 A 192.0.2.1", "example.com. 300 A 192.0.2.2"]
+                vec![
+                    "example.com. 300 A 192.0.2.1",
+                    "example.com. 300 A 192.0.2.2",
+                ]
             }
             ("example.com.", RecordType::AAAA) => vec!["example.com. 300 AAAA 2001:db8::1"],
             ("example.com.", RecordType::TXT) => vec!["example.com. 300 TXT hello"],
@@ -37,7 +40,7 @@ fn zone() -> Responder {
             ("big.test.", RecordType::TXT) => {
                 return Some(reply(
                     q,
-                    &(0..20)
+                    &(0..15)
                         .map(|_| "big.test. 300 TXT xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
                         .collect::<Vec<_>>(),
                 ));
@@ -79,7 +82,11 @@ async fn setup_with(
         serve_fake_fwd(cfg.authorize.socket.clone(), fwd.clone());
     }
     let dnsd = start_dnsd(cfg, dir);
-    Setup { dnsd, fwd, upstream }
+    Setup {
+        dnsd,
+        fwd,
+        upstream,
+    }
 }
 
 #[tokio::test]
@@ -88,15 +95,19 @@ async fn answer_is_released_only_after_authorize_returns() {
     *s.fwd.hold.lock() = true;
     let q = query("Example.COM.", RecordType::A, true);
     let udp = s.dnsd.udp;
-    let pending = tokio::spawn(async move {
-        udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(5)).await
-    });
+    let pending =
+        tokio::spawn(
+            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(5)).await },
+        );
     // fwd has the request, and is holding it: no answer may have been sent.
     tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
         .await
         .expect("Authorize never called");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!pending.is_finished(), "answer released before fwd confirmed");
+    assert!(
+        !pending.is_finished(),
+        "answer released before fwd confirmed"
+    );
     s.fwd.release.notify_one();
     let resp = pending.await.unwrap().expect("no answer after release");
     assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
@@ -126,7 +137,10 @@ async fn fwd_down_gives_servfail() {
 
 #[tokio::test]
 async fn fwd_down_with_on_fwd_error_answer_releases() {
-    let s = setup_with(zone(), false, |c| c.authorize.on_fwd_error = OnFwdError::Answer).await;
+    let s = setup_with(zone(), false, |c| {
+        c.authorize.on_fwd_error = OnFwdError::Answer
+    })
+    .await;
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&resp).len(), 2);
@@ -139,7 +153,10 @@ async fn slow_fwd_gives_servfail() {
     let started = std::time::Instant::now();
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
-    assert!(started.elapsed() < Duration::from_millis(1500), "authorize.timeout not applied");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "authorize.timeout not applied"
+    );
     // Not cached: once fwd is fast again the name resolves.
     *s.fwd.mode.lock() = FwdMode::Grant;
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
@@ -185,16 +202,31 @@ async fn cache_hit_for_a_client_without_grant_reauthorizes() {
     udp_query_from(s.dnsd.udp, "127.0.0.1", &q, Duration::from_secs(3))
         .await
         .unwrap();
-    let resp = udp_query_from(s.dnsd.udp, "127.0.0.2", &query("example.com.", RecordType::A, false), Duration::from_secs(3))
-        .await
-        .unwrap();
+    let resp = udp_query_from(
+        s.dnsd.udp,
+        "127.0.0.2",
+        &query("example.com.", RecordType::A, false),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
     assert_eq!(addrs(&resp).len(), 2);
-    udp_query_from(s.dnsd.udp, "127.0.0.1", &query("example.com.", RecordType::A, false), Duration::from_secs(3))
-        .await
-        .unwrap();
-    udp_query_from(s.dnsd.udp, "127.0.0.2", &query("example.com.", RecordType::A, false), Duration::from_secs(3))
-        .await
-        .unwrap();
+    udp_query_from(
+        s.dnsd.udp,
+        "127.0.0.1",
+        &query("example.com.", RecordType::A, false),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    udp_query_from(
+        s.dnsd.udp,
+        "127.0.0.2",
+        &query("example.com.", RecordType::A, false),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
     let calls = s.fwd.calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1].reason, "cache-refresh");
@@ -205,7 +237,10 @@ async fn cache_hit_for_a_client_without_grant_reauthorizes() {
 #[tokio::test]
 async fn cache_hit_without_grant_reauthorizes_once_fwd_is_back() {
     // Fail-open mode answered and cached without a grant; the next hit must authorize.
-    let s = setup_with(zone(), false, |c| c.authorize.on_fwd_error = OnFwdError::Answer).await;
+    let s = setup_with(zone(), false, |c| {
+        c.authorize.on_fwd_error = OnFwdError::Answer
+    })
+    .await;
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(addrs(&resp).len(), 2);
     let fwd = FakeFwd::new();
@@ -225,7 +260,11 @@ async fn cache_hit_without_grant_reauthorizes_once_fwd_is_back() {
 async fn only_the_cname_chain_is_authorized_with_its_minimum_ttl() {
     let s = setup(|_| {}).await;
     let resp = udp_query(s.dnsd.udp, &query("www.example.com.", RecordType::A, false)).await;
-    assert_eq!(addrs(&resp), vec![ip("198.51.100.7")], "off-chain record served");
+    assert_eq!(
+        addrs(&resp),
+        vec![ip("198.51.100.7")],
+        "off-chain record served"
+    );
     let calls = s.fwd.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(grant_ips(&calls[0]), vec![ip("198.51.100.7")]);
@@ -257,13 +296,16 @@ async fn unparseable_upstream_answer_is_servfail_and_authorizes_nothing() {
 async fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
     let s = setup(|_| {}).await;
     let resp = udp_query(s.dnsd.udp, &query("big.test.", RecordType::TXT, false)).await;
-    assert!(resp.metadata.truncation, "no TC for a >512 byte answer to a non-EDNS client");
+    assert!(
+        resp.metadata.truncation,
+        "no TC for a >512 byte answer to a non-EDNS client"
+    );
     assert!(resp.answers.is_empty());
     let resp = udp_query(s.dnsd.udp, &query("big.test.", RecordType::TXT, true)).await;
     assert!(!resp.metadata.truncation, "fits the client's EDNS size");
     let resp = tcp_query(s.dnsd.tcp, &query("big.test.", RecordType::TXT, false)).await;
     assert!(!resp.metadata.truncation);
-    assert_eq!(resp.answers.len(), 20);
+    assert_eq!(resp.answers.len(), 15);
 }
 
 #[tokio::test]
@@ -285,9 +327,14 @@ async fn acl_refuses_or_drops() {
     let s = setup(|c| c.acl.allow = vec!["127.0.0.2/32".parse().unwrap()]).await;
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::Refused);
-    let ok = udp_query_from(s.dnsd.udp, "127.0.0.2", &query("example.com.", RecordType::A, false), Duration::from_secs(3))
-        .await
-        .unwrap();
+    let ok = udp_query_from(
+        s.dnsd.udp,
+        "127.0.0.2",
+        &query("example.com.", RecordType::A, false),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
     assert_eq!(ok.metadata.response_code, ResponseCode::NoError);
 
     let s = setup(|c| {
@@ -295,7 +342,13 @@ async fn acl_refuses_or_drops() {
         c.acl.action = dnsd::config::AclAction::Drop;
     })
     .await;
-    let none = udp_query_from(s.dnsd.udp, "127.0.0.1", &query("example.com.", RecordType::A, false), Duration::from_millis(500)).await;
+    let none = udp_query_from(
+        s.dnsd.udp,
+        "127.0.0.1",
+        &query("example.com.", RecordType::A, false),
+        Duration::from_millis(500),
+    )
+    .await;
     assert!(none.is_none());
 }
 
@@ -311,13 +364,19 @@ async fn malformed_packets_leave_dnsd_serving() {
     let mut hdr = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     hdr.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // compression loop
     sock.send_to(&hdr, s.dnsd.udp).await.unwrap();
+    // (The 0x42 junk has a parseable header with an unknown opcode: it gets NOTIMP.)
     let mut buf = [0u8; 512];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
-    assert_eq!(resp.metadata.id, 0xabcd);
+    let resp = loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+        if resp.metadata.id == 0xabcd {
+            break resp;
+        }
+        assert_eq!(resp.metadata.response_code, ResponseCode::NotImp);
+    };
     assert_eq!(resp.metadata.response_code, ResponseCode::FormErr);
 
     // TCP: a lying length then close, a zero length, and a slow writer.
@@ -370,9 +429,7 @@ async fn control_socket_stats_and_flush() {
     assert_eq!(ups.upstreams.len(), 1);
     // The test runs as root (uid 0 is admin by default) or as the socket owner (reader).
     let flush = c
-        .flush_cache(FlushCacheRequest {
-            name: "com".into(),
-        })
+        .flush_cache(FlushCacheRequest { name: "com".into() })
         .await;
     if nix::unistd::geteuid().is_root() {
         assert_eq!(flush.unwrap().into_inner().flushed, 1);

@@ -302,6 +302,7 @@ impl Engine {
             },
         })?;
         report.loaded = committed.len();
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, "reconcile: store loaded");
         report.expired = expired.len();
         report.manual = manual.len();
         let melems: Vec<ManualElem> = manual
@@ -312,6 +313,7 @@ impl Engine {
             })
             .collect();
         nft::setup(s, &melems)?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, "reconcile: ruleset set up");
 
         let mut nl = Netlink::open()?;
         let sets: [(&str, KeyType); 2] = if s.raw.per_client {
@@ -350,6 +352,7 @@ impl Engine {
                 report.added += 1;
             }
         }
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, ops = ops.len(), "reconcile: kernel listed and diffed");
         for chunk in ops.chunks(RECONCILE_CHUNK) {
             let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk)).map_err(StartError::Reconcile)?;
             if let Some((i, e)) = failed.first() {
@@ -693,13 +696,17 @@ impl Committer {
             events.push(ev);
         }
         // Intent first: if we crash after this, restart re-adds it (only addresses DNS named).
-        if let Err(e) = self.store.apply(&changes, &events) {
+        let t_apply = Instant::now();
+        let applied = self.store.apply(&changes, &events);
+        tracing::debug!(store_us = t_apply.elapsed().as_micros() as u64, "group intent written");
+        if let Err(e) = applied {
             tracing::error!(error = %e, "state store write failed; failing the group closed");
             for w in waiting {
                 let _ = w.5.send(Err(EngineError::Store(e.to_string())));
             }
             return;
         }
+        let t_store = Instant::now();
         let mut kernel_error: Option<String> = None;
         if !ops.is_empty() {
             match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
@@ -728,6 +735,7 @@ impl Committer {
                 }
             }
         }
+        tracing::debug!(ops = ops.len(), changes = changes.len(), kernel_us = t_store.elapsed().as_micros() as u64, "group committed");
         // Compensate the intent of whatever did not reach the kernel.
         let mut undo_changes = Vec::new();
         let mut undo_events = Vec::new();

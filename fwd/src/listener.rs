@@ -51,16 +51,29 @@ pub fn bind(s: &Settings) -> Result<UnixListener, ListenError> {
     Ok(l)
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-pub async fn signals(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+/// SIGTERM/SIGINT streams, installed before READY so an early SIGTERM is never fatal.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; call inside the runtime, before announcing readiness.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    token.cancel();
+
+    /// Cancels `token` on the first SIGTERM or SIGINT.
+    pub async fn cancel_on_signal(mut self, token: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = self.int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        token.cancel();
+    }
 }

@@ -100,8 +100,10 @@ fn start(settings: Arc<fwd::config::Settings>) -> Result<(), Box<dyn std::error:
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let token = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(fwd::listener::signals(token.clone()));
-        server::run(engine, settings, reader, sock, token).await
+        let signals = fwd::listener::Signals::install()?;
+        tokio::spawn(signals.cancel_on_signal(token.clone()));
+        server::run(engine, settings, reader, sock, token).await?;
+        Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     tracing::info!("fwd stopped; the ruleset stays in place (fail closed)");
     Ok(())

@@ -325,7 +325,7 @@ pub fn existing_chains(table: &str) -> Result<Option<Vec<String>>, NftError> {
     }
     let cur = helper::get_current_ruleset_with_args(
         helper::DEFAULT_NFT,
-        ["list", "table", "inet", table].iter().copied(),
+        ["-t", "list", "table", "inet", table].iter().copied(),
     )
     .map_err(nft_err("list table"))?;
     Ok(Some(

@@ -32,8 +32,8 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Erro
 /// Converts 4 or 16 raw bytes into an address; anything else is `None`.
 pub fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     match b.len() {
-        4 => <[u8; 4]>::try_from(b).ok().map(|a| std::net::IpAddr::from(a)),
-        16 => <[u8; 16]>::try_from(b).ok().map(|a| std::net::IpAddr::from(a)),
+        4 => <[u8; 4]>::try_from(b).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from),
         _ => None,
     }
 }

@@ -11,6 +11,21 @@
 //! - [`Fwd`] / [`FwdConfig`] / [`FwdClient`]: the real fwd, readiness by sd_notify, a sync gRPC client.
 //! - [`nft`]: independent kernel checks through `nft -j`.
 //! - [`cmd`]: commands with a deadline, guardctl, binaries in the target directory.
+//!
+//! A typical test (see `tests/fwd_e2e.rs`):
+//!
+//! ```no_run
+//! use guard_tests::topology::service_v4;
+//! use guard_tests::{EchoServer, Fwd, FwdConfig, OrFail, Topology, probe};
+//!
+//! let topo = Topology::local().or_fail("topology");
+//! let _echo = EchoServer::services(&topo.net).or_fail("echo");
+//! let fwd = Fwd::start(&topo.fwd, FwdConfig::local()).or_fail("fwd");
+//! probe::expect_tcp_refused(&topo.fwd, service_v4(0)).or_fail("default deny");
+//! fwd.client().or_fail("client").authorize(&[(service_v4(0), 60)], "example.com.").or_fail("authorize");
+//! probe::expect_tcp_open(&topo.fwd, service_v4(0)).or_fail("granted");
+//! // Dropping fwd, then the echo servers, then the topology cleans everything up.
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod cmd;

@@ -216,8 +216,8 @@ fn expired_grant_refuses_new_connections_but_keeps_established_flows() {
         assert_eq!(r.effective_ttl_s, 1, "{r:?}");
         assert!(r.expires_unix_ms <= now_unix_ms() + 2_000, "{r:?}");
     }
-    // Two flows established on a longer grant (so that opening them cannot race its expiry),
-    // then cut down to the short one by revoking and re-granting with TTL 1.
+    // Two flows opened on a slightly longer grant (TTL 3: about 4s), so that opening them
+    // cannot race the expiry on a busy machine; they must outlive it.
     let (f4, f6) = (service_v4(4), service_v6(4));
     c.authorize(&[(f4, 3), (f6, 3)], "flow.example.")
         .or_fail("authorize flows");
@@ -761,7 +761,8 @@ fn nettrust_race_reply_before_kernel_commit() {
     const CALLERS: usize = 32;
     let env = local(FwdConfig::local());
     let ns = &env.topo.fwd;
-    for ip in [service_v4(5), service_v6(5)] {
+    // Several rounds, each a fresh address, to give a reply-before-commit bug many chances.
+    for ip in [service_v4(5), service_v6(5), service_v4(6), service_v6(6)] {
         let barrier = Barrier::new(CALLERS);
         let results: Vec<Result<(Outcome, Verdict), String>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..CALLERS)
@@ -772,11 +773,15 @@ fn nettrust_race_reply_before_kernel_commit() {
                         let rt = tokio::runtime::Builder::new_current_thread()
                             .enable_all()
                             .build()
-                            .map_err(|e| e.to_string())?;
-                        let channel = rt.block_on(guard_proto::connect_unix(socket));
-                        // Everyone waits here, connected or not, so the barrier always opens.
+                            .map_err(|e| e.to_string());
+                        let channel = rt.as_ref().map_err(Clone::clone).and_then(|rt| {
+                            rt.block_on(guard_proto::connect_unix(socket))
+                                .map_err(|e| e.to_string())
+                        });
+                        // Everyone waits here, ready or not, so the barrier always opens.
                         barrier.wait();
-                        let mut client = FirewallClient::new(channel.map_err(|e| e.to_string())?);
+                        let (rt, channel) = (rt?, channel?);
+                        let mut client = FirewallClient::new(channel);
                         let resp = rt
                             .block_on(client.authorize(AuthorizeRequest {
                                 grants: vec![grant(ip, 300)],

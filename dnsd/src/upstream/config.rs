@@ -306,7 +306,11 @@ impl ServerUrl {
             "udp" => Protocol::Udp,
             "tcp" => Protocol::Tcp,
             "tls" => Protocol::Tls,
-            other => return Err(format!("unknown scheme '{other}' (expected udp, tcp or tls)")),
+            other => {
+                return Err(format!(
+                    "unknown scheme '{other}' (expected udp, tcp or tls)"
+                ));
+            }
         };
         let (hostport, fragment) = match rest.split_once('#') {
             Some((h, f)) => (h, Some(f)),
@@ -369,7 +373,10 @@ fn parse_hostport(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return check_port(addr);
     }
-    let bare = s.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(s);
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(s);
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, default_port));
     }

@@ -176,7 +176,9 @@ impl Health {
 }
 
 fn update_srtt(srtt_us: &mut u64, rtt: Duration) {
-    let sample = i64::try_from(rtt.as_micros()).unwrap_or(i64::MAX / 2).max(1);
+    let sample = i64::try_from(rtt.as_micros())
+        .unwrap_or(i64::MAX / 2)
+        .max(1);
     if *srtt_us == 0 {
         *srtt_us = sample.unsigned_abs();
         return;
@@ -225,7 +227,10 @@ mod tests {
         let mut now = t0 + Duration::from_secs(1);
         for _ in 0..10 {
             h.on_failure("again", None, now);
-            assert_eq!(h.state(now + Duration::from_secs(expect) - Duration::from_millis(1)), State::Down);
+            assert_eq!(
+                h.state(now + Duration::from_secs(expect) - Duration::from_millis(1)),
+                State::Down
+            );
             assert_eq!(h.state(now + Duration::from_secs(expect)), State::Retry);
             now += Duration::from_secs(expect);
             expect = (expect * 2).min(60);
@@ -239,7 +244,11 @@ mod tests {
         h.on_failure("x", None, now);
         h.on_failure("x", None, now);
         h.on_failure("x", None, now);
-        assert_eq!(h.state(now + Duration::from_secs(1)), State::Retry, "back-off was reset");
+        assert_eq!(
+            h.state(now + Duration::from_secs(1)),
+            State::Retry,
+            "back-off was reset"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub(crate) struct Prepared {
     op_code: OpCode,
     /// The question every response must echo.
     queries: Vec<Query>,
+    /// The largest UDP response the client accepts (512 without EDNS).
+    udp_payload: usize,
     /// The client's bytes; transports overwrite the ID.
     wire: Vec<u8>,
     /// The parsed query, kept to build the padded form.
@@ -53,10 +55,16 @@ impl Prepared {
             client_id: message.metadata.id,
             op_code: message.metadata.op_code,
             queries: message.queries.clone(),
+            udp_payload: usize::from(message.max_payload().max(512)),
             wire: wire.to_vec(),
             message,
             padded: OnceLock::new(),
         })
+    }
+
+    /// The largest UDP response the client advertised it accepts.
+    pub(crate) fn udp_payload(&self) -> usize {
+        self.udp_payload
     }
 
     /// The client's query bytes (any ID).
@@ -233,8 +241,10 @@ pub(crate) mod tests {
             let mut e = Edns::new();
             e.set_max_payload(edns.max_payload());
             if let Some(block) = pad_to {
-                e.options_mut()
-                    .insert(EdnsOption::Unknown(EdnsCode::Padding.into(), vec![0; block]));
+                e.options_mut().insert(EdnsOption::Unknown(
+                    EdnsCode::Padding.into(),
+                    vec![0; block],
+                ));
             }
             r.set_edns(e);
         }
@@ -261,7 +271,12 @@ pub(crate) mod tests {
         ] {
             let p = Prepared::parse(&query_bytes(name, 7, edns)).unwrap();
             let padded = p.padded_wire().unwrap().to_vec();
-            assert_eq!(padded.len() % QUERY_BLOCK_LEN, 0, "{name}: {}", padded.len());
+            assert_eq!(
+                padded.len() % QUERY_BLOCK_LEN,
+                0,
+                "{name}: {}",
+                padded.len()
+            );
             assert!(has_padding(&padded));
             let back = Message::from_vec(&padded).unwrap();
             assert_eq!(back.queries, p.queries);

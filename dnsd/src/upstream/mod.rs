@@ -435,7 +435,9 @@ impl Upstreams {
                     let deadline = Instant::now() + inner.attempt_timeout;
                     match up.attempt(&prepared, deadline, inner.padding).await {
                         Ok(_) => tracing::info!(upstream = %up.url, "health check succeeded"),
-                        Err(e) => tracing::debug!(upstream = %up.url, error = %e, "health check failed"),
+                        Err(e) => {
+                            tracing::debug!(upstream = %up.url, error = %e, "health check failed")
+                        }
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot build the health check query"),
@@ -523,6 +525,230 @@ impl Upstream {
                 let protocol = if *tls { Protocol::Tls } else { Protocol::Tcp };
                 Ok((answer, protocol))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::atomic::Ordering;
+
+    use super::testutil::{assert_answers, config, query, udp_server, wait_for};
+    use super::*;
+
+    fn closed_tcp_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn failover_skips_a_dead_upstream_and_marks_it_down() {
+        let good = udp_server().await;
+        let dead = closed_tcp_port();
+        let cfg = UpstreamConfig {
+            backoff_initial: Duration::from_secs(30),
+            ..config(vec![format!("tcp://{dead}"), good.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        assert_eq!(ups.strategy(), Strategy::Failover);
+        for i in 0..3 {
+            let a = ups.query(&query("a.test.", i)).await.unwrap();
+            assert_answers(&a.response, "a.test.", i);
+            assert_eq!((a.upstream, a.attempts), (1, 2), "tried the dead one first");
+        }
+        let h = ups.health();
+        assert!(!h[0].healthy, "{h:?}");
+        assert_eq!(h[0].consecutive_failures, 3);
+        assert!(h[0].last_error.contains("cannot connect"), "{h:?}");
+        assert!(h[1].healthy);
+        // Marked down: the next queries go straight to the second upstream.
+        for i in 0..5 {
+            let a = ups.query(&query("b.test.", i)).await.unwrap();
+            assert_eq!((a.upstream, a.attempts), (1, 1));
+        }
+        assert_eq!(ups.health()[0].queries, 3);
+        assert_eq!(good.queries(), 8);
+    }
+
+    #[tokio::test]
+    async fn down_upstream_is_probed_after_backoff_and_recovers() {
+        let first = udp_server().await;
+        let second = udp_server().await;
+        first.behavior.silent.store(true, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            attempt_timeout: Duration::from_millis(150),
+            backoff_initial: Duration::from_millis(100),
+            max_failures: 2,
+            ..config(vec![first.udp_url(), second.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        for _ in 0..2 {
+            let a = ups.query(&query("a.test.", 1)).await.unwrap();
+            assert_eq!(a.upstream, 1);
+        }
+        assert!(!ups.health()[0].healthy);
+        let probed_before = ups.health()[0].queries;
+        first.behavior.silent.store(false, Ordering::SeqCst);
+        // While it backs off and is probed, clients are served by the second upstream.
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !ups.health()[0].healthy {
+            assert!(
+                Instant::now() < give_up,
+                "never recovered: {:#?}",
+                ups.health()
+            );
+            let a = ups.query(&query("c.test.", 1)).await.unwrap();
+            assert_eq!(a.upstream, 1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ups.health()[0].queries > probed_before, "probed");
+        let a = ups.query(&query("back.test.", 1)).await.unwrap();
+        assert_eq!(
+            (a.upstream, a.attempts),
+            (0, 1),
+            "first upstream is used again"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_health_checks_a_client_query_is_the_probe() {
+        let first = udp_server().await;
+        let second = udp_server().await;
+        first.behavior.silent.store(true, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            attempt_timeout: Duration::from_millis(150),
+            backoff_initial: Duration::from_millis(50),
+            max_failures: 1,
+            health_check: false,
+            ..config(vec![first.udp_url(), second.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        assert_eq!(ups.query(&query("a.test.", 1)).await.unwrap().upstream, 1);
+        assert!(!ups.health()[0].healthy);
+        first.behavior.silent.store(false, Ordering::SeqCst);
+        wait_for(&ups, "back-off to end", |u| {
+            u.inner.upstreams[0].health.state(Instant::now()) == State::Retry
+        })
+        .await;
+        let a = ups.query(&query("b.test.", 1)).await.unwrap();
+        assert_eq!((a.upstream, a.attempts), (0, 1));
+        assert!(ups.health()[0].healthy);
+    }
+
+    #[tokio::test]
+    async fn round_robin_spreads_queries_evenly() {
+        let servers = [udp_server().await, udp_server().await, udp_server().await];
+        let cfg = UpstreamConfig {
+            strategy: Strategy::RoundRobin,
+            ..config(servers.iter().map(|s| s.udp_url()).collect())
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let mut used = [0; 3];
+        for i in 0..30 {
+            let a = ups.query(&query("rr.test.", i)).await.unwrap();
+            used[a.upstream] += 1;
+        }
+        assert_eq!(used, [10, 10, 10]);
+        for s in &servers {
+            assert_eq!(s.queries(), 10);
+        }
+    }
+
+    #[tokio::test]
+    async fn fastest_prefers_the_lower_srtt() {
+        let slow = udp_server().await;
+        let fast = udp_server().await;
+        slow.behavior.delay_ms.store(40, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            strategy: Strategy::Fastest,
+            ..config(vec![slow.udp_url(), fast.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let mut used = [0; 2];
+        for i in 0..60 {
+            used[ups.query(&query("f.test.", i)).await.unwrap().upstream] += 1;
+        }
+        let h = ups.health();
+        assert!(h[0].srtt_us > h[1].srtt_us, "{h:?}");
+        assert!(used[1] >= 50, "{used:?}");
+        assert!(used[0] >= 1, "the slow one was measured: {used:?}");
+    }
+
+    #[tokio::test]
+    async fn max_in_flight_rejects_the_excess_at_once() {
+        let server = udp_server().await;
+        server.behavior.delay_ms.store(300, Ordering::SeqCst);
+        let cfg = UpstreamConfig {
+            max_in_flight: 2,
+            ..config(vec![server.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let running: Vec<_> = (0..2)
+            .map(|i| {
+                let ups = ups.clone();
+                tokio::spawn(async move { ups.query(&query("slow.test.", i)).await })
+            })
+            .collect();
+        while ups.in_flight() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        let err = ups.query(&query("third.test.", 3)).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Overloaded { max: 2 }), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        for r in running {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(ups.in_flight(), 0);
+        ups.query(&query("fourth.test.", 4)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_overall_timeout_bounds_every_attempt() {
+        let a = udp_server().await;
+        let b = udp_server().await;
+        let cfg = UpstreamConfig {
+            timeout: Duration::from_millis(400),
+            attempt_timeout: Duration::from_millis(150),
+            ..config(vec![a.udp_url(), b.udp_url()])
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let started = Instant::now();
+        let err = ups.query(&query("silent.test.", 1)).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, UpstreamError::Timeout { .. }), "{err}");
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_millis(700),
+            "{took:?}"
+        );
+        let h = ups.health();
+        assert_eq!((h[0].errors, h[1].errors), (1, 1));
+        assert!(h[0].srtt_us >= 140_000, "a timeout raises the srtt: {h:?}");
+    }
+
+    #[tokio::test]
+    async fn malformed_queries_are_rejected_before_any_upstream() {
+        let server = udp_server().await;
+        let ups = Upstreams::new(&config(vec![server.udp_url()])).unwrap();
+        for bad in [&b""[..], b"\x00\x01", &[0xFF; 40]] {
+            let err = ups.query(bad).await.unwrap_err();
+            assert!(matches!(err, UpstreamError::MalformedQuery(_)), "{err}");
+        }
+        assert_eq!(server.queries(), 0);
+        assert_eq!(ups.health()[0].queries, 0);
+    }
+
+    #[test]
+    fn new_rejects_an_invalid_config_with_every_error() {
+        let cfg = UpstreamConfig {
+            servers: vec!["dns://1.1.1.1".into(), "udp://example.com".into()],
+            ..UpstreamConfig::default()
+        };
+        match Upstreams::new(&cfg) {
+            Err(UpstreamError::InvalidConfig(errors)) => assert_eq!(errors.len(), 2),
+            other => panic!("{other:?}"),
         }
     }
 }

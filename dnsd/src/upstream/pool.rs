@@ -368,7 +368,11 @@ struct PendingGuard<'a> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.shared.state.lock();
-        if st.pending.get(&self.id).is_some_and(|(s, _)| *s == self.seq) {
+        if st
+            .pending
+            .get(&self.id)
+            .is_some_and(|(s, _)| *s == self.seq)
+        {
             st.pending.remove(&self.id);
         }
     }
@@ -568,7 +572,11 @@ mod tests {
         while let Some(r) = set.join_next().await {
             r.unwrap().unwrap();
         }
-        assert!((2..=3).contains(&server.connections()), "{}", server.connections());
+        assert!(
+            (2..=3).contains(&server.connections()),
+            "{}",
+            server.connections()
+        );
         assert!(ups.health()[0].open_connections <= 3);
     }
 

@@ -11,7 +11,10 @@ use tokio::time::{Instant, timeout_at};
 use super::UpstreamError;
 
 /// Opens a TCP connection to `addr`, giving up at `deadline`.
-pub(crate) async fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, UpstreamError> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<TcpStream, UpstreamError> {
     let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -128,10 +128,15 @@ impl TestServer {
 
 /// A UDP server on 127.0.0.1.
 pub(crate) async fn udp_server() -> TestServer {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_server_on("127.0.0.1:0").await.unwrap()
+}
+
+/// A UDP server on `addr`, if it can be bound.
+pub(crate) async fn udp_server_on(addr: &str) -> Option<TestServer> {
+    let sock = UdpSocket::bind(addr).await.ok()?;
     let (mut server, ctx) = TestServer::new(sock.local_addr().unwrap());
     server.tasks.push(tokio::spawn(serve_udp(sock, ctx)));
-    server
+    Some(server)
 }
 
 /// A TCP server on 127.0.0.1.
@@ -153,7 +158,9 @@ pub(crate) async fn udp_tcp_server() -> TestServer {
             continue;
         };
         let (mut server, ctx) = TestServer::new(addr);
-        server.tasks.push(tokio::spawn(serve_udp(sock, ctx.clone())));
+        server
+            .tasks
+            .push(tokio::spawn(serve_udp(sock, ctx.clone())));
         server
             .tasks
             .push(tokio::spawn(serve_listener(listener, ctx, None)));
@@ -204,11 +211,7 @@ async fn serve_udp(sock: UdpSocket, ctx: Ctx) {
     }
 }
 
-async fn serve_listener(
-    listener: TcpListener,
-    ctx: Ctx,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+async fn serve_listener(listener: TcpListener, ctx: Ctx, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
@@ -226,8 +229,7 @@ async fn serve_listener(
                         return;
                     };
                     ctx.stats.connections.fetch_add(1, Ordering::SeqCst);
-                    if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-                    {
+                    if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                         ctx.stats.resumed.fetch_add(1, Ordering::SeqCst);
                     }
                     serve_stream(stream, ctx).await;

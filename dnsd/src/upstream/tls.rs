@@ -266,7 +266,11 @@ mod tests {
             }
         }
         assert_eq!(server.queries(), 1000);
-        assert!(server.connections() <= 2, "{} handshakes", server.connections());
+        assert!(
+            server.connections() <= 2,
+            "{} handshakes",
+            server.connections()
+        );
         let before = ups.health()[0].clone();
         assert_eq!(before.tls_handshakes_full, 1, "{before:?}");
         assert!(before.tls_handshakes_resumed <= 1, "{before:?}");
@@ -278,15 +282,23 @@ mod tests {
         assert_answers(&a.response, "again.test.", 2);
         let h = ups.health()[0].clone();
         assert_eq!(h.tls_handshakes_full, 1, "{h:?}");
-        assert_eq!(h.tls_handshakes_resumed, before.tls_handshakes_resumed + 1, "{h:?}");
         assert_eq!(
-            server.stats.resumed.load(std::sync::atomic::Ordering::SeqCst) as u64,
+            h.tls_handshakes_resumed,
+            before.tls_handshakes_resumed + 1,
+            "{h:?}"
+        );
+        assert_eq!(
+            server
+                .stats
+                .resumed
+                .load(std::sync::atomic::Ordering::SeqCst) as u64,
             h.tls_handshakes_resumed
         );
     }
 
+    /// Regression (LESSONS #10): dns-tool took a single SPKI pin, so a key rotation broke it.
     #[tokio::test]
-    async fn spki_pin_set_accepts_any_matching_pin() {
+    async fn dns_tool_single_pin_broke_on_key_rotation() {
         let pki = Pki::new(&["dns.test"]);
         let other = Pki::new(&["dns.test"]);
         let server = tls_server(&pki).await;
@@ -324,7 +336,10 @@ mod tests {
         assert!(err.to_string().contains("spki_pins"), "{err}");
         assert_eq!(server.queries(), 0, "no query reached the server");
         let mut buf = [0u8; 512];
-        assert!(udp.try_recv_from(&mut buf).is_err(), "no plaintext UDP fallback");
+        assert!(
+            udp.try_recv_from(&mut buf).is_err(),
+            "no plaintext UDP fallback"
+        );
         let h = &ups.health()[0];
         assert_eq!(h.errors, 1);
         assert!(h.last_error.contains("spki_pins"), "{h:?}");
@@ -338,7 +353,10 @@ mod tests {
         let ups = Upstreams::new(&tls_config(server.tls_url("dns.test"), &wrong)).unwrap();
         let err = ups.query(&query("a.test.", 3)).await.unwrap_err();
         assert!(matches!(err, UpstreamError::TlsHandshake { .. }), "{err}");
-        assert!(err.to_string().contains("invalid peer certificate"), "{err}");
+        assert!(
+            err.to_string().contains("invalid peer certificate"),
+            "{err}"
+        );
         assert_eq!(server.queries(), 0);
     }
 
@@ -358,8 +376,10 @@ mod tests {
         assert_answers(&a.response, "a.test.", 3);
     }
 
+    /// Regression (LESSONS #10): dot-proxy died when its upstream connection broke. Here the
+    /// connection is reset with queries in flight, and every one of them is still answered.
     #[tokio::test]
-    async fn connection_killed_mid_flight_retries_in_flight_queries() {
+    async fn dot_proxy_died_when_its_upstream_connection_broke() {
         let pki = Pki::new(&["dns.test"]);
         let server = tls_server(&pki).await;
         server
@@ -385,7 +405,10 @@ mod tests {
         assert!(server.connections() >= 2, "a new connection was opened");
         let h = &ups.health()[0];
         assert!(h.healthy);
-        assert_eq!(h.errors, 0, "retries on a new connection are not upstream failures");
+        assert_eq!(
+            h.errors, 0,
+            "retries on a new connection are not upstream failures"
+        );
     }
 
     #[tokio::test]

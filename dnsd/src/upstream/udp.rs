@@ -11,8 +11,9 @@ use super::UpstreamError;
 use super::health::Health;
 use super::message::{HEADER_LEN, Prepared, id_of, is_truncated, set_id};
 
-/// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
+/// Receive room beyond the client's advertised payload size, so that an oversized answer is
+/// seen whole (and fails to match) rather than cut.
+const RECV_SLACK: usize = 512;
 
 /// What came back over UDP.
 #[derive(Debug)]
@@ -50,7 +51,8 @@ pub(crate) async fn exchange(
     set_id(&mut wire, id);
     sock.send(&wire).await.map_err(refused_or(addr))?;
 
-    let mut buf = vec![0; MAX_DATAGRAM];
+    // Sized by the client's EDNS payload size, which we forward: a server must not send more.
+    let mut buf = vec![0; prepared.udp_payload() + RECV_SLACK];
     loop {
         let (len, from) = match timeout_at(deadline, sock.recv_from(&mut buf)).await {
             Ok(r) => r.map_err(refused_or(addr))?,
@@ -104,7 +106,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::testutil::{
-        assert_answers, config, query, udp_server, udp_tcp_server,
+        assert_answers, config, query, udp_server, udp_server_on, udp_tcp_server,
     };
     use super::super::{Protocol, UpstreamConfig, Upstreams};
     use super::*;
@@ -130,6 +132,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ipv6_upstream() {
+        let Some(server) = udp_server_on("[::1]:0").await else {
+            eprintln!("no IPv6 loopback here; skipping");
+            return;
+        };
+        let url = server.udp_url();
+        assert!(url.starts_with("udp://[::1]:"), "{url}");
+        let ups = Upstreams::new(&config(vec![url])).unwrap();
+        let a = ups.query(&query("v6.example.", 6)).await.unwrap();
+        assert_answers(&a.response, "v6.example.", 6);
+    }
+
+    #[tokio::test]
     async fn garbage_before_the_answer_is_ignored_and_counted() {
         let server = udp_server().await;
         server.behavior.udp_garbage.store(true, Ordering::SeqCst);
@@ -151,9 +166,18 @@ mod tests {
             ..config(vec![server.udp_url()])
         };
         let ups = Upstreams::new(&cfg).unwrap();
-        for name in ["silent.example.", "wrongid.x.", "short.x.", "garbage.x.", "wrongq.x."] {
+        for name in [
+            "silent.example.",
+            "wrongid.x.",
+            "short.x.",
+            "garbage.x.",
+            "wrongq.x.",
+        ] {
             let err = ups.query(&query(name, 1)).await.unwrap_err();
-            assert!(matches!(err, UpstreamError::Timeout { .. }), "{name}: {err}");
+            assert!(
+                matches!(err, UpstreamError::Timeout { .. }),
+                "{name}: {err}"
+            );
         }
         let h = &ups.health()[0];
         assert!(h.errors >= 5 * 5, "{h:?}");
