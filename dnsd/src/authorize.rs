@@ -156,40 +156,54 @@ impl Authorizer {
             client: guard_proto::ip_to_bytes(req.client.to_canonical()),
             reason: req.reason.to_owned(),
         };
-        let mut request = tonic::Request::new(body);
-        request.set_timeout(self.timeout);
-        let mut client = self.client();
-        let resp = match tokio::time::timeout(self.timeout, client.authorize(request)).await {
-            Err(_) => {
-                self.reset();
-                return Err(AuthorizeError::Timeout {
-                    path: self.path.clone(),
-                    timeout: self.timeout,
-                });
-            }
-            Ok(Err(status)) => {
-                return Err(match status.code() {
+        // One retry when the transport failed: after fwd restarts, the first call on the old
+        // connection fails although a new one would succeed. Authorize is idempotent.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut retried = false;
+        let resp = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let mut request = tonic::Request::new(body.clone());
+            request.set_timeout(left);
+            let mut client = self.client();
+            match tokio::time::timeout_at(deadline, client.authorize(request)).await {
+                Err(_) => {
+                    self.reset();
+                    return Err(AuthorizeError::Timeout {
+                        path: self.path.clone(),
+                        timeout: self.timeout,
+                    });
+                }
+                Ok(Ok(r)) => break r.into_inner(),
+                Ok(Err(status)) => match status.code() {
                     Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled => {
                         self.reset();
-                        AuthorizeError::Unavailable {
+                        if status.code() == Code::Unavailable
+                            && !retried
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            retried = true;
+                            continue;
+                        }
+                        return Err(AuthorizeError::Unavailable {
                             path: self.path.clone(),
                             status: Box::new(status),
-                        }
+                        });
                     }
                     Code::DeadlineExceeded => {
                         self.reset();
-                        AuthorizeError::Timeout {
+                        return Err(AuthorizeError::Timeout {
                             path: self.path.clone(),
                             timeout: self.timeout,
-                        }
+                        });
                     }
-                    _ => AuthorizeError::Refused {
-                        path: self.path.clone(),
-                        status: Box::new(status),
-                    },
-                });
+                    _ => {
+                        return Err(AuthorizeError::Refused {
+                            path: self.path.clone(),
+                            status: Box::new(status),
+                        });
+                    }
+                },
             }
-            Ok(Ok(r)) => r.into_inner(),
         };
         self.check(req.grants, resp.results, now_unix_ms())
     }

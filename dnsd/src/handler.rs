@@ -827,6 +827,53 @@ mod tests {
         }
     }
 
+    /// The parse -> extract -> re-encode path on mutated answers: whatever survives the
+    /// parser must be followable, editable and encodable without panicking.
+    #[test]
+    fn mutated_answers_never_panic() {
+        use hickory_proto::rr::rdata::{A, CNAME};
+        use hickory_proto::rr::{Name, RData, Record};
+        use rand::{Rng, SeedableRng};
+        let q = parse_query(&query_bytes("www.example.com.", RecordType::A, Some(1232))).unwrap();
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(q.query.clone());
+        let n = |s: &str| Name::from_ascii(s).unwrap();
+        m.add_answer(Record::from_rdata(
+            n("www.example.com."),
+            60,
+            RData::CNAME(CNAME(n("edge.cdn.test."))),
+        ));
+        for i in 1..4u8 {
+            m.add_answer(Record::from_rdata(
+                n("edge.cdn.test."),
+                300,
+                RData::A(A([192, 0, 2, i].into())),
+            ));
+        }
+        let valid = m.to_vec().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        for _ in 0..5000 {
+            let mut b = valid.clone();
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+            }
+            if rng.random_ratio(1, 4) {
+                b.truncate(rng.random_range(0..b.len()));
+            }
+            let Some(mut msg) = parse_upstream(&b, 7, &q.query) else {
+                continue;
+            };
+            if let Ok(chain) = answer::follow_chain(&msg, q.query.name(), RecordType::A) {
+                answer::strip_off_chain(&mut msg, &chain);
+                let _ = answer::cacheability(&msg, &chain);
+                answer::clamp_ttls(&mut msg, 0, 86_400);
+                answer::cap_ttls(&mut msg, chain.min_ttl.unwrap_or(0));
+                let _ = msg.to_vec();
+            }
+        }
+    }
+
     #[test]
     fn raw_error_echoes_id_opcode_rd() {
         let q = query_bytes("example.com.", RecordType::A, None);

@@ -398,6 +398,11 @@ pub async fn serve_tcp(
                 continue;
             }
         };
+        // Clients whose queries would be dropped do not get to hold a connection either.
+        if handler.live().acl.check(peer.ip()) == crate::policy::Verdict::Drop {
+            handler.metrics().dropped("acl");
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             handler.metrics().dropped("tcp_max_connections");
             continue;

@@ -26,7 +26,7 @@ pub enum ServerError {
     /// The upstreams could not be built.
     #[error("upstreams: {0}")]
     Upstreams(#[from] UpstreamError),
-    /// A socket could not be handed to tokio.
+    /// A socket could not be handed to tokio, or a signal handler installed.
     #[error("{what}: {source}")]
     Socket {
         /// Which socket.
@@ -122,6 +122,23 @@ impl Reloader {
         tracing::info!("configuration reloaded (upstream, acl, domains)");
         true
     }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT. The handlers are installed before this returns,
+/// so that a signal right after READY=1 is a clean shutdown rather than the default kill.
+pub fn cancel_on_signals(shutdown: &CancellationToken) -> Result<(), ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(socket_err("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(socket_err("SIGINT handler"))?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.cancel();
+    });
+    Ok(())
 }
 
 fn notify(state: sd_notify::NotifyState<'_>) {
@@ -220,9 +237,10 @@ pub async fn run(
     if let Some(path) = reload_from {
         let mut reloader = Reloader::new(path, config.clone(), live_tx);
         let s = shutdown.clone();
+        // Installed before READY=1: SIGHUP's default action would kill the process.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(socket_err("SIGHUP handler"))?;
         services.spawn(async move {
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(socket_err("SIGHUP handler"))?;
             loop {
                 tokio::select! {
                     _ = s.cancelled() => return Ok(()),

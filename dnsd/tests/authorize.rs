@@ -147,6 +147,29 @@ async fn fwd_down_with_on_fwd_error_answer_releases() {
 }
 
 #[tokio::test]
+async fn fwd_restart_between_answers_is_transparent() {
+    let s = setup_with(zone(), false, |_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = FakeFwd::new();
+    let server = serve_fake_fwd_until(s.dnsd.fwd_socket.clone(), first.clone(), stop.clone());
+    let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    stop.cancel();
+    server.await.unwrap();
+    let second = FakeFwd::new();
+    serve_fake_fwd(s.dnsd.fwd_socket.clone(), second.clone());
+    let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::AAAA, false)).await;
+    assert_eq!(
+        resp.metadata.response_code,
+        ResponseCode::NoError,
+        "no reconnect"
+    );
+    assert_eq!(addrs(&resp), vec![ip("2001:db8::1")]);
+    assert_eq!(first.calls().len(), 1);
+    assert_eq!(second.calls().len(), 1);
+}
+
+#[tokio::test]
 async fn slow_fwd_gives_servfail() {
     let s = setup(|_| {}).await;
     *s.fwd.mode.lock() = FwdMode::Delay(Duration::from_secs(2));

@@ -313,3 +313,84 @@ async fn socket_activation_udp() {
 async fn socket_activation_tcp() {
     activated(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_acl_and_keeps_old_config_when_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = fake_upstream(zone()).await;
+    serve_fake_fwd(dir.path().join("fwd.sock"), FakeFwd::new());
+    let port = free_port();
+    let base = config_text(upstream.addr, dir.path(), port);
+    let cfg = write(dir.path(), "dnsd.toml", &base);
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut child = Command::new(DNSD)
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let notify = tokio::task::spawn_blocking(move || {
+        wait_notify(&notify, "READY=1");
+        notify
+    })
+    .await
+    .unwrap();
+    let server: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let rcode = |m: hickory_proto::op::Message| m.metadata.response_code;
+    assert_eq!(
+        rcode(udp_query(server, &query("example.com.", RecordType::TXT, false)).await),
+        ResponseCode::NoError
+    );
+
+    // A valid change: 127.0.0.1 is no longer allowed.
+    write(
+        dir.path(),
+        "dnsd.toml",
+        &format!("{base}\n[acl]\nallow = [\"192.0.2.0/24\"]\n"),
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let notify = tokio::task::spawn_blocking(move || {
+        wait_notify(&notify, "READY=1");
+        notify
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        rcode(udp_query(server, &query("example.com.", RecordType::TXT, false)).await),
+        ResponseCode::Refused
+    );
+
+    // An invalid file is refused whole; the previous (refusing) ACL stays.
+    write(
+        dir.path(),
+        "dnsd.toml",
+        &format!("{base}\n[acl]\nallow = []\n"),
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    tokio::task::spawn_blocking(move || wait_notify(&notify, "READY=1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rcode(udp_query(server, &query("example.com.", RecordType::TXT, false)).await),
+        ResponseCode::Refused
+    );
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("configuration reloaded"), "{err}");
+    assert!(err.contains("keeping the old configuration"), "{err}");
+    assert!(err.contains("acl.allow"), "{err}");
+}

@@ -208,15 +208,26 @@ impl Firewall for FwdService {
 
 /// Serves the fake fwd on `path`.
 pub fn serve_fake_fwd(path: PathBuf, state: Arc<FakeFwd>) {
+    serve_fake_fwd_until(path, state, CancellationToken::new());
+}
+
+/// Serves the fake fwd on `path` until `stop` (then the socket file is removed, as a
+/// stopping fwd would).
+pub fn serve_fake_fwd_until(
+    path: PathBuf,
+    state: Arc<FakeFwd>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let listener = UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tonic::transport::Server::builder()
             .add_service(FirewallServer::new(FwdService(state)))
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .unwrap();
-    });
+        let _ = std::fs::remove_file(&path);
+    })
 }
 
 // === dnsd ===
