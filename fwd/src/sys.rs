@@ -23,6 +23,8 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
+/// Delete-if-present, Linux 6.3+.
+const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const NFPROTO_INET: u16 = 1;
 const NFNETLINK_V0: u8 = 0;
@@ -220,6 +222,21 @@ impl ElemOp {
             ElemOp::Delete { set, key } => (set, Kind::Delete, key, None),
         }
     }
+}
+
+/// How [`Netlink::commit`] sends [`ElemOp::Delete`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeleteMode {
+    /// DELSETELEM: deleting an absent (or expired, not yet collected) element rejects the whole
+    /// batch with ENOENT.
+    #[default]
+    Strict,
+    /// DESTROYSETELEM (Linux 6.3+): an absent or expired element is skipped without error, so a
+    /// batch never fails because a grant expired between deciding and committing. Several
+    /// deletes share one message, and under `Strict` one missing element fails (and names) all
+    /// of them; this mode avoids having to tell them apart. Older kernels reject the message
+    /// with EINVAL or EOPNOTSUPP.
+    IfPresent,
 }
 
 /// Errors of this module. Unless a variant says otherwise, a failed [`Netlink::commit`]
@@ -910,14 +927,16 @@ impl Writer<'_> {
         group: &Group<'_>,
         ops: &[ElemOp],
         elem: &mut NftnlElem,
+        delete: DeleteMode,
     ) -> Result<(), &'static str> {
         // An element-less DELSETELEM would flush the whole set: never emit one.
         if group.ops.is_empty() {
             return Err("empty element message");
         }
-        let (ty, flags) = match group.kind {
-            Kind::Add => (NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE | libc::NLM_F_ACK),
-            Kind::Delete => (NFT_MSG_DELSETELEM, libc::NLM_F_ACK),
+        let (ty, flags) = match (group.kind, delete) {
+            (Kind::Add, _) => (NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            (Kind::Delete, DeleteMode::Strict) => (NFT_MSG_DELSETELEM, libc::NLM_F_ACK),
+            (Kind::Delete, DeleteMode::IfPresent) => (NFT_MSG_DESTROYSETELEM, libc::NLM_F_ACK),
         };
         let start = self.off;
         let head = NLMSG_HDRLEN
@@ -978,6 +997,7 @@ pub struct Netlink {
     tx: AlignedBuf,
     rx: AlignedBuf,
     elem: NftnlElem,
+    delete_mode: DeleteMode,
 }
 
 // SAFETY: the raw pointers are owned exclusively by this value: the mnl socket is a heap struct
@@ -1023,7 +1043,13 @@ impl Netlink {
             tx: AlignedBuf::new(4096),
             rx: AlignedBuf::new(RX_BYTES),
             elem,
+            delete_mode: DeleteMode::Strict,
         })
+    }
+
+    /// Chooses how later commits send [`ElemOp::Delete`]; see [`DeleteMode`].
+    pub fn set_delete_mode(&mut self, mode: DeleteMode) {
+        self.delete_mode = mode;
     }
 
     /// Reserves `n` consecutive sequence numbers and returns the first.
@@ -1082,7 +1108,7 @@ impl Netlink {
             for (n, g) in groups.iter().enumerate() {
                 let set = names.get(g.set).ok_or("set name missing")?;
                 let seq = first_seq.wrapping_add(n as u32);
-                w.set_elem_msg(seq, &table_c, set, g, ops, &mut self.elem)?;
+                w.set_elem_msg(seq, &table_c, set, g, ops, &mut self.elem, self.delete_mode)?;
             }
             w.batch_marker(false, end_seq)?;
             Ok(w.off)
@@ -1797,6 +1823,46 @@ mod tests {
             // The socket stays usable after a rejection.
             nl.commit("t", &[add("a4", x, Some(60))]).unwrap();
             assert_eq!(nl.list("t", "a4", KeyType::V4).unwrap().len(), 2);
+        });
+    }
+
+    #[test]
+    fn delete_if_present_skips_missing_elements() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.set_delete_mode(DeleteMode::IfPresent);
+            let x = SetKey::V4(v4("10.0.0.1"));
+            let y = SetKey::V4(v4("10.0.0.2"));
+            let z = SetKey::V4(v4("10.0.0.3"));
+            nl.commit("t", &[add("a4", z, None)]).unwrap();
+            // z present, y missing: both deletes share one message; z goes, y is skipped.
+            nl.commit("t", &[add("a4", x, Some(60)), del("a4", z), del("a4", y)])
+                .unwrap();
+            let left = listed(&mut nl, "a4", KeyType::V4);
+            assert_eq!(left.keys().collect::<Vec<_>>(), vec![&x]);
+            // Delete+Add still re-arms, and works for a missing key too.
+            nl.commit(
+                "t",
+                &[
+                    del("a4", x),
+                    add("a4", x, Some(100)),
+                    del("a4", y),
+                    add("a4", y, Some(100)),
+                ],
+            )
+            .unwrap();
+            assert!(plausible(remaining(&mut nl, "a4", x), 100));
+            assert!(plausible(remaining(&mut nl, "a4", y), 100));
+            // Other errors still reject the batch.
+            let err = nl.commit("t", &[del("a4", x), del("nope", x)]).unwrap_err();
+            assert!(
+                matches!(err, SysError::Rejected { ref failures } if failures == &[(1, libc::ENOENT)]),
+                "{err}"
+            );
+            assert!(
+                listed(&mut nl, "a4", KeyType::V4).contains_key(&x),
+                "nothing applied"
+            );
         });
     }
 
