@@ -1,7 +1,10 @@
 //! Generates the tonic/prost code from `proto/guard/v1/*.proto` with protox, so no system protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/guard/v1/firewall.proto", "proto/guard/v1/resolver.proto"];
+    let files = [
+        "proto/guard/v1/firewall.proto",
+        "proto/guard/v1/resolver.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -73,14 +73,18 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 
 async fn call(c: &mut FirewallClient<tonic::transport::Channel>, ips: Vec<Vec<u8>>) -> Result<()> {
     let req = pb::AuthorizeRequest {
-        grants: ips.into_iter().map(|ip| pb::Grant { ip, ttl_s: 3600 }).collect(),
+        grants: ips
+            .into_iter()
+            .map(|ip| pb::Grant { ip, ttl_s: 3600 })
+            .collect(),
         qname: "bench.example".into(),
         reason: "bench".into(),
         ..Default::default()
     };
     let r = c.authorize(req).await?.into_inner();
     for g in r.results {
-        if g.outcome == pb::Outcome::Rejected as i32 || g.outcome == pb::Outcome::Unspecified as i32 {
+        if g.outcome == pb::Outcome::Rejected as i32 || g.outcome == pb::Outcome::Unspecified as i32
+        {
             bail!("unexpected outcome {} ({})", g.outcome, g.error);
         }
     }
@@ -92,7 +96,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
         Cmd::Latency { calls } => {
-            let ch = guard_proto::connect_unix(&args.socket).await.context("connect")?;
+            let ch = guard_proto::connect_unix(&args.socket)
+                .await
+                .context("connect")?;
             let mut c = FirewallClient::new(ch);
             // Warm the connection and the committer.
             for i in 0..100 {
@@ -112,10 +118,19 @@ async fn main() -> Result<()> {
                        "p99_us": pct(&lat, 0.99), "p999_us": pct(&lat, 0.999), "max_us": lat.last().copied().unwrap_or(0), "mean_us": mean.round()})
             );
         }
-        Cmd::Throughput { callers, total, batch, connections } => {
+        Cmd::Throughput {
+            callers,
+            total,
+            batch,
+            connections,
+        } => {
             let mut chans = Vec::new();
             for _ in 0..connections.max(1) {
-                chans.push(guard_proto::connect_unix(&args.socket).await.context("connect")?);
+                chans.push(
+                    guard_proto::connect_unix(&args.socket)
+                        .await
+                        .context("connect")?,
+                );
             }
             let next = Arc::new(AtomicU64::new(0));
             let t = Instant::now();
@@ -130,7 +145,9 @@ async fn main() -> Result<()> {
                         if start >= total {
                             return Ok::<(), anyhow::Error>(());
                         }
-                        let ips = (start..(start + batch).min(total)).map(|n| addr(seed, n)).collect();
+                        let ips = (start..(start + batch).min(total))
+                            .map(|n| addr(seed, n))
+                            .collect();
                         call(&mut c, ips).await?;
                     }
                 });
@@ -151,7 +168,9 @@ async fn main() -> Result<()> {
                 let ip = Ipv6Addr::from(<[u8; 16]>::try_from(addr(args.seed, i).as_slice())?);
                 let t = Instant::now();
                 let st = Command::new("nft")
-                    .arg(format!("add element inet {table} auth6 {{ {ip} timeout 3600s }}"))
+                    .arg(format!(
+                        "add element inet {table} auth6 {{ {ip} timeout 3600s }}"
+                    ))
                     .status()
                     .context("exec nft")?;
                 lat.push(t.elapsed().as_micros() as u64);

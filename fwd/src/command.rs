@@ -85,7 +85,9 @@ pub fn check_ip(ip: IpAddr, never: &[IpNet]) -> Result<IpAddr, Refusal> {
 /// Checks a manual CIDR: no /0, no overlap with special or never ranges.
 pub fn check_net(net: IpNet, never: &[IpNet]) -> Result<IpNet, String> {
     if net.prefix_len() == 0 {
-        return Err(format!("{net} would allow everything; use policy = \"audit\""));
+        return Err(format!(
+            "{net} would allow everything; use policy = \"audit\""
+        ));
     }
     check_ip(net.network(), never).map_err(|e| format!("{net}: {e}"))?;
     check_ip(net.broadcast(), never).map_err(|e| format!("{net}: {e}"))?;
@@ -260,9 +262,18 @@ mod tests {
         ] {
             assert_eq!(check_ip(ip(a), &never), Err(want), "{a}");
         }
-        assert!(matches!(check_ip(ip("240.1.2.3"), &never), Err(Refusal::Special(_))));
-        assert!(matches!(check_ip(ip("0.1.2.3"), &never), Err(Refusal::Special(_))));
-        assert!(matches!(check_ip(ip("::1"), &never), Err(Refusal::Special(_))));
+        assert!(matches!(
+            check_ip(ip("240.1.2.3"), &never),
+            Err(Refusal::Special(_))
+        ));
+        assert!(matches!(
+            check_ip(ip("0.1.2.3"), &never),
+            Err(Refusal::Special(_))
+        ));
+        assert!(matches!(
+            check_ip(ip("::1"), &never),
+            Err(Refusal::Special(_))
+        ));
         assert!(matches!(
             check_ip(ip("169.254.169.254"), &never),
             Err(Refusal::Never(_))
@@ -270,7 +281,10 @@ mod tests {
         assert_eq!(check_ip(ip("192.0.2.1"), &never), Ok(ip("192.0.2.1")));
         assert_eq!(check_ip(ip("2001:db8::1"), &never), Ok(ip("2001:db8::1")));
         // v4-mapped unicast is normalized to plain v4.
-        assert_eq!(check_ip(ip("::ffff:192.0.2.1"), &never), Ok(ip("192.0.2.1")));
+        assert_eq!(
+            check_ip(ip("::ffff:192.0.2.1"), &never),
+            Ok(ip("192.0.2.1"))
+        );
     }
 
     #[test]

@@ -118,13 +118,52 @@ enum Job {
         reply: oneshot::Sender<Result<u64, EngineError>>,
     },
     Audit(Vec<AuditEvent>),
+    Reload {
+        settings: Arc<Settings>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 struct Shared {
-    settings: Arc<Settings>,
+    /// Swapped whole on SIGHUP reload; readers take a snapshot.
+    settings: RwLock<Arc<Settings>>,
     committed: RwLock<HashMap<SetKey, u64>>,
     manual: RwLock<HashMap<IpNet, Option<u64>>>,
     heartbeat_ms: AtomicU64,
+}
+
+impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// Keys that cannot change without a restart: they define the table, its hook, the sockets and
+/// the identity of stored grants. Returns the first that differs.
+pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
+    let (o, n) = (&old.raw, &new.raw);
+    if o.mode != n.mode {
+        return Some("mode");
+    }
+    if o.per_client != n.per_client {
+        return Some("per_client");
+    }
+    if o.table != n.table {
+        return Some("table");
+    }
+    if o.socket != n.socket || o.socket_group != n.socket_group || o.socket_mode != n.socket_mode {
+        return Some("socket");
+    }
+    if o.database != n.database {
+        return Some("database");
+    }
+    if o.user != n.user {
+        return Some("user");
+    }
+    None
 }
 
 /// Handle to the engine; cheap to clone.
@@ -200,7 +239,12 @@ fn del_op(k: SetKey) -> ElemOp {
     }
 }
 
-fn event(kind: EventKind, target: Option<String>, caller: Caller, reason: impl Into<String>) -> AuditEvent {
+fn event(
+    kind: EventKind,
+    target: Option<String>,
+    caller: Caller,
+    reason: impl Into<String>,
+) -> AuditEvent {
     AuditEvent {
         id: 0,
         at_ms: now_ms(),
@@ -246,7 +290,8 @@ fn commit_tolerant(
                     return Err("kernel rejected the batch without naming an element".into());
                 }
                 live.retain(|i| {
-                    !drop_ops.contains(i) && !drop_groups.contains(&group.get(*i).copied().unwrap_or(*i))
+                    !drop_ops.contains(i)
+                        && !drop_groups.contains(&group.get(*i).copied().unwrap_or(*i))
                 });
             }
             Err(e) => return Err(e.to_string()),
@@ -271,7 +316,10 @@ fn groups_of(ops: &[ElemOp]) -> Vec<usize> {
 
 impl Engine {
     /// Reconciles SQLite with the kernel, sets up the ruleset and starts the committer thread.
-    pub fn start(settings: Arc<Settings>, mut store: Store) -> Result<(Engine, ReconcileReport), StartError> {
+    pub fn start(
+        settings: Arc<Settings>,
+        mut store: Store,
+    ) -> Result<(Engine, ReconcileReport), StartError> {
         let t0 = Instant::now();
         let s = &settings;
         let table = s.raw.table.clone();
@@ -285,13 +333,18 @@ impl Engine {
                 let k = (key.net.prefix_len() == key.net.max_prefix_len())
                     .then(|| set_key(key.net.addr(), key.client))
                     .flatten()
-                    .filter(|k| matches!(k, SetKey::V4Pair { .. } | SetKey::V6Pair { .. }) == s.raw.per_client);
+                    .filter(|k| {
+                        matches!(k, SetKey::V4Pair { .. } | SetKey::V6Pair { .. })
+                            == s.raw.per_client
+                    });
                 match (k, exp) {
                     (Some(k), Some(e)) if e > now => {
                         committed.insert(k, e);
                     }
                     (Some(_), _) => expired.push((key, "expired while fwd was down")),
-                    (None, _) => expired.push((key, "dropped: grant shape does not match per_client mode")),
+                    (None, _) => {
+                        expired.push((key, "dropped: grant shape does not match per_client mode"))
+                    }
                 }
             }
             Source::Manual => match exp {
@@ -302,7 +355,10 @@ impl Engine {
             },
         })?;
         report.loaded = committed.len();
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, "reconcile: store loaded");
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            "reconcile: store loaded"
+        );
         report.expired = expired.len();
         report.manual = manual.len();
         let melems: Vec<ManualElem> = manual
@@ -313,7 +369,10 @@ impl Engine {
             })
             .collect();
         nft::setup(s, &melems)?;
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, "reconcile: ruleset set up");
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            "reconcile: ruleset set up"
+        );
 
         let mut nl = Netlink::open()?;
         let sets: [(&str, KeyType); 2] = if s.raw.per_client {
@@ -352,9 +411,14 @@ impl Engine {
                 report.added += 1;
             }
         }
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, ops = ops.len(), "reconcile: kernel listed and diffed");
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            ops = ops.len(),
+            "reconcile: kernel listed and diffed"
+        );
         for chunk in ops.chunks(RECONCILE_CHUNK) {
-            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk)).map_err(StartError::Reconcile)?;
+            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk))
+                .map_err(StartError::Reconcile)?;
             if let Some((i, e)) = failed.first() {
                 return Err(StartError::Reconcile(format!("{:?}: {e}", chunk[*i])));
             }
@@ -363,7 +427,12 @@ impl Engine {
         let mut events = Vec::new();
         for (key, why) in &expired {
             changes.push(Change::Remove { key: *key });
-            let mut ev = event(EventKind::Expired, Some(key.net.to_string()), Caller::default(), *why);
+            let mut ev = event(
+                EventKind::Expired,
+                Some(key.net.to_string()),
+                Caller::default(),
+                *why,
+            );
             ev.client = key.client;
             events.push(ev);
         }
@@ -380,7 +449,7 @@ impl Engine {
         store.apply(&changes, &events)?;
 
         let shared = Arc::new(Shared {
-            settings: settings.clone(),
+            settings: RwLock::new(settings.clone()),
             committed: RwLock::new(committed),
             manual: RwLock::new(manual),
             heartbeat_ms: AtomicU64::new(now_ms()),
@@ -401,8 +470,8 @@ impl Engine {
     }
 
     /// The settings the engine runs with.
-    pub fn settings(&self) -> &Settings {
-        &self.shared.settings
+    pub fn settings(&self) -> Arc<Settings> {
+        self.shared.settings()
     }
 
     /// Wall-clock ms of the committer's last loop; the watchdog pings only while it advances.
@@ -428,7 +497,11 @@ impl Engine {
     }
 
     /// Authorizes a validated batch. Returns only after every accepted address is committed.
-    pub async fn authorize(&self, cmd: Authorize, caller: Caller) -> Result<Vec<pb::GrantResult>, EngineError> {
+    pub async fn authorize(
+        &self,
+        cmd: Authorize,
+        caller: Caller,
+    ) -> Result<Vec<pb::GrantResult>, EngineError> {
         // Fast path: everything already committed long enough and nothing to audit.
         if let Some(results) = self.fast_path(&cmd) {
             return Ok(results);
@@ -441,7 +514,7 @@ impl Engine {
     }
 
     fn fast_path(&self, cmd: &Authorize) -> Option<Vec<pb::GrantResult>> {
-        let s = &self.shared.settings;
+        let s = self.shared.settings();
         let now = now_ms();
         let margin = s.raw.ttl.margin.0.as_millis() as u64;
         let map = self.shared.committed.read().ok()?;
@@ -464,19 +537,56 @@ impl Engine {
     }
 
     /// Manually allows a network.
-    pub async fn allow(&self, net: IpNet, ttl: Option<Duration>, comment: String, caller: Caller) -> Result<Allowed, EngineError> {
+    pub async fn allow(
+        &self,
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: String,
+        caller: Caller,
+    ) -> Result<Allowed, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Allow { net, ttl, comment, caller, reply })
+            .send(Job::Allow {
+                net,
+                ttl,
+                comment,
+                caller,
+                reply,
+            })
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Revokes every grant and allowance inside `net`.
-    pub async fn revoke(&self, net: IpNet, comment: String, caller: Caller) -> Result<u64, EngineError> {
+    pub async fn revoke(
+        &self,
+        net: IpNet,
+        comment: String,
+        caller: Caller,
+    ) -> Result<u64, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Revoke { net, comment, caller, reply })
+            .send(Job::Revoke {
+                net,
+                comment,
+                caller,
+                reply,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Applies a new, validated configuration: refreshes the ruleset (static allowances, policy,
+    /// upstreams) in one nft transaction and swaps the settings. Keys that need a restart are refused.
+    pub async fn reload(&self, settings: Arc<Settings>) -> Result<(), EngineError> {
+        if let Some(key) = restart_only_change(&self.settings(), &settings) {
+            return Err(EngineError::Invalid(format!(
+                "changing `{key}` needs a restart of fwd"
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Reload { settings, reply })
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
@@ -495,6 +605,9 @@ struct Committer {
     rx: mpsc::Receiver<Job>,
 }
 
+/// One requested address of a waiting call: (request index, raw bytes, clamped TTL, key or refusal).
+type Slot = (usize, Vec<u8>, Duration, Result<SetKey, Refusal>);
+
 /// One address's state while a group is being committed.
 struct Pending {
     expiry: u64,
@@ -506,7 +619,7 @@ struct Pending {
 
 impl Committer {
     fn run(&mut self) {
-        let sweep = self.shared.settings.raw.expiry.sweep_interval.0;
+        let sweep = self.shared.settings().raw.expiry.sweep_interval.0;
         let mut next_sweep = Instant::now() + sweep;
         let mut last_prune = Instant::now();
         loop {
@@ -538,7 +651,7 @@ impl Committer {
     }
 
     fn prune(&mut self) {
-        let keep = self.shared.settings.raw.limits.audit_retention.0;
+        let keep = self.shared.settings().raw.limits.audit_retention.0;
         if keep.is_zero() {
             return;
         }
@@ -556,13 +669,28 @@ impl Committer {
         for job in jobs {
             match job {
                 Job::Authorize { .. } | Job::Audit(_) => group.push(job),
-                Job::Allow { net, ttl, comment, caller, reply } => {
+                Job::Allow {
+                    net,
+                    ttl,
+                    comment,
+                    caller,
+                    reply,
+                } => {
                     self.authorize_group(std::mem::take(&mut group));
                     let _ = reply.send(self.allow(net, ttl, comment, caller));
                 }
-                Job::Revoke { net, comment, caller, reply } => {
+                Job::Revoke {
+                    net,
+                    comment,
+                    caller,
+                    reply,
+                } => {
                     self.authorize_group(std::mem::take(&mut group));
                     let _ = reply.send(self.revoke(net, comment, caller));
+                }
+                Job::Reload { settings, reply } => {
+                    self.authorize_group(std::mem::take(&mut group));
+                    let _ = reply.send(self.reload(settings));
                 }
             }
         }
@@ -573,7 +701,7 @@ impl Committer {
         if jobs.is_empty() {
             return;
         }
-        let s = self.shared.settings.clone();
+        let s = self.shared.settings();
         let now = now_ms();
         let margin = s.raw.ttl.margin.0.as_millis() as u64;
         let max_grants = s.raw.limits.max_grants;
@@ -598,11 +726,12 @@ impl Committer {
                     _ => continue,
                 };
                 // Per item: Ok(key) to be answered after commit, or a final result now.
-                let mut slots: Vec<(usize, Vec<u8>, Duration, Result<SetKey, Refusal>)> = Vec::new();
+                let mut slots: Vec<Slot> = Vec::new();
                 for it in &cmd.items {
-                    let res = it.ip.clone().and_then(|ip| {
-                        set_key(ip, cmd.client).ok_or(Refusal::FamilyMismatch)
-                    });
+                    let res = it
+                        .ip
+                        .clone()
+                        .and_then(|ip| set_key(ip, cmd.client).ok_or(Refusal::FamilyMismatch));
                     let res = res.and_then(|k| {
                         let want = now + it.ttl.as_millis() as u64 + margin;
                         if let Some(p) = pending.get_mut(&k) {
@@ -613,7 +742,15 @@ impl Committer {
                         if let Some(h) = had.filter(|&h| h > now && h + margin / 2 >= want) {
                             // Covered by what is committed: no kernel work, but the caller still waits
                             // for this group so it is never answered ahead of an in-flight commit.
-                            pending.insert(k, Pending { expiry: h, had: Some(h), failed: None, first: waiting.len() });
+                            pending.insert(
+                                k,
+                                Pending {
+                                    expiry: h,
+                                    had: Some(h),
+                                    failed: None,
+                                    first: waiting.len(),
+                                },
+                            );
                             order.push(k);
                             return Ok(k);
                         }
@@ -625,7 +762,15 @@ impl Committer {
                         }
                         // Never shorten: the new expiry is at least the committed one.
                         let expiry = want.max(had.unwrap_or(0));
-                        pending.insert(k, Pending { expiry, had, failed: None, first: waiting.len() });
+                        pending.insert(
+                            k,
+                            Pending {
+                                expiry,
+                                had,
+                                failed: None,
+                                first: waiting.len(),
+                            },
+                        );
                         order.push(k);
                         Ok(k)
                     });
@@ -639,7 +784,12 @@ impl Committer {
                             comment: String::new(),
                         }),
                         Err(r) => {
-                            let mut ev = event(EventKind::Rejected, Some(command::raw_text(&it.raw)), caller, r.to_string());
+                            let mut ev = event(
+                                EventKind::Rejected,
+                                Some(command::raw_text(&it.raw)),
+                                caller,
+                                r.to_string(),
+                            );
                             ev.client = cmd.client;
                             ev.name = cmd.qname.clone();
                             events.push(ev);
@@ -647,12 +797,22 @@ impl Committer {
                     }
                     slots.push((it.index, it.raw.clone(), it.ttl, res));
                 }
-                waiting.push((cmd.qname.clone(), cmd.client, cmd.reason.clone(), caller, slots, reply));
+                waiting.push((
+                    cmd.qname.clone(),
+                    cmd.client,
+                    cmd.reason.clone(),
+                    caller,
+                    slots,
+                    reply,
+                ));
             }
         }
         // Final expiries into the upserts; drop upserts of unchanged grants (nothing to record).
         changes.retain_mut(|c| {
-            if let Change::Upsert { key, expires_ms, .. } = c {
+            if let Change::Upsert {
+                key, expires_ms, ..
+            } = c
+            {
                 match set_key(key.net.addr(), key.client).and_then(|k| pending.get(&k)) {
                     Some(p) if p.had != Some(p.expiry) => {
                         *expires_ms = Some(p.expiry);
@@ -685,7 +845,11 @@ impl Committer {
                 .unwrap_or_default();
             let (ip, _) = key_parts(k);
             let mut ev = event(
-                if alive { EventKind::Extended } else { EventKind::Granted },
+                if alive {
+                    EventKind::Extended
+                } else {
+                    EventKind::Granted
+                },
                 Some(ip.to_string()),
                 caller,
                 reason,
@@ -698,7 +862,10 @@ impl Committer {
         // Intent first: if we crash after this, restart re-adds it (only addresses DNS named).
         let t_apply = Instant::now();
         let applied = self.store.apply(&changes, &events);
-        tracing::debug!(store_us = t_apply.elapsed().as_micros() as u64, "group intent written");
+        tracing::debug!(
+            store_us = t_apply.elapsed().as_micros() as u64,
+            "group intent written"
+        );
         if let Err(e) = applied {
             tracing::error!(error = %e, "state store write failed; failing the group closed");
             for w in waiting {
@@ -735,7 +902,12 @@ impl Committer {
                 }
             }
         }
-        tracing::debug!(ops = ops.len(), changes = changes.len(), kernel_us = t_store.elapsed().as_micros() as u64, "group committed");
+        tracing::debug!(
+            ops = ops.len(),
+            changes = changes.len(),
+            kernel_us = t_store.elapsed().as_micros() as u64,
+            "group committed"
+        );
         // Compensate the intent of whatever did not reach the kernel.
         let mut undo_changes = Vec::new();
         let mut undo_events = Vec::new();
@@ -759,15 +931,20 @@ impl Committer {
                     },
                     _ => Change::Remove { key },
                 });
-                let mut ev = event(EventKind::Rejected, Some(key.net.addr().to_string()), Caller::default(), format!("kernel refused: {why}"));
+                let mut ev = event(
+                    EventKind::Rejected,
+                    Some(key.net.addr().to_string()),
+                    Caller::default(),
+                    format!("kernel refused: {why}"),
+                );
                 ev.client = key.client;
                 undo_events.push(ev);
             }
         }
-        if !undo_changes.is_empty() {
-            if let Err(e) = self.store.apply(&undo_changes, &undo_events) {
-                tracing::error!(error = %e, "could not record kernel failure in the store");
-            }
+        if !undo_changes.is_empty()
+            && let Err(e) = self.store.apply(&undo_changes, &undo_events)
+        {
+            tracing::error!(error = %e, "could not record kernel failure in the store");
         }
         {
             let mut map = match self.shared.committed.write() {
@@ -819,14 +996,56 @@ impl Committer {
         }
     }
 
-    fn allow(&mut self, net: IpNet, ttl: Option<Duration>, comment: String, caller: Caller) -> Result<Allowed, EngineError> {
-        let s = self.shared.settings.clone();
+    fn reload(&mut self, settings: Arc<Settings>) -> Result<(), EngineError> {
+        let now = now_ms();
+        let manual: Vec<ManualElem> = match self.shared.manual.read() {
+            Ok(m) => m
+                .iter()
+                .filter(|(_, e)| e.is_none_or(|e| e > now))
+                .map(|(net, e)| ManualElem {
+                    net: *net,
+                    remaining: e.map(|e| Duration::from_millis(e - now)),
+                })
+                .collect(),
+            Err(_) => return Err(EngineError::Stopped),
+        };
+        nft::setup(&settings, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
+        if let Ok(mut s) = self.shared.settings.write() {
+            *s = settings;
+        }
+        let _ = self.store.apply(
+            &[],
+            &[event(
+                EventKind::Started,
+                None,
+                Caller::default(),
+                "configuration reloaded (SIGHUP)",
+            )],
+        );
+        Ok(())
+    }
+
+    fn allow(
+        &mut self,
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: String,
+        caller: Caller,
+    ) -> Result<Allowed, EngineError> {
+        let s = self.shared.settings();
         let net = command::check_net(net, &s.never).map_err(EngineError::Invalid)?;
         let now = now_ms();
         let expires_ms = ttl.map(|t| now + t.as_millis() as u64);
         let prev = {
-            let m = self.shared.manual.read().map_err(|_| EngineError::Stopped)?;
-            if let Some(other) = m.keys().find(|o| **o != net && (o.contains(&net) || net.contains(*o))) {
+            let m = self
+                .shared
+                .manual
+                .read()
+                .map_err(|_| EngineError::Stopped)?;
+            if let Some(other) = m
+                .keys()
+                .find(|o| **o != net && (o.contains(&net) || net.contains(*o)))
+            {
                 return Err(EngineError::Conflict(format!(
                     "{net} overlaps manual allowance {other}; revoke it first"
                 )));
@@ -834,22 +1053,52 @@ impl Committer {
             m.get(&net).copied()
         };
         let key = GrantKey { net, client: None };
-        let mut ev = event(EventKind::ManualAllow, Some(net.to_string()), caller, comment.clone());
+        let mut ev = event(
+            EventKind::ManualAllow,
+            Some(net.to_string()),
+            caller,
+            comment.clone(),
+        );
         ev.expires_ms = expires_ms;
         self.store
             .apply(
-                &[Change::Upsert { key, name: None, at_ms: now, expires_ms, source: Source::Manual, comment }],
+                &[Change::Upsert {
+                    key,
+                    name: None,
+                    at_ms: now,
+                    expires_ms,
+                    source: Source::Manual,
+                    comment,
+                }],
                 &[ev],
             )
             .map_err(|e| EngineError::Store(e.to_string()))?;
-        let elem = ManualElem { net, remaining: ttl };
+        let elem = ManualElem {
+            net,
+            remaining: ttl,
+        };
         if let Err(e) = nft::manual_add(&self.table, &elem, prev.is_some()) {
             let undo = match prev {
-                Some(p) => Change::Upsert { key, name: None, at_ms: now, expires_ms: p, source: Source::Manual, comment: String::new() },
+                Some(p) => Change::Upsert {
+                    key,
+                    name: None,
+                    at_ms: now,
+                    expires_ms: p,
+                    source: Source::Manual,
+                    comment: String::new(),
+                },
                 None => Change::Remove { key },
             };
             let why = nft::error_text(&e);
-            let _ = self.store.apply(&[undo], &[event(EventKind::Rejected, Some(net.to_string()), caller, format!("kernel refused manual allow: {why}"))]);
+            let _ = self.store.apply(
+                &[undo],
+                &[event(
+                    EventKind::Rejected,
+                    Some(net.to_string()),
+                    caller,
+                    format!("kernel refused manual allow: {why}"),
+                )],
+            );
             return Err(EngineError::Kernel(why));
         }
         if let Ok(mut m) = self.shared.manual.write() {
@@ -860,7 +1109,11 @@ impl Committer {
 
     fn revoke(&mut self, net: IpNet, comment: String, caller: Caller) -> Result<u64, EngineError> {
         let manual: Vec<IpNet> = {
-            let m = self.shared.manual.read().map_err(|_| EngineError::Stopped)?;
+            let m = self
+                .shared
+                .manual
+                .read()
+                .map_err(|_| EngineError::Stopped)?;
             if let Some(outer) = m.keys().find(|o| **o != net && o.contains(&net)) {
                 return Err(EngineError::Conflict(format!(
                     "{net} lies inside manual allowance {outer}; revoke {outer} instead"
@@ -870,8 +1123,16 @@ impl Committer {
         };
         // Remove from the committed view first: from now on nobody is told "granted" for these.
         let keys: Vec<SetKey> = {
-            let mut map = self.shared.committed.write().map_err(|_| EngineError::Stopped)?;
-            let keys: Vec<SetKey> = map.keys().filter(|k| net.contains(&key_parts(k).0)).copied().collect();
+            let mut map = self
+                .shared
+                .committed
+                .write()
+                .map_err(|_| EngineError::Stopped)?;
+            let keys: Vec<SetKey> = map
+                .keys()
+                .filter(|k| net.contains(&key_parts(k).0))
+                .copied()
+                .collect();
             for k in &keys {
                 map.remove(k);
             }
@@ -882,24 +1143,43 @@ impl Committer {
         for k in &keys {
             let gk = grant_key(k);
             changes.push(Change::Remove { key: gk });
-            let mut ev = event(EventKind::Revoked, Some(key_parts(k).0.to_string()), caller, comment.clone());
+            let mut ev = event(
+                EventKind::Revoked,
+                Some(key_parts(k).0.to_string()),
+                caller,
+                comment.clone(),
+            );
             ev.client = gk.client;
             events.push(ev);
         }
         for n in &manual {
-            changes.push(Change::Remove { key: GrantKey { net: *n, client: None } });
-            events.push(event(EventKind::Revoked, Some(n.to_string()), caller, comment.clone()));
+            changes.push(Change::Remove {
+                key: GrantKey {
+                    net: *n,
+                    client: None,
+                },
+            });
+            events.push(event(
+                EventKind::Revoked,
+                Some(n.to_string()),
+                caller,
+                comment.clone(),
+            ));
         }
         if changes.is_empty() {
             return Ok(0);
         }
-        self.store.apply(&changes, &events).map_err(|e| EngineError::Store(e.to_string()))?;
+        self.store
+            .apply(&changes, &events)
+            .map_err(|e| EngineError::Store(e.to_string()))?;
         let ops: Vec<ElemOp> = keys.iter().map(|k| del_op(*k)).collect();
-        let failed = commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)).map_err(EngineError::Kernel)?;
+        let failed = commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops))
+            .map_err(EngineError::Kernel)?;
         if let Some((i, why)) = failed.first() {
             return Err(EngineError::Kernel(format!("{:?}: {why}", ops[*i])));
         }
-        nft::manual_delete(&self.table, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
+        nft::manual_delete(&self.table, &manual)
+            .map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
         if let Ok(mut m) = self.shared.manual.write() {
             for n in &manual {
                 m.remove(n);
@@ -910,7 +1190,7 @@ impl Committer {
 
     /// Records kernel expiries, and renews grants that still carry live flows if configured.
     fn sweep(&mut self) {
-        let s = self.shared.settings.clone();
+        let s = self.shared.settings();
         let now = now_ms();
         let mut changes = Vec::new();
         let mut events = Vec::new();
@@ -922,7 +1202,11 @@ impl Committer {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
-            let gone: Vec<(SetKey, u64)> = map.iter().filter(|(_, e)| **e + EXPIRY_GRACE_MS <= now).map(|(k, e)| (*k, *e)).collect();
+            let gone: Vec<(SetKey, u64)> = map
+                .iter()
+                .filter(|(_, e)| **e + EXPIRY_GRACE_MS <= now)
+                .map(|(k, e)| (*k, *e))
+                .collect();
             for (k, _) in &gone {
                 map.remove(k);
             }
@@ -931,7 +1215,12 @@ impl Committer {
         for (k, e) in &gone {
             let gk = grant_key(k);
             changes.push(Change::Remove { key: gk });
-            let mut ev = event(EventKind::Expired, Some(key_parts(k).0.to_string()), Caller::default(), "kernel timeout");
+            let mut ev = event(
+                EventKind::Expired,
+                Some(key_parts(k).0.to_string()),
+                Caller::default(),
+                "kernel timeout",
+            );
             ev.client = gk.client;
             ev.expires_ms = Some(*e);
             events.push(ev);
@@ -941,15 +1230,28 @@ impl Committer {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
-            let g: Vec<(IpNet, u64)> = m.iter().filter_map(|(n, e)| e.filter(|e| e + EXPIRY_GRACE_MS <= now).map(|e| (*n, e))).collect();
+            let g: Vec<(IpNet, u64)> = m
+                .iter()
+                .filter_map(|(n, e)| e.filter(|e| e + EXPIRY_GRACE_MS <= now).map(|e| (*n, e)))
+                .collect();
             for (n, _) in &g {
                 m.remove(n);
             }
             g
         };
         for (n, e) in &mgone {
-            changes.push(Change::Remove { key: GrantKey { net: *n, client: None } });
-            let mut ev = event(EventKind::Expired, Some(n.to_string()), Caller::default(), "manual allowance timeout");
+            changes.push(Change::Remove {
+                key: GrantKey {
+                    net: *n,
+                    client: None,
+                },
+            });
+            let mut ev = event(
+                EventKind::Expired,
+                Some(n.to_string()),
+                Caller::default(),
+                "manual allowance timeout",
+            );
             ev.expires_ms = Some(*e);
             events.push(ev);
         }
@@ -965,10 +1267,14 @@ impl Committer {
     /// Extends grants about to expire whose destination still has conntrack flows. The work is
     /// bounded by `renew_max_flows` entries read per sweep.
     fn renew(&mut self, now: u64) {
-        let s = self.shared.settings.clone();
+        let s = self.shared.settings();
         let horizon = now + 2 * s.raw.expiry.sweep_interval.0.as_millis() as u64 + EXPIRY_GRACE_MS;
         let due: Vec<(SetKey, u64)> = match self.shared.committed.read() {
-            Ok(m) => m.iter().filter(|(_, e)| **e > now && **e <= horizon).map(|(k, e)| (*k, *e)).collect(),
+            Ok(m) => m
+                .iter()
+                .filter(|(_, e)| **e > now && **e <= horizon)
+                .map(|(k, e)| (*k, *e))
+                .collect(),
             Err(_) => return,
         };
         if due.is_empty() {
@@ -1004,12 +1310,24 @@ impl Committer {
         }
         let changes: Vec<Change> = renewed
             .iter()
-            .map(|(k, e)| Change::Upsert { key: grant_key(k), name: None, at_ms: now, expires_ms: Some(*e), source: Source::Dns, comment: String::new() })
+            .map(|(k, e)| Change::Upsert {
+                key: grant_key(k),
+                name: None,
+                at_ms: now,
+                expires_ms: Some(*e),
+                source: Source::Dns,
+                comment: String::new(),
+            })
             .collect();
         let events: Vec<AuditEvent> = renewed
             .iter()
             .map(|(k, e)| {
-                let mut ev = event(EventKind::Renewed, Some(key_parts(k).0.to_string()), Caller::default(), "live conntrack flows");
+                let mut ev = event(
+                    EventKind::Renewed,
+                    Some(key_parts(k).0.to_string()),
+                    Caller::default(),
+                    "live conntrack flows",
+                );
                 ev.client = key_parts(k).1;
                 ev.expires_ms = Some(*e);
                 ev
@@ -1026,7 +1344,10 @@ impl Committer {
                     }
                 }
             }
-            Ok(failed) => tracing::warn!(failed = failed.len(), "some renewals were refused by the kernel"),
+            Ok(failed) => tracing::warn!(
+                failed = failed.len(),
+                "some renewals were refused by the kernel"
+            ),
             Err(e) => tracing::warn!(error = %e, "renewal commit failed"),
         }
     }
@@ -1048,7 +1369,8 @@ mod tests {
             "engine tests need root: they create network namespaces and nftables tables"
         );
         std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
             f()
         })
         .join()
@@ -1060,7 +1382,12 @@ mod tests {
             "socket = \"{0}/fwd.sock\"\ndatabase = \"{0}/fwd.db\"\n{extra}\n[access]\nauthorizer_uids = [0]\n",
             dir.display()
         );
-        Arc::new(Config::parse(Path::new("t"), &text).unwrap().validate(Path::new("t")).unwrap())
+        Arc::new(
+            Config::parse(Path::new("t"), &text)
+                .unwrap()
+                .validate(Path::new("t"))
+                .unwrap(),
+        )
     }
 
     fn start(s: &Arc<Settings>) -> (Engine, ReconcileReport) {
@@ -1069,7 +1396,10 @@ mod tests {
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -1080,7 +1410,10 @@ mod tests {
         let req = pb::AuthorizeRequest {
             grants: ips
                 .iter()
-                .map(|a| pb::Grant { ip: guard_proto::ip_to_bytes(ip(a)), ttl_s: ttl_s as u32 })
+                .map(|a| pb::Grant {
+                    ip: guard_proto::ip_to_bytes(ip(a)),
+                    ttl_s: ttl_s as u32,
+                })
                 .collect(),
             qname: "test.example".into(),
             ..Default::default()
@@ -1089,13 +1422,24 @@ mod tests {
     }
 
     fn root() -> Caller {
-        Caller { uid: Some(0), gid: Some(0), pid: Some(1) }
+        Caller {
+            uid: Some(0),
+            gid: Some(0),
+            pid: Some(1),
+        }
     }
 
     /// Elements of an auth set as the kernel reports them through `nft -j` (independent of sys).
     fn kernel(set: &str) -> Vec<(String, Option<u64>)> {
-        let out = Command::new("nft").args(["-j", "list", "set", "inet", "guard", set]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", "inet", "guard", set])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let mut res = Vec::new();
         for o in v["nftables"].as_array().unwrap() {
@@ -1124,24 +1468,36 @@ mod tests {
             let s = settings(dir.path(), "[ttl]\nmin = \"1s\"\nmargin = \"1s\"");
             let (e, _) = start(&s);
             let rt = rt();
-            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root())).unwrap();
+            let r = rt
+                .block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root()))
+                .unwrap();
             assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
             let first = r[0].expires_unix_ms;
             let k = kernel(AUTH4);
             assert_eq!(k.len(), 1, "{k:?}");
             assert!(k[0].1.unwrap() <= 61, "{k:?}");
 
-            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 600, &s), root())).unwrap();
+            let r = rt
+                .block_on(e.authorize(cmd(&["192.0.2.1"], 600, &s), root()))
+                .unwrap();
             assert_eq!(outcome(&r[0]), pb::Outcome::Extended);
             assert!(r[0].expires_unix_ms > first + 500_000);
             let k = kernel(AUTH4);
             assert_eq!(k.len(), 1, "{k:?}");
-            assert!(k[0].1.unwrap() > 500, "kernel timeout was not extended: {k:?}");
+            assert!(
+                k[0].1.unwrap() > 500,
+                "kernel timeout was not extended: {k:?}"
+            );
 
             let longer = r[0].expires_unix_ms;
-            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root())).unwrap();
+            let r = rt
+                .block_on(e.authorize(cmd(&["192.0.2.1"], 60, &s), root()))
+                .unwrap();
             assert_eq!(outcome(&r[0]), pb::Outcome::Unchanged);
-            assert_eq!(r[0].expires_unix_ms, longer, "a shorter request must not shorten the grant");
+            assert_eq!(
+                r[0].expires_unix_ms, longer,
+                "a shorter request must not shorten the grant"
+            );
             assert!(kernel(AUTH4)[0].1.unwrap() > 500);
         });
     }
@@ -1155,7 +1511,11 @@ mod tests {
             let s = settings(dir.path(), "");
             let (e, _) = start(&s);
             // Worker threads are spawned from this thread, so they share its network namespace.
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let mut tasks = tokio::task::JoinSet::new();
                 for t in 0..32u32 {
@@ -1170,14 +1530,21 @@ mod tests {
                             if (r + t) % 7 == 0 {
                                 tokio::task::yield_now().await;
                             }
-                            let res = e.authorize(cmd(&[&addr.to_string()], 300, &s), root()).await.unwrap();
+                            let res = e
+                                .authorize(cmd(&[&addr.to_string()], 300, &s), root())
+                                .await
+                                .unwrap();
                             assert_ne!(outcome(&res[0]), pb::Outcome::Rejected);
                             let present = nl
                                 .list("guard", AUTH4, KeyType::V4)
                                 .unwrap()
                                 .iter()
                                 .any(|(k, _)| *k == SetKey::V4(addr));
-                            assert!(present, "{addr} was answered {:?} before it was in the kernel", outcome(&res[0]));
+                            assert!(
+                                present,
+                                "{addr} was answered {:?} before it was in the kernel",
+                                outcome(&res[0])
+                            );
                         }
                     });
                 }
@@ -1196,8 +1563,13 @@ mod tests {
             let rt = rt();
             {
                 let (e, _) = start(&s);
-                rt.block_on(e.authorize(cmd(&["192.0.2.1", "192.0.2.2", "2001:db8::1"], 3600, &s), root())).unwrap();
-                rt.block_on(e.authorize(cmd(&["192.0.2.9"], 1, &s), root())).unwrap();
+                rt.block_on(e.authorize(
+                    cmd(&["192.0.2.1", "192.0.2.2", "2001:db8::1"], 3600, &s),
+                    root(),
+                ))
+                .unwrap();
+                rt.block_on(e.authorize(cmd(&["192.0.2.9"], 1, &s), root()))
+                    .unwrap();
             }
             // Tamper with the kernel as a crash or an operator might: lose one, add a stranger.
             let nft = |script: &str| {
@@ -1212,7 +1584,18 @@ mod tests {
                 assert!(Instant::now() < deadline, "kernel never expired 192.0.2.9");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            while now_ms() < 2_000 + Reader::open(&s.raw.database).unwrap().list(&Default::default()).unwrap().0.iter().filter_map(|g| g.expires_ms).min().unwrap_or(0) {
+            while now_ms()
+                < 2_000
+                    + Reader::open(&s.raw.database)
+                        .unwrap()
+                        .list(&Default::default())
+                        .unwrap()
+                        .0
+                        .iter()
+                        .filter_map(|g| g.expires_ms)
+                        .min()
+                        .unwrap_or(0)
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let (_e, report) = start(&s);
@@ -1227,11 +1610,17 @@ mod tests {
             assert_eq!(kernel(AUTH6).len(), 1);
             let hist = Reader::open(&s.raw.database)
                 .unwrap()
-                .history(&HistoryFilter { limit: 100, ..Default::default() })
+                .history(&HistoryFilter {
+                    limit: 100,
+                    ..Default::default()
+                })
                 .unwrap();
-            assert!(hist.iter().any(|h| h.kind == EventKind::Expired
-                && h.target.as_deref() == Some("192.0.2.9/32")
-                && h.reason.contains("while fwd was down")), "{hist:#?}");
+            assert!(
+                hist.iter().any(|h| h.kind == EventKind::Expired
+                    && h.target.as_deref() == Some("192.0.2.9/32")
+                    && h.reason.contains("while fwd was down")),
+                "{hist:#?}"
+            );
             assert!(hist.iter().any(|h| h.kind == EventKind::Started));
         });
     }
@@ -1244,26 +1633,61 @@ mod tests {
             let (e, _) = start(&s);
             let rt = rt();
             let r = rt
-                .block_on(e.authorize(cmd(&["192.0.2.1", "0.0.0.0", "224.0.0.1", "169.254.169.254", "192.0.2.2"], 300, &s), root()))
+                .block_on(e.authorize(
+                    cmd(
+                        &[
+                            "192.0.2.1",
+                            "0.0.0.0",
+                            "224.0.0.1",
+                            "169.254.169.254",
+                            "192.0.2.2",
+                        ],
+                        300,
+                        &s,
+                    ),
+                    root(),
+                ))
                 .unwrap();
             let got: Vec<_> = r.iter().map(outcome).collect();
             assert_eq!(
                 got,
-                [pb::Outcome::Granted, pb::Outcome::Rejected, pb::Outcome::Rejected, pb::Outcome::Rejected, pb::Outcome::Granted]
+                [
+                    pb::Outcome::Granted,
+                    pb::Outcome::Rejected,
+                    pb::Outcome::Rejected,
+                    pb::Outcome::Rejected,
+                    pb::Outcome::Granted
+                ]
             );
             assert!(r[3].error.contains("never-authorize"), "{:?}", r[3]);
             assert_eq!(kernel(AUTH4).len(), 2);
-            let n = rt.block_on(e.revoke("192.0.2.0/24".parse().unwrap(), "test".into(), root())).unwrap();
+            let n = rt
+                .block_on(e.revoke("192.0.2.0/24".parse().unwrap(), "test".into(), root()))
+                .unwrap();
             assert_eq!(n, 2);
             assert!(kernel(AUTH4).is_empty());
             // Revoking is not blocking: the next DNS answer grants again.
-            let r = rt.block_on(e.authorize(cmd(&["192.0.2.1"], 300, &s), root())).unwrap();
+            let r = rt
+                .block_on(e.authorize(cmd(&["192.0.2.1"], 300, &s), root()))
+                .unwrap();
             assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
             // Audit reached the store before the reply.
-            let hist = Reader::open(&s.raw.database).unwrap().history(&HistoryFilter { limit: 100, ..Default::default() }).unwrap();
-            let rejected: Vec<_> = hist.iter().filter(|h| h.kind == EventKind::Rejected).collect();
+            let hist = Reader::open(&s.raw.database)
+                .unwrap()
+                .history(&HistoryFilter {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .unwrap();
+            let rejected: Vec<_> = hist
+                .iter()
+                .filter(|h| h.kind == EventKind::Rejected)
+                .collect();
             assert_eq!(rejected.len(), 3, "{hist:#?}");
-            assert_eq!(hist.iter().filter(|h| h.kind == EventKind::Revoked).count(), 2);
+            assert_eq!(
+                hist.iter().filter(|h| h.kind == EventKind::Revoked).count(),
+                2
+            );
         });
     }
 
@@ -1274,19 +1698,57 @@ mod tests {
             let s = settings(dir.path(), "");
             let (e, _) = start(&s);
             let rt = rt();
-            rt.block_on(e.allow("203.0.113.0/24".parse().unwrap(), Some(Duration::from_secs(60)), "x".into(), root())).unwrap();
-            let err = rt.block_on(e.allow("203.0.113.0/25".parse().unwrap(), None, String::new(), root())).unwrap_err();
+            rt.block_on(e.allow(
+                "203.0.113.0/24".parse().unwrap(),
+                Some(Duration::from_secs(60)),
+                "x".into(),
+                root(),
+            ))
+            .unwrap();
+            let err = rt
+                .block_on(e.allow(
+                    "203.0.113.0/25".parse().unwrap(),
+                    None,
+                    String::new(),
+                    root(),
+                ))
+                .unwrap_err();
             assert!(err.to_string().contains("overlaps"), "{err}");
-            let err = rt.block_on(e.revoke("203.0.113.0/26".parse().unwrap(), String::new(), root())).unwrap_err();
+            let err = rt
+                .block_on(e.revoke("203.0.113.0/26".parse().unwrap(), String::new(), root()))
+                .unwrap_err();
             assert!(err.to_string().contains("inside manual allowance"), "{err}");
-            let err = rt.block_on(e.allow("169.254.0.0/24".parse().unwrap(), None, String::new(), root())).unwrap_err();
+            let err = rt
+                .block_on(e.allow(
+                    "169.254.0.0/24".parse().unwrap(),
+                    None,
+                    String::new(),
+                    root(),
+                ))
+                .unwrap_err();
             assert!(matches!(err, EngineError::Invalid(_)), "{err}");
             // Re-allowing the same network replaces its timeout.
-            rt.block_on(e.allow("203.0.113.0/24".parse().unwrap(), None, String::new(), root())).unwrap();
-            let out = Command::new("nft").args(["list", "set", "inet", "guard", nft::MANUAL4]).output().unwrap();
+            rt.block_on(e.allow(
+                "203.0.113.0/24".parse().unwrap(),
+                None,
+                String::new(),
+                root(),
+            ))
+            .unwrap();
+            let out = Command::new("nft")
+                .args(["list", "set", "inet", "guard", nft::MANUAL4])
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(text.contains("203.0.113.0/24") && !text.contains("expires"), "{text}");
-            assert_eq!(rt.block_on(e.revoke("203.0.113.0/24".parse().unwrap(), String::new(), root())).unwrap(), 1);
+            assert!(
+                text.contains("203.0.113.0/24") && !text.contains("expires"),
+                "{text}"
+            );
+            assert_eq!(
+                rt.block_on(e.revoke("203.0.113.0/24".parse().unwrap(), String::new(), root()))
+                    .unwrap(),
+                1
+            );
         });
     }
 }

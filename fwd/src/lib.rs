@@ -3,14 +3,14 @@
 
 pub mod command;
 pub mod config;
+pub mod engine;
+pub mod listener;
+pub mod logging;
 pub mod model;
 pub mod nft;
-pub mod store;
-#[allow(unsafe_code)]
-pub mod sys;
-pub mod engine;
 pub mod privdrop;
 pub mod rpc;
 pub mod server;
-pub mod listener;
-pub mod logging;
+pub mod store;
+#[allow(unsafe_code)]
+pub mod sys;

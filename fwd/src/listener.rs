@@ -27,7 +27,11 @@ pub enum ListenError {
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ListenError + 'a {
-    move |source| ListenError::Io { path: path.display().to_string(), what, source }
+    move |source| ListenError::Io {
+        path: path.display().to_string(),
+        what,
+        source,
+    }
 }
 
 /// Binds the socket, replacing a stale one, with the configured mode and group.
@@ -44,18 +48,25 @@ pub fn bind(s: &Settings) -> Result<UnixListener, ListenError> {
     }
     let l = UnixListener::bind(path).map_err(io(path, "bind"))?;
     if let Some(gid) = s.socket_gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| ListenError::Io { path: path.display().to_string(), what: "chown", source: e.into() })?;
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|e| {
+            ListenError::Io {
+                path: path.display().to_string(),
+                what: "chown",
+                source: e.into(),
+            }
+        })?;
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.socket_mode)).map_err(io(path, "chmod"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.socket_mode))
+        .map_err(io(path, "chmod"))?;
     Ok(l)
 }
 
-/// SIGTERM/SIGINT streams, installed before READY so an early SIGTERM is never fatal.
+/// SIGTERM/SIGINT/SIGHUP streams, installed before READY so an early signal is never fatal.
 #[derive(Debug)]
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -65,14 +76,34 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Cancels `token` on the first SIGTERM or SIGINT.
-    pub async fn cancel_on_signal(mut self, token: CancellationToken) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = self.int.recv() => tracing::info!("SIGINT: stopping"),
+    /// Cancels `token` on SIGTERM or SIGINT. On SIGHUP, loads the configuration again with
+    /// `load` and hands it to the engine; an invalid file or a restart-only change keeps the old one.
+    pub async fn serve<E: std::fmt::Display>(
+        mut self,
+        token: CancellationToken,
+        engine: crate::engine::Engine,
+        load: impl Fn() -> Result<Settings, E>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = self.hup.recv() => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    match load() {
+                        Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+                        Ok(s) => match engine.reload(std::sync::Arc::new(s)).await {
+                            Ok(()) => tracing::info!("configuration reloaded"),
+                            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+                        },
+                    }
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                }
+            }
         }
         token.cancel();
     }

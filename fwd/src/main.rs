@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use fwd::config::{Config, Mode};
+use fwd::config::{Config, ConfigError, Mode, Settings};
 use fwd::{engine::Engine, listener, nft, privdrop, server, store};
 
 /// guard's privileged half: owns the nftables table and commits DNS-derived grants.
@@ -50,18 +50,11 @@ fn main() -> ExitCode {
         }
     };
     fwd::logging::init(&args.log_format);
-    let path = args.config.clone().unwrap_or_else(|| PathBuf::from("(defaults)"));
-    let loaded = match &args.config {
-        Some(p) => Config::load(p),
-        None => Config::parse(&path, ""),
-    };
-    let settings = loaded.and_then(|mut c| {
-        c.socket = args.socket.clone().unwrap_or(c.socket);
-        c.database = args.database.clone().unwrap_or(c.database);
-        c.mode = args.mode.unwrap_or(c.mode);
-        c.validate(&path)
-    });
-    let settings = match settings {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("(defaults)"));
+    let settings = match load(&args) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("fwd: {e}");
@@ -74,12 +67,21 @@ fn main() -> ExitCode {
     }
     if args.remove_table {
         return match nft::remove_table(&settings.raw.table) {
-            Ok(true) => { println!("removed table inet {}", settings.raw.table); ExitCode::SUCCESS }
-            Ok(false) => { println!("table inet {} does not exist", settings.raw.table); ExitCode::SUCCESS }
-            Err(e) => { eprintln!("fwd: {}", nft::error_text(&e)); ExitCode::FAILURE }
+            Ok(true) => {
+                println!("removed table inet {}", settings.raw.table);
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("table inet {} does not exist", settings.raw.table);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fwd: {}", nft::error_text(&e));
+                ExitCode::FAILURE
+            }
         };
     }
-    match start(settings) {
+    match start(settings, args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -89,7 +91,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(settings: Arc<fwd::config::Settings>) -> Result<(), Box<dyn std::error::Error>> {
+/// Loads the config file (or the defaults) with the command-line overrides, validated.
+fn load(args: &Args) -> Result<Settings, ConfigError> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("(defaults)"));
+    let mut c = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::parse(&path, "")?,
+    };
+    c.socket = args.socket.clone().unwrap_or(c.socket);
+    c.database = args.database.clone().unwrap_or(c.database);
+    c.mode = args.mode.unwrap_or(c.mode);
+    c.validate(&path)
+}
+
+fn start(settings: Arc<Settings>, args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let sock = listener::bind(&settings)?;
     let who = privdrop::drop_privileges(&settings.raw.user)?;
     tracing::info!(credentials = %who, "privileges dropped");
@@ -97,12 +115,15 @@ fn start(settings: Arc<fwd::config::Settings>) -> Result<(), Box<dyn std::error:
     let (engine, report) = Engine::start(settings.clone(), st)?;
     tracing::info!(?report, "reconciled kernel sets with the state store");
     let reader = store::Reader::open(&settings.raw.database)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let token = tokio_util::sync::CancellationToken::new();
         let signals = fwd::listener::Signals::install()?;
-        tokio::spawn(signals.cancel_on_signal(token.clone()));
-        server::run(engine, settings, reader, sock, token).await?;
+        tokio::spawn(signals.serve(token.clone(), engine.clone(), move || load(&args)));
+        server::run(engine, reader, sock, token).await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     tracing::info!("fwd stopped; the ruleset stays in place (fail closed)");

@@ -3,7 +3,6 @@
 //! Setup is one `nft -j -f` transaction. It creates what is missing and replaces the chain's rules
 //! and the static sets, but never flushes the authorized sets: a restart must not drop grants.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -92,7 +91,9 @@ fn prefix(n: &IpNet) -> Value {
 fn manual_value(e: &ManualElem) -> Value {
     match e.remaining {
         // nft's JSON timeouts are whole seconds; round up so an allowance never ends early.
-        Some(d) => json!({"elem": {"val": prefix(&e.net), "timeout": d.as_millis().div_ceil(1000).max(1) as u64}}),
+        Some(d) => {
+            json!({"elem": {"val": prefix(&e.net), "timeout": d.as_millis().div_ceil(1000).max(1) as u64}})
+        }
         None => prefix(&e.net),
     }
 }
@@ -104,9 +105,7 @@ pub fn setup_batch(s: &Settings, manual: &[ManualElem], existing_chains: &[Strin
     let mut cmds: Vec<Value> = Vec::new();
     let add = |o: Value| json!({"add": o});
     cmds.push(add(json!({"table": {"family": "inet", "name": t}})));
-    let set = |name: &str, ty: Value, flags: &[&str]| {
-        json!({"set": {"family": "inet", "table": t, "name": name, "type": ty, "flags": flags}})
-    };
+    let set = |name: &str, ty: Value, flags: &[&str]| json!({"set": {"family": "inet", "table": t, "name": name, "type": ty, "flags": flags}});
     let defs = [
         (AUTH4, json!("ipv4_addr"), &["timeout"][..]),
         (AUTH6, json!("ipv6_addr"), &["timeout"][..]),
@@ -131,19 +130,19 @@ pub fn setup_batch(s: &Settings, manual: &[ManualElem], existing_chains: &[Strin
         cmds.push(add(set(name, ty.clone(), flags)));
     }
     for c in COUNTERS {
-        cmds.push(add(json!({"counter": {"family": "inet", "table": t, "name": c}})));
+        cmds.push(add(
+            json!({"counter": {"family": "inet", "table": t, "name": c}}),
+        ));
     }
     // Static sets are rebuilt from config in the same transaction: flush + refill is atomic.
     for (name, ty, flags) in defs.iter().skip(4) {
         cmds.push(json!({"flush": set(name, ty.clone(), flags)}));
     }
-    let elems = |name: &str, v: Vec<Value>| {
-        json!({"add": {"element": {"family": "inet", "table": t, "name": name, "elem": v}}})
-    };
+    let elems = |name: &str, v: Vec<Value>| json!({"add": {"element": {"family": "inet", "table": t, "name": name, "elem": v}}});
     let (a4, a6): (Vec<_>, Vec<_>) = s.allow.iter().partition(|n| matches!(n, IpNet::V4(_)));
     for (name, nets) in [("allow4", a4), ("allow6", a6)] {
         if !nets.is_empty() {
-            cmds.push(elems(name, nets.iter().map(|n| prefix(n)).collect()));
+            cmds.push(elems(name, nets.iter().map(prefix).collect()));
         }
     }
     let mut up4 = Vec::new();
@@ -151,7 +150,11 @@ pub fn setup_batch(s: &Settings, manual: &[ManualElem], existing_chains: &[Strin
     for sa in &s.upstreams {
         for proto in ["tcp", "udp"] {
             let v = json!({"concat": [sa.ip().to_string(), proto, sa.port()]});
-            if sa.is_ipv4() { up4.push(v) } else { up6.push(v) }
+            if sa.is_ipv4() {
+                up4.push(v)
+            } else {
+                up6.push(v)
+            }
         }
     }
     for (name, v) in [("upstream4", up4), ("upstream6", up6)] {
@@ -173,14 +176,20 @@ pub fn setup_batch(s: &Settings, manual: &[ManualElem], existing_chains: &[Strin
     if existing_chains.iter().any(|c| c == other) {
         cmds.push(json!({"delete": {"chain": {"family": "inet", "table": t, "name": other}}}));
     }
-    let policy = if s.raw.policy == Policy::Audit { "accept" } else { "drop" };
+    let policy = if s.raw.policy == Policy::Audit {
+        "accept"
+    } else {
+        "drop"
+    };
     cmds.push(add(json!({"chain": {
         "family": "inet", "table": t, "name": chain, "type": "filter",
         "hook": chain, "prio": 0, "policy": policy
     }})));
     cmds.push(json!({"flush": {"chain": {"family": "inet", "table": t, "name": chain}}}));
     for expr in rules(s) {
-        cmds.push(add(json!({"rule": {"family": "inet", "table": t, "chain": chain, "expr": expr}})));
+        cmds.push(add(
+            json!({"rule": {"family": "inet", "table": t, "chain": chain, "expr": expr}}),
+        ));
     }
     json!({ "nftables": cmds })
 }
@@ -251,34 +260,70 @@ fn rules(s: &Settings) -> Vec<Vec<Value>> {
             accept.clone(),
         ]);
     }
-    r.push(vec![m(payload("ip", "daddr"), json!("@allow4")), json!({"counter": "accepted_static"}), accept.clone()]);
-    r.push(vec![m(payload("ip6", "daddr"), json!("@allow6")), json!({"counter": "accepted_static"}), accept.clone()]);
     r.push(vec![
-        m(json!({"concat": [payload("ip", "daddr"), meta("l4proto"), payload("th", "dport")]}), json!("@upstream4")),
+        m(payload("ip", "daddr"), json!("@allow4")),
         json!({"counter": "accepted_static"}),
         accept.clone(),
     ]);
     r.push(vec![
-        m(json!({"concat": [payload("ip6", "daddr"), meta("l4proto"), payload("th", "dport")]}), json!("@upstream6")),
+        m(payload("ip6", "daddr"), json!("@allow6")),
         json!({"counter": "accepted_static"}),
         accept.clone(),
     ]);
-    r.push(vec![m(payload("ip", "daddr"), json!("@manual4")), json!({"counter": "accepted_manual"}), accept.clone()]);
-    r.push(vec![m(payload("ip6", "daddr"), json!("@manual6")), json!({"counter": "accepted_manual"}), accept.clone()]);
+    r.push(vec![
+        m(
+            json!({"concat": [payload("ip", "daddr"), meta("l4proto"), payload("th", "dport")]}),
+            json!("@upstream4"),
+        ),
+        json!({"counter": "accepted_static"}),
+        accept.clone(),
+    ]);
+    r.push(vec![
+        m(
+            json!({"concat": [payload("ip6", "daddr"), meta("l4proto"), payload("th", "dport")]}),
+            json!("@upstream6"),
+        ),
+        json!({"counter": "accepted_static"}),
+        accept.clone(),
+    ]);
+    r.push(vec![
+        m(payload("ip", "daddr"), json!("@manual4")),
+        json!({"counter": "accepted_manual"}),
+        accept.clone(),
+    ]);
+    r.push(vec![
+        m(payload("ip6", "daddr"), json!("@manual6")),
+        json!({"counter": "accepted_manual"}),
+        accept.clone(),
+    ]);
     if s.raw.per_client {
         r.push(vec![
-            m(json!({"concat": [payload("ip", "saddr"), payload("ip", "daddr")]}), json!("@auth4c")),
+            m(
+                json!({"concat": [payload("ip", "saddr"), payload("ip", "daddr")]}),
+                json!("@auth4c"),
+            ),
             json!({"counter": "accepted_dns"}),
             accept.clone(),
         ]);
         r.push(vec![
-            m(json!({"concat": [payload("ip6", "saddr"), payload("ip6", "daddr")]}), json!("@auth6c")),
+            m(
+                json!({"concat": [payload("ip6", "saddr"), payload("ip6", "daddr")]}),
+                json!("@auth6c"),
+            ),
             json!({"counter": "accepted_dns"}),
             accept.clone(),
         ]);
     } else {
-        r.push(vec![m(payload("ip", "daddr"), json!("@auth4")), json!({"counter": "accepted_dns"}), accept.clone()]);
-        r.push(vec![m(payload("ip6", "daddr"), json!("@auth6")), json!({"counter": "accepted_dns"}), accept.clone()]);
+        r.push(vec![
+            m(payload("ip", "daddr"), json!("@auth4")),
+            json!({"counter": "accepted_dns"}),
+            accept.clone(),
+        ]);
+        r.push(vec![
+            m(payload("ip6", "daddr"), json!("@auth6")),
+            json!({"counter": "accepted_dns"}),
+            accept.clone(),
+        ]);
     }
     match s.raw.policy {
         Policy::Reject => {
@@ -413,9 +458,6 @@ pub fn covers(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
-#[allow(dead_code)]
-fn _cow(_: Cow<'_, str>) {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,8 +483,14 @@ mod tests {
         ] {
             let s = settings(text);
             let manual = [
-                ManualElem { net: "203.0.113.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1500)) },
-                ManualElem { net: "2001:db8:5::/48".parse().unwrap(), remaining: None },
+                ManualElem {
+                    net: "203.0.113.0/24".parse().unwrap(),
+                    remaining: Some(Duration::from_millis(1500)),
+                },
+                ManualElem {
+                    net: "2001:db8:5::/48".parse().unwrap(),
+                    remaining: None,
+                },
             ];
             let v = setup_batch(&s, &manual, &["forward".into()]);
             for cmd in v["nftables"].as_array().unwrap() {
@@ -457,16 +505,25 @@ mod tests {
     fn mode_switch_deletes_the_other_chain() {
         let s = settings("mode = \"gateway\"");
         let v = setup_batch(&s, &[], &["output".into()]).to_string();
-        assert!(v.contains(r#"{"delete":{"chain":{"family":"inet","name":"output","table":"guard"}}}"#), "{v}");
+        assert!(
+            v.contains(r#"{"delete":{"chain":{"family":"inet","name":"output","table":"guard"}}}"#),
+            "{v}"
+        );
         let v = setup_batch(&s, &[], &["forward".into()]).to_string();
         assert!(!v.contains("\"delete\""));
     }
 
     #[test]
     fn manual_timeouts_round_up_to_seconds() {
-        let e = ManualElem { net: "192.0.2.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1001)) };
+        let e = ManualElem {
+            net: "192.0.2.0/24".parse().unwrap(),
+            remaining: Some(Duration::from_millis(1001)),
+        };
         assert_eq!(manual_value(&e)["elem"]["timeout"], 2);
-        let e = ManualElem { net: "192.0.2.0/24".parse().unwrap(), remaining: Some(Duration::from_millis(1)) };
+        let e = ManualElem {
+            net: "192.0.2.0/24".parse().unwrap(),
+            remaining: Some(Duration::from_millis(1)),
+        };
         assert_eq!(manual_value(&e)["elem"]["timeout"], 1);
     }
 }

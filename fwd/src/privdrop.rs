@@ -28,7 +28,9 @@ pub enum PrivError {
         source: nix::Error,
     },
     /// Started without root and without CAP_NET_ADMIN.
-    #[error("fwd needs CAP_NET_ADMIN: run it as root, or give it AmbientCapabilities=CAP_NET_ADMIN")]
+    #[error(
+        "fwd needs CAP_NET_ADMIN: run it as root, or give it AmbientCapabilities=CAP_NET_ADMIN"
+    )]
     Missing,
 }
 
@@ -51,7 +53,8 @@ pub fn drop_privileges(user: &str) -> Result<String, PrivError> {
         }
         caps::set(None, CapSet::Inheritable, &only).map_err(c("set inheritable"))?;
         caps::set(None, CapSet::Effective, &only).map_err(c("set effective"))?;
-        caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN).map_err(c("raise ambient"))?;
+        caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN)
+            .map_err(c("raise ambient"))?;
         caps::set(None, CapSet::Permitted, &only).map_err(c("set permitted"))?;
         nix::sys::prctl::set_no_new_privs().map_err(s("no_new_privs"))?;
         return Ok(format!("uid {} with CAP_NET_ADMIN only", Uid::current()));

@@ -1,6 +1,7 @@
 //! The Firewall gRPC service: role checks from SO_PEERCRED, conversion of untrusted requests, replies.
 
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use guard_proto::v1 as pb;
@@ -30,7 +31,6 @@ pub enum Role {
 /// The Firewall service.
 pub struct FirewallService {
     engine: Engine,
-    settings: Arc<Settings>,
     reader: Arc<Mutex<Reader>>,
     started: Instant,
 }
@@ -102,10 +102,9 @@ fn opt_cidr(s: &str) -> Result<Option<IpNet>, Status> {
 
 impl FirewallService {
     /// Builds the service.
-    pub fn new(engine: Engine, settings: Arc<Settings>, reader: Reader) -> Self {
+    pub fn new(engine: Engine, reader: Reader) -> Self {
         FirewallService {
             engine,
-            settings,
             reader: Arc::new(Mutex::new(reader)),
             started: Instant::now(),
         }
@@ -126,7 +125,7 @@ impl FirewallService {
     /// Checks the role; a refusal is audited and answered PERMISSION_DENIED.
     fn require<T>(&self, req: &Request<T>, need: Role, rpc: &str) -> Result<Caller, Status> {
         let caller = Self::caller(req);
-        if permitted(&self.settings, &caller, need) {
+        if permitted(&self.engine.settings(), &caller, need) {
             return Ok(caller);
         }
         let who = caller
@@ -177,7 +176,7 @@ impl Firewall for FirewallService {
         req: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let caller = self.require(&req, Role::Authorizer, "Authorize")?;
-        let cmd = match Authorize::parse(req.get_ref(), &self.settings) {
+        let cmd = match Authorize::parse(req.get_ref(), &self.engine.settings()) {
             Ok(c) => c,
             Err(e) => {
                 // The whole call is refused: audit it, explain it, commit nothing.
@@ -217,7 +216,9 @@ impl Firewall for FirewallService {
         let net = parse_cidr(&r.cidr)?;
         let ttl = (r.ttl_s > 0).then(|| Duration::from_secs(r.ttl_s));
         if ttl.is_some_and(|t| t > Duration::from_secs(10 * 365 * 86_400)) {
-            return Err(Status::invalid_argument("ttl longer than 10 years; omit it for a permanent allowance"));
+            return Err(Status::invalid_argument(
+                "ttl longer than 10 years; omit it for a permanent allowance",
+            ));
         }
         let allowed = self
             .engine
@@ -289,7 +290,8 @@ impl Firewall for FirewallService {
         let filter = HistoryFilter {
             within: opt_cidr(&r.ip)?,
             name: command::normalize_name(&r.name),
-            since_ms: (r.since_s > 0).then(|| now_ms().saturating_sub(r.since_s.saturating_mul(1000))),
+            since_ms: (r.since_s > 0)
+                .then(|| now_ms().saturating_sub(r.since_s.saturating_mul(1000))),
             limit: r.limit,
         };
         let rows = self.read(move |rd| rd.history(&filter)).await?;
@@ -326,23 +328,26 @@ impl Firewall for FirewallService {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.require(&req, Role::Reader, "Status")?;
-        let table = self.settings.raw.table.clone();
+        let settings = self.engine.settings();
+        let table = settings.raw.table.clone();
         let counters = tokio::task::spawn_blocking(move || nft::counters(&table))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::unavailable(format!("reading counters: {}", nft::error_text(&e))))?;
+            .map_err(|e| {
+                Status::unavailable(format!("reading counters: {}", nft::error_text(&e)))
+            })?;
         let stats = self.read(|rd| rd.stats()).await?;
         let c = self.engine.counts();
         Ok(Response::new(pb::StatusResponse {
             api_version: guard_proto::API_VERSION.into(),
             daemon_version: env!("CARGO_PKG_VERSION").into(),
-            mode: match self.settings.raw.mode {
+            mode: match settings.raw.mode {
                 Mode::Local => "local",
                 Mode::Gateway => "gateway",
             }
             .into(),
-            per_client: self.settings.raw.per_client,
-            policy: self.settings.raw.policy.as_str().into(),
+            per_client: settings.raw.per_client,
+            policy: settings.raw.policy.as_str().into(),
             grants_v4: c.v4,
             grants_v6: c.v6,
             manual: c.manual,

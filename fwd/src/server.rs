@@ -1,7 +1,6 @@
 //! fwd's serving loop: the gRPC server on an already-bound Unix socket, sd_notify, watchdog, shutdown.
 
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::sync::Arc;
 use std::time::Duration;
 
 use guard_proto::v1::firewall_server::FirewallServer;
@@ -9,7 +8,6 @@ use sd_notify::NotifyState;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
 use crate::engine::Engine;
 use crate::rpc::FirewallService;
 use crate::store::Reader;
@@ -29,14 +27,13 @@ pub enum RunError {
 /// while the committer thread is alive, and says STOPPING on the way out.
 pub async fn run(
     engine: Engine,
-    settings: Arc<Settings>,
     reader: Reader,
     listener: StdUnixListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     listener.set_nonblocking(true).map_err(RunError::Socket)?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(RunError::Socket)?;
-    let svc = FirewallService::new(engine.clone(), settings, reader);
+    let svc = FirewallService::new(engine.clone(), reader);
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) {
         let engine = engine.clone();

@@ -880,6 +880,8 @@ impl Drop for NftnlElem {
 struct Writer<'b> {
     buf: &'b mut [u8],
     off: usize,
+    /// Scratch element that libnftnl serializes each op from.
+    elem: &'b mut NftnlElem,
 }
 
 impl Writer<'_> {
@@ -926,7 +928,6 @@ impl Writer<'_> {
         set: &CStr,
         group: &Group<'_>,
         ops: &[ElemOp],
-        elem: &mut NftnlElem,
         delete: DeleteMode,
     ) -> Result<(), &'static str> {
         // An element-less DELSETELEM would flush the whole set: never emit one.
@@ -962,14 +963,14 @@ impl Writer<'_> {
                 return Err("op index out of range");
             };
             let (_, _, key, timeout) = op.parts();
-            elem.set(key, timeout)?;
+            self.elem.set(key, timeout)?;
             self.room(start + Self::msg_len(nlh), ELEM_MAX_BYTES)?;
             // SAFETY: at least ELEM_MAX_BYTES are left after the message tail (checked above),
             // more than one element with a <= 32-byte key and a timeout can take; `nlh` is the
             // message being built and `elem` a live element.
             unsafe {
                 let inner = mnl::mnl_attr_nest_start(nlh, NFTA_LIST_ELEM);
-                nftnl::nftnl_set_elem_nlmsg_build_payload(nlh, elem.0.as_ptr());
+                nftnl::nftnl_set_elem_nlmsg_build_payload(nlh, self.elem.0.as_ptr());
                 mnl::mnl_attr_nest_end(nlh, inner);
             }
         }
@@ -1099,16 +1100,18 @@ impl Netlink {
         let first_seq = begin_seq.wrapping_add(1);
         let end_seq = first_seq.wrapping_add(n_msgs);
         self.tx.ensure(bytes + ELEM_MAX_BYTES * 2);
+        let delete_mode = self.delete_mode;
         let mut w = Writer {
             buf: self.tx.bytes_mut(),
             off: 0,
+            elem: &mut self.elem,
         };
         let encoded = (|| {
             w.batch_marker(true, begin_seq)?;
             for (n, g) in groups.iter().enumerate() {
                 let set = names.get(g.set).ok_or("set name missing")?;
                 let seq = first_seq.wrapping_add(n as u32);
-                w.set_elem_msg(seq, &table_c, set, g, ops, &mut self.elem, self.delete_mode)?;
+                w.set_elem_msg(seq, &table_c, set, g, ops, delete_mode)?;
             }
             w.batch_marker(false, end_seq)?;
             Ok(w.off)
@@ -1973,7 +1976,10 @@ mod tests {
                 }
                 Err(e) => panic!("{e}"),
             }
-            // Re-adding an expired key must work either way, and Delete+Add too.
+            nl.set_delete_mode(DeleteMode::IfPresent);
+            nl.commit("t", &[del("a4", k)]).unwrap();
+            nl.set_delete_mode(DeleteMode::Strict);
+            // Re-adding an expired key must work either way.
             nl.commit("t", &[add("a4", k, Some(60))]).unwrap();
             assert!(plausible(remaining(&mut nl, "a4", k), 60));
         });

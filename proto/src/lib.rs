@@ -2,7 +2,12 @@
 #![forbid(unsafe_code)]
 
 /// Generated messages and services of `guard.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 pub mod v1 {
     tonic::include_proto!("guard.v1");
 }
