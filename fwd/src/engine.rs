@@ -21,13 +21,39 @@ use crate::config::Settings;
 use crate::model::{AuditEvent, Caller, Change, EventKind, GrantKey, Source, now_ms};
 use crate::nft::{self, AUTH4, AUTH4C, AUTH6, AUTH6C, ManualElem};
 use crate::store::Store;
-use crate::sys::{ElemOp, KeyType, Netlink, SetKey, SysError};
+use crate::sys::{DeleteMode, ElemOp, KeyType, Netlink, SetKey, SysError};
 
 /// Grace after a recorded expiry before the sweeper forgets an entry. The kernel's own expiry is
 /// never earlier than ours (it started its clock after we read ours), so after this the element is gone.
 const EXPIRY_GRACE_MS: u64 = 2_000;
 /// Largest number of jobs folded into one group commit.
 const MAX_GROUP: usize = 1024;
+/// Up to this many live grants, reconcile reads the kernel sets back and removes strangers;
+/// above it, it re-adds every grant without a dump (set dumps cost quadratic kernel time).
+const DUMP_LIMIT: usize = 100_000;
+#[cfg(test)]
+thread_local! {
+    /// Lets a test exercise the no-dump path without 100k grants.
+    static TEST_DUMP_LIMIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+fn dump_limit() -> usize {
+    #[cfg(test)]
+    if let Some(v) = TEST_DUMP_LIMIT.with(|c| c.get()) {
+        return v;
+    }
+    DUMP_LIMIT
+}
+
+/// Metadata key of the installed ruleset's fingerprint.
+const RULESET_META: &str = "ruleset_fingerprint";
+
+/// Whether our table and base chain exist (then only a configuration change needs `nft`).
+fn ruleset_in_place(nl: &mut Netlink, table: &str, chain: &str) -> Result<bool, StartError> {
+    let _ = nl;
+    Ok(nft::existing_chains(table)?.is_some_and(|c| c.iter().any(|c| c == chain)))
+}
+
 /// Reconcile commits in chunks of this many ops (not one transaction: each chunk only adds
 /// granted elements or removes ungranted ones, so partial progress is always safe).
 const RECONCILE_CHUNK: usize = 20_000;
@@ -87,6 +113,12 @@ pub struct ReconcileReport {
     pub expired: usize,
     /// Manual allowances reinstalled.
     pub manual: usize,
+    /// Kernel elements deleted because they were revoked (tombstones) before a crash.
+    pub tombstoned: usize,
+    /// The ruleset was already in place with this configuration; `nft` was not run.
+    pub setup_skipped: bool,
+    /// How deletes of possibly-expired elements are sent ("if-present" or "strict").
+    pub delete_mode: &'static str,
     /// Wall time taken.
     pub took: Duration,
 }
@@ -258,9 +290,14 @@ fn event(
     }
 }
 
-/// Commits `ops`, dropping deletes the kernel reports as already gone (ENOENT: expired meanwhile)
-/// and retrying. `group[i]` ties op `i` to its key: when any op of a key fails for another reason,
-/// every op of that key is dropped, so a delete never goes through without its re-add.
+/// Commits `ops` as one transaction when the kernel accepts it. `group[i]` ties op `i` to its
+/// key. When the kernel refuses:
+/// - a key whose op failed for a reason other than a missing element is dropped whole (its
+///   delete never goes through without its re-add) and reported;
+/// - deletes reported ENOENT may only be collateral (the kernel fails a whole message of several
+///   elements): their keys are taken out and committed one key per transaction, where an ENOENT
+///   is unambiguous and only then is the delete dropped. A delete is never dropped on a guess,
+///   so a revoke can never silently not happen.
 /// Returns the indices of ops that failed, with their errno text.
 fn commit_tolerant(
     nl: &mut Netlink,
@@ -268,36 +305,95 @@ fn commit_tolerant(
     ops: &[ElemOp],
     group: &[usize],
 ) -> Result<Vec<(usize, String)>, String> {
+    let gid = |i: usize| group.get(i).copied().unwrap_or(usize::MAX - i);
     let mut live: Vec<usize> = (0..ops.len()).collect();
     let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut isolate: Vec<usize> = Vec::new(); // group ids to retry one key at a time
     for _attempt in 0..4 {
         let batch: Vec<ElemOp> = live.iter().map(|&i| ops[i].clone()).collect();
         match nl.commit(table, &batch) {
-            Ok(()) => return Ok(failed),
+            Ok(()) => {
+                live.clear();
+                break;
+            }
             Err(SysError::Rejected { failures }) => {
-                let mut drop_ops: HashSet<usize> = HashSet::new();
                 let mut drop_groups: HashSet<usize> = HashSet::new();
                 for (bi, errno) in failures {
                     let Some(&oi) = live.get(bi) else { continue };
-                    let benign = errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. });
-                    if benign {
-                        drop_ops.insert(oi);
-                    } else if drop_groups.insert(group.get(oi).copied().unwrap_or(oi)) {
+                    let g = gid(oi);
+                    if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. }) {
+                        if drop_groups.insert(g) {
+                            isolate.push(g);
+                        }
+                    } else if drop_groups.insert(g) {
+                        isolate.retain(|x| *x != g);
                         failed.push((oi, std::io::Error::from_raw_os_error(errno).to_string()));
                     }
                 }
-                if drop_ops.is_empty() && drop_groups.is_empty() {
+                if drop_groups.is_empty() {
                     return Err("kernel rejected the batch without naming an element".into());
                 }
-                live.retain(|i| {
-                    !drop_ops.contains(i)
-                        && !drop_groups.contains(&group.get(*i).copied().unwrap_or(*i))
-                });
+                live.retain(|i| !drop_groups.contains(&gid(*i)));
+                if live.is_empty() {
+                    break;
+                }
             }
             Err(e) => return Err(e.to_string()),
         }
     }
-    Err("kernel kept rejecting the batch".into())
+    if !live.is_empty() {
+        return Err("kernel kept rejecting the batch".into());
+    }
+    for g in isolate {
+        let mut mine: Vec<usize> = (0..ops.len()).filter(|i| gid(*i) == g).collect();
+        loop {
+            let batch: Vec<ElemOp> = mine.iter().map(|&i| ops[i].clone()).collect();
+            match nl.commit(table, &batch) {
+                Ok(()) => break,
+                Err(SysError::Rejected { failures }) => {
+                    // One key per transaction: an ENOENT delete here really is absent.
+                    let mut gone = Vec::new();
+                    for (bi, errno) in failures {
+                        let Some(&oi) = mine.get(bi) else { continue };
+                        if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. }) {
+                            gone.push(oi);
+                        } else {
+                            failed.push((oi, std::io::Error::from_raw_os_error(errno).to_string()));
+                            mine.clear();
+                        }
+                    }
+                    if gone.is_empty() && !mine.is_empty() {
+                        return Err("kernel rejected a single-key batch without naming an op".into());
+                    }
+                    mine.retain(|i| !gone.contains(i));
+                    if mine.is_empty() {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Picks delete-if-present when the kernel has it (Linux 6.3+): an element that expired between
+/// our bookkeeping and the commit is then not an error at all. Older kernels keep strict deletes,
+/// which `commit_tolerant` resolves key by key.
+fn choose_delete_mode(nl: &mut Netlink, table: &str) -> &'static str {
+    nl.set_delete_mode(DeleteMode::IfPresent);
+    // 0.0.0.0 is never granted (validation refuses it), so this delete never removes anything.
+    let probe = [ElemOp::Delete {
+        set: AUTH4.into(),
+        key: SetKey::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    }];
+    match nl.commit(table, &probe) {
+        Ok(()) => "if-present",
+        Err(_) => {
+            nl.set_delete_mode(DeleteMode::Strict);
+            "strict"
+        }
+    }
 }
 
 /// Op-to-key grouping for `commit_tolerant` from the key of each op.
@@ -361,6 +457,7 @@ impl Engine {
         );
         report.expired = expired.len();
         report.manual = manual.len();
+        let tombstones = store.live_tombstones(now)?;
         let melems: Vec<ManualElem> = manual
             .iter()
             .map(|(net, e)| ManualElem {
@@ -368,57 +465,80 @@ impl Engine {
                 remaining: e.map(|e| Duration::from_millis(e.saturating_sub(now))),
             })
             .collect();
-        nft::setup(s, &melems)?;
-        tracing::info!(
-            ms = t0.elapsed().as_millis() as u64,
-            "reconcile: ruleset set up"
-        );
-
+        // The ruleset is rebuilt only when it is missing or the configuration changed: on Debian 12
+        // every `nft` run costs time proportional to the live grants.
+        let fingerprint = nft::fingerprint(s);
+        let chain = match s.raw.mode {
+            crate::config::Mode::Local => "output",
+            crate::config::Mode::Gateway => "forward",
+        };
         let mut nl = Netlink::open()?;
+        let in_place = ruleset_in_place(&mut nl, &table, chain)?;
+        if in_place && store.meta(RULESET_META)?.as_deref() == Some(fingerprint.as_str()) {
+            report.setup_skipped = true;
+        } else {
+            nft::setup(s, &melems)?;
+            store.set_meta(RULESET_META, &fingerprint)?;
+        }
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, skipped = report.setup_skipped, "reconcile: ruleset");
+        report.delete_mode = choose_delete_mode(&mut nl, &table);
+
         let sets: [(&str, KeyType); 2] = if s.raw.per_client {
             [(AUTH4C, KeyType::V4Pair), (AUTH6C, KeyType::V6Pair)]
         } else {
             [(AUTH4, KeyType::V4), (AUTH6, KeyType::V6)]
         };
         let mut ops: Vec<ElemOp> = Vec::new();
-        let mut seen: HashSet<SetKey> = HashSet::new();
         let now = now_ms();
-        for (set, kt) in sets {
-            for (k, remaining) in nl.list(&table, set, kt)? {
-                match committed.get(&k) {
-                    None => {
-                        ops.push(del_op(k));
-                        report.removed_stale += 1;
-                    }
-                    Some(&e) => {
-                        seen.insert(k);
-                        let want = e.saturating_sub(now);
-                        let have = remaining.map(|d| d.as_millis() as u64);
-                        if have.is_none_or(|h| h + 1_000 < want) {
+        if committed.len() <= dump_limit() {
+            // Small enough to read back (kernel set dumps cost quadratic time): make the kernel
+            // equal to SQLite, removing elements nobody granted.
+            let mut seen: HashSet<SetKey> = HashSet::new();
+            for (set, kt) in sets {
+                for (k, remaining) in nl.list(&table, set, kt)? {
+                    match committed.get(&k) {
+                        None => {
                             ops.push(del_op(k));
-                            ops.push(add_op(k, want));
-                            report.added += 1;
-                        } else {
-                            report.kept += 1;
+                            report.removed_stale += 1;
+                        }
+                        Some(&e) => {
+                            seen.insert(k);
+                            let want = e.saturating_sub(now);
+                            let have = remaining.map(|d| d.as_millis() as u64);
+                            if have.is_none_or(|h| h + 1_000 < want) {
+                                ops.push(del_op(k));
+                                ops.push(add_op(k, want));
+                                report.added += 1;
+                            } else {
+                                report.kept += 1;
+                            }
                         }
                     }
                 }
             }
-        }
-        for (k, e) in &committed {
-            if !seen.contains(k) {
+            for (k, e) in &committed {
+                if !seen.contains(k) {
+                    ops.push(add_op(*k, e.saturating_sub(now)));
+                    report.added += 1;
+                }
+            }
+        } else {
+            // Too large to dump: add every live grant again (an existing element just gets its
+            // timeout set to the recorded expiry) and delete what was revoked.
+            for (k, e) in &committed {
                 ops.push(add_op(*k, e.saturating_sub(now)));
-                report.added += 1;
+            }
+            report.added = committed.len();
+        }
+        for key in &tombstones {
+            if let Some(k) = set_key(key.net.addr(), key.client).filter(|k| !committed.contains_key(k)) {
+                ops.push(del_op(k));
+                report.tombstoned += 1;
             }
         }
-        tracing::info!(
-            ms = t0.elapsed().as_millis() as u64,
-            ops = ops.len(),
-            "reconcile: kernel listed and diffed"
-        );
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, ops = ops.len(), "reconcile: kernel diff ready");
         for chunk in ops.chunks(RECONCILE_CHUNK) {
-            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk))
-                .map_err(StartError::Reconcile)?;
+            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk)).map_err(StartError::Reconcile)?;
             if let Some((i, e)) = failed.first() {
                 return Err(StartError::Reconcile(format!("{:?}: {e}", chunk[*i])));
             }
@@ -442,8 +562,9 @@ impl Engine {
             None,
             Caller::default(),
             format!(
-                "reconciled in {:?}: {} grants loaded, {} kept, {} (re)added, {} stale removed, {} expired while down, {} manual",
-                report.took, report.loaded, report.kept, report.added, report.removed_stale, report.expired, report.manual
+                "reconciled in {:?}: {} grants loaded, {} kept, {} (re)added, {} stale removed, {} revoked before a crash removed, {} expired while down, {} manual{}",
+                report.took, report.loaded, report.kept, report.added, report.removed_stale, report.tombstoned, report.expired, report.manual,
+                if report.setup_skipped { ", ruleset unchanged" } else { ", ruleset installed" }
             ),
         ));
         store.apply(&changes, &events)?;
@@ -1010,6 +1131,9 @@ impl Committer {
             Err(_) => return Err(EngineError::Stopped),
         };
         nft::setup(&settings, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
+        if let Err(e) = self.store.set_meta(RULESET_META, &nft::fingerprint(&settings)) {
+            tracing::warn!(error = %e, "could not record the ruleset fingerprint; the next start runs nft setup");
+        }
         if let Ok(mut s) = self.shared.settings.write() {
             *s = settings;
         }
@@ -1749,6 +1873,77 @@ mod tests {
                     .unwrap(),
                 1
             );
+        });
+    }
+
+    #[test]
+    fn restart_skips_nft_when_ruleset_unchanged_and_reinstalls_on_change() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (_, r) = start(&s);
+            assert!(!r.setup_skipped, "first start must install the ruleset");
+            let (_, r) = start(&s);
+            assert!(r.setup_skipped, "unchanged config must not run nft: {r:?}");
+            let changed = settings(dir.path(), "[allow]\ncidrs = [\"203.0.113.0/24\"]");
+            let (_, r) = start(&changed);
+            assert!(!r.setup_skipped, "a changed config must reinstall: {r:?}");
+            let out = Command::new("nft").args(["list", "set", "inet", "guard", "allow4"]).output().unwrap();
+            assert!(String::from_utf8_lossy(&out.stdout).contains("203.0.113.0/24"));
+            // The table deleted behind fwd's back is rebuilt whatever the fingerprint says.
+            assert!(Command::new("nft").args(["delete", "table", "inet", "guard"]).status().unwrap().success());
+            let (_, r) = start(&changed);
+            assert!(!r.setup_skipped, "a missing table must be rebuilt: {r:?}");
+        });
+    }
+
+    /// A crash between the revoke's store write and its kernel delete must not leave the
+    /// revoked grant live: the tombstone makes restart delete it, also without a set dump.
+    #[test]
+    fn revoked_grant_is_removed_at_restart_after_crash_window() {
+        for dump in [true, false] {
+            in_netns(move || {
+                TEST_DUMP_LIMIT.with(|c| c.set(Some(if dump { 100_000 } else { 0 })));
+                let dir = tempfile::tempdir().unwrap();
+                let s = settings(dir.path(), "");
+                {
+                    let (e, _) = start(&s);
+                    rt().block_on(e.authorize(cmd(&["192.0.2.7", "192.0.2.8"], 600, &s), root())).unwrap();
+                }
+                // Simulate the crash window: the store says revoked, the kernel still has it.
+                let mut st = Store::open(&s.raw.database).unwrap();
+                let key = GrantKey::host(ip("192.0.2.7"), None);
+                st.apply(&[Change::Remove { key }, Change::Tombstone { key, until_ms: now_ms() + 600_000 }], &[]).unwrap();
+                drop(st);
+                assert!(kernel(AUTH4).iter().any(|(a, _)| a == "192.0.2.7"));
+                let (_e, r) = start(&s);
+                let v4: Vec<String> = kernel(AUTH4).into_iter().map(|(a, _)| a).collect();
+                assert_eq!(v4, ["192.0.2.8"], "dump={dump}: {r:?}");
+                if !dump {
+                    assert_eq!(r.tombstoned, 1, "{r:?}");
+                }
+            });
+        }
+    }
+
+    /// Above the dump limit, restart re-adds every grant without reading the sets back; the
+    /// kernel timeout ends up at the recorded expiry.
+    #[test]
+    fn large_restart_readds_without_dump() {
+        in_netns(|| {
+            TEST_DUMP_LIMIT.with(|c| c.set(Some(0)));
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            {
+                let (e, _) = start(&s);
+                rt().block_on(e.authorize(cmd(&["192.0.2.1", "2001:db8::1"], 600, &s), root())).unwrap();
+            }
+            assert!(Command::new("nft").arg("flush set inet guard auth4").status().unwrap().success());
+            let (_e, r) = start(&s);
+            assert_eq!(r.added, 2, "{r:?}");
+            let k = kernel(AUTH4);
+            assert_eq!(k.len(), 1, "{k:?}");
+            assert!(k[0].1.unwrap() > 500, "{k:?}");
         });
     }
 }

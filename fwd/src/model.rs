@@ -185,6 +185,16 @@ pub enum Change {
         /// Identity.
         key: GrantKey,
     },
+    /// Remember that `key` was revoked and must be absent from the kernel until `until_ms` (the
+    /// revoked grant's own expiry). Written with the Remove, before the kernel delete, so that a
+    /// crash in between cannot leave a revoked grant live: restart deletes tombstoned keys.
+    /// A later Upsert of the same key clears it.
+    Tombstone {
+        /// Identity.
+        key: GrantKey,
+        /// When the kernel element would have expired anyway.
+        until_ms: u64,
+    },
 }
 
 /// Wall-clock now in Unix ms.

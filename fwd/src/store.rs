@@ -117,6 +117,21 @@ const MIGRATIONS: &[&str] = &[
         SELECT RAISE(ABORT, 'audit rows are append-only');
     END;
     "#,
+    // 2: key/value metadata (the fingerprint of the installed ruleset) and revocation tombstones.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE tombstones (
+        family   INTEGER NOT NULL,
+        addr     BLOB NOT NULL,
+        prefix   INTEGER NOT NULL,
+        client   BLOB NOT NULL,
+        until_ms INTEGER NOT NULL,
+        PRIMARY KEY (family, addr, prefix, client)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Errors of the store; each names the operation and the database it failed on.
@@ -403,6 +418,24 @@ impl Store {
                         .filter(|n| !n.is_empty());
                     upsert_grant(&tx, key, name, *at_ms, *expires_ms, *source, comment)
                         .map_err(|(op, e)| werr(op)(e))?;
+                    let k = KeyCols::new(key);
+                    tx.prepare_cached(
+                        "DELETE FROM tombstones \
+                         WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
+                    )
+                    .and_then(|mut st| st.execute(params![k.family, &k.addr[..], k.prefix, k.client()]))
+                    .map_err(werr("clear tombstone"))?;
+                }
+                Change::Tombstone { key, until_ms } => {
+                    let k = KeyCols::new(key);
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO tombstones (family, addr, prefix, client, until_ms) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![k.family, &k.addr[..], k.prefix, k.client(), *until_ms as i64])
+                    })
+                    .map_err(werr("write tombstone"))?;
                 }
                 Change::Remove { key } => {
                     remove_grant(&tx, key).map_err(|(op, e)| werr(op)(e))?;
@@ -474,6 +507,60 @@ impl Store {
             f(key, expires, source);
         }
         Ok(())
+    }
+
+    /// The value stored under `key` in the metadata table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|source| StoreError::Read {
+                path: self.path.clone(),
+                op: "read meta",
+                source,
+            })
+    }
+
+    /// Stores `value` under `key` in the metadata table.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                [key, value],
+            )
+            .map(|_| ())
+            .map_err(|source| StoreError::Write {
+                path: self.path.clone(),
+                op: "write meta",
+                source,
+            })
+    }
+
+    /// Returns the keys still tombstoned at `now_ms` and forgets the ones whose time has passed.
+    pub fn live_tombstones(&mut self, now_ms: u64) -> Result<Vec<GrantKey>, StoreError> {
+        let path = self.path.clone();
+        let rerr = |source| StoreError::Read {
+            path: path.clone(),
+            op: "scan tombstones",
+            source,
+        };
+        self.conn
+            .execute("DELETE FROM tombstones WHERE until_ms <= ?1", [now_ms as i64])
+            .map_err(|source| StoreError::Write {
+                path: path.clone(),
+                op: "expire tombstones",
+                source,
+            })?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT 0, family, addr, prefix, client FROM tombstones")
+            .map_err(rerr)?;
+        let mut rows = stmt.query([]).map_err(rerr)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(rerr)? {
+            out.push(key_from_row(row, 0, 1).map_err(|e| e.into_store(rerr))?);
+        }
+        Ok(out)
     }
 
     /// Deletes audit events older than `before_ms` (retention) and returns how many. Deletes

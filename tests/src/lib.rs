@@ -9,6 +9,10 @@
 //! - [`Topology`]: `local()` (guarded + net) and `gateway()` (clients A, B → gw → net).
 //! - [`probe`]: TCP/UDP probes that tell "refused" from "timed out"; [`EchoServer`] to answer them.
 //! - [`Fwd`] / [`FwdConfig`] / [`FwdClient`]: the real fwd, readiness by sd_notify, a sync gRPC client.
+//! - [`Dnsd`] / [`DnsdConfig`]: the real dnsd, readiness by sd_notify; [`dnsd::dig`] and
+//!   [`dnsd::kdig_tls`] as clients; [`ScriptedUpstream`] for answers no real resolver gives.
+//! - [`Unbound`] / [`UnboundConfig`]: the real unbound serving a test zone over plain DNS and
+//!   DNS over TLS, with a test CA made by `openssl` ([`unbound::Pki`]).
 //! - [`nft`]: independent kernel checks through `nft -j`.
 //! - [`cmd`]: commands with a deadline, guardctl, binaries in the target directory.
 //!
@@ -29,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cmd;
+pub mod dnsd;
 pub mod echo;
 pub mod error;
 pub mod fwd;
@@ -36,15 +41,18 @@ pub mod netns;
 pub mod nft;
 pub mod probe;
 pub mod topology;
+pub mod unbound;
 
 use std::time::{Duration, Instant};
 
 pub use cmd::{Out, bin, guardctl};
+pub use dnsd::{Dnsd, DnsdConfig, ScriptedUpstream};
 pub use echo::{ECHO_PORT, EchoServer};
 pub use error::{Context, Error, OrFail, Result};
 pub use fwd::{Fwd, FwdClient, FwdConfig};
 pub use netns::Netns;
 pub use topology::{Client, Topology};
+pub use unbound::{Unbound, UnboundConfig};
 
 /// The uid/gid of `nobody`, used for "wrong caller" tests.
 pub const NOBODY: u32 = 65534;

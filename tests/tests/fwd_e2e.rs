@@ -836,34 +836,44 @@ fn sighup_reloads_allowances_and_keeps_old_config_when_invalid() {
     let granted = service_v4(0);
     let static_ip = service_v4(1);
     let mut c = env.fwd.client().or_fail("client");
-    c.authorize(&[(granted, 300)], "reload.test").or_fail("authorize");
+    c.authorize(&[(granted, 300)], "reload.test")
+        .or_fail("authorize");
     probe::expect_tcp_refused(&env.topo.fwd, static_ip).or_fail("static address before reload");
 
     let hup = |fwd: &Fwd| {
         let pid = fwd.pid().or_fail("fwd pid");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)
-            .or_fail("send SIGHUP");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .or_fail("send SIGHUP");
     };
     let config = std::fs::read_to_string(env.fwd.config_path()).or_fail("read config");
     // Valid change: a static allowance for the second service.
     let with_allow = format!("{config}\n[allow]\ncidrs = [\"{static_ip}/32\"]\n");
     write_file(env.fwd.config_path(), with_allow.as_bytes()).or_fail("write config");
     hup(&env.fwd);
-    env.fwd.wait_log("configuration reloaded", Duration::from_secs(30)).or_fail("reload logged");
+    env.fwd
+        .wait_log("configuration reloaded", Duration::from_secs(30))
+        .or_fail("reload logged");
     probe::expect_tcp_open(&env.topo.fwd, static_ip).or_fail("static address after reload");
     probe::expect_tcp_open(&env.topo.fwd, granted).or_fail("grant survives reload");
 
     // Invalid file: refused, the running ruleset stays.
     write_file(env.fwd.config_path(), b"[ttl]\nmin = \"forever\"\n").or_fail("write bad config");
     hup(&env.fwd);
-    env.fwd.wait_log("forever", Duration::from_secs(30)).or_fail("bad reload logged");
+    env.fwd
+        .wait_log("forever", Duration::from_secs(30))
+        .or_fail("bad reload logged");
     probe::expect_tcp_open(&env.topo.fwd, static_ip).or_fail("old config kept after a bad reload");
 
     // Restart-only key: refused with the key named.
     let gw = format!("{with_allow}\n").replace("mode = \"local\"", "mode = \"gateway\"");
     write_file(env.fwd.config_path(), gw.as_bytes()).or_fail("write mode change");
     hup(&env.fwd);
-    env.fwd.wait_log("changing `mode` needs a restart", Duration::from_secs(30)).or_fail("mode change refused");
+    env.fwd
+        .wait_log("changing `mode` needs a restart", Duration::from_secs(30))
+        .or_fail("mode change refused");
     probe::expect_tcp_open(&env.topo.fwd, static_ip).or_fail("still local mode");
     let st = c.status().or_fail("status");
     assert_eq!(st.mode, "local");
