@@ -340,13 +340,12 @@ have() { local c; c=$(cmd_of "$(proc_of "$1")"); command -v "${c%% *}" >/dev/nul
 want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || [[ " $ONLY " == *" ${1%-dot} "* ]]; }
 
 wait_dns() { # port [tls]
-  local i
+  local i a tls=()
+  [ "${2:-}" = tls ] && tls=(+tls +tls-ca="$W/ca.pem" +tls-hostname=dot.bench.test)
   for i in $(seq 150); do
-    if [ "${2:-}" = tls ]; then
-      inns dig +tls +tls-ca="$W/ca.pem" +tls-hostname=dot.bench.test @127.0.0.1 -p "$1" ready.bench.test A +time=1 +tries=1 2>/dev/null | grep -q 'status: NOERROR' && return 0
-    else
-      inns dig @127.0.0.1 -p "$1" ready.bench.test A +time=1 +tries=1 2>/dev/null | grep -q 'status: NOERROR' && return 0
-    fi
+    # not "dig | grep -q": with pipefail, dig killed by SIGPIPE fails the pipeline
+    a=$(inns dig "${tls[@]}" @127.0.0.1 -p "$1" ready.bench.test A +time=1 +tries=1 2>/dev/null || true)
+    [[ $a == *"status: NOERROR"* ]] && return 0
     sleep 0.1
   done
   return 1

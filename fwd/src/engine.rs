@@ -298,6 +298,7 @@ fn event(
 ///   elements): their keys are taken out and committed one key per transaction, where an ENOENT
 ///   is unambiguous and only then is the delete dropped. A delete is never dropped on a guess,
 ///   so a revoke can never silently not happen.
+///
 /// Returns the indices of ops that failed, with their errno text.
 fn commit_tolerant(
     nl: &mut Netlink,
@@ -363,7 +364,9 @@ fn commit_tolerant(
                         }
                     }
                     if gone.is_empty() && !mine.is_empty() {
-                        return Err("kernel rejected a single-key batch without naming an op".into());
+                        return Err(
+                            "kernel rejected a single-key batch without naming an op".into()
+                        );
                     }
                     mine.retain(|i| !gone.contains(i));
                     if mine.is_empty() {
@@ -480,7 +483,11 @@ impl Engine {
             nft::setup(s, &melems)?;
             store.set_meta(RULESET_META, &fingerprint)?;
         }
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, skipped = report.setup_skipped, "reconcile: ruleset");
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            skipped = report.setup_skipped,
+            "reconcile: ruleset"
+        );
         report.delete_mode = choose_delete_mode(&mut nl, &table);
 
         let sets: [(&str, KeyType); 2] = if s.raw.per_client {
@@ -531,14 +538,21 @@ impl Engine {
             report.added = committed.len();
         }
         for key in &tombstones {
-            if let Some(k) = set_key(key.net.addr(), key.client).filter(|k| !committed.contains_key(k)) {
+            if let Some(k) =
+                set_key(key.net.addr(), key.client).filter(|k| !committed.contains_key(k))
+            {
                 ops.push(del_op(k));
                 report.tombstoned += 1;
             }
         }
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, ops = ops.len(), "reconcile: kernel diff ready");
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            ops = ops.len(),
+            "reconcile: kernel diff ready"
+        );
         for chunk in ops.chunks(RECONCILE_CHUNK) {
-            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk)).map_err(StartError::Reconcile)?;
+            let failed = commit_tolerant(&mut nl, &table, chunk, &groups_of(chunk))
+                .map_err(StartError::Reconcile)?;
             if let Some((i, e)) = failed.first() {
                 return Err(StartError::Reconcile(format!("{:?}: {e}", chunk[*i])));
             }
@@ -1131,7 +1145,10 @@ impl Committer {
             Err(_) => return Err(EngineError::Stopped),
         };
         nft::setup(&settings, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
-        if let Err(e) = self.store.set_meta(RULESET_META, &nft::fingerprint(&settings)) {
+        if let Err(e) = self
+            .store
+            .set_meta(RULESET_META, &nft::fingerprint(&settings))
+        {
             tracing::warn!(error = %e, "could not record the ruleset fingerprint; the next start runs nft setup");
         }
         if let Ok(mut s) = self.shared.settings.write() {
@@ -1888,10 +1905,19 @@ mod tests {
             let changed = settings(dir.path(), "[allow]\ncidrs = [\"203.0.113.0/24\"]");
             let (_, r) = start(&changed);
             assert!(!r.setup_skipped, "a changed config must reinstall: {r:?}");
-            let out = Command::new("nft").args(["list", "set", "inet", "guard", "allow4"]).output().unwrap();
+            let out = Command::new("nft")
+                .args(["list", "set", "inet", "guard", "allow4"])
+                .output()
+                .unwrap();
             assert!(String::from_utf8_lossy(&out.stdout).contains("203.0.113.0/24"));
             // The table deleted behind fwd's back is rebuilt whatever the fingerprint says.
-            assert!(Command::new("nft").args(["delete", "table", "inet", "guard"]).status().unwrap().success());
+            assert!(
+                Command::new("nft")
+                    .args(["delete", "table", "inet", "guard"])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
             let (_, r) = start(&changed);
             assert!(!r.setup_skipped, "a missing table must be rebuilt: {r:?}");
         });
@@ -1908,12 +1934,23 @@ mod tests {
                 let s = settings(dir.path(), "");
                 {
                     let (e, _) = start(&s);
-                    rt().block_on(e.authorize(cmd(&["192.0.2.7", "192.0.2.8"], 600, &s), root())).unwrap();
+                    rt().block_on(e.authorize(cmd(&["192.0.2.7", "192.0.2.8"], 600, &s), root()))
+                        .unwrap();
                 }
                 // Simulate the crash window: the store says revoked, the kernel still has it.
                 let mut st = Store::open(&s.raw.database).unwrap();
                 let key = GrantKey::host(ip("192.0.2.7"), None);
-                st.apply(&[Change::Remove { key }, Change::Tombstone { key, until_ms: now_ms() + 600_000 }], &[]).unwrap();
+                st.apply(
+                    &[
+                        Change::Remove { key },
+                        Change::Tombstone {
+                            key,
+                            until_ms: now_ms() + 600_000,
+                        },
+                    ],
+                    &[],
+                )
+                .unwrap();
                 drop(st);
                 assert!(kernel(AUTH4).iter().any(|(a, _)| a == "192.0.2.7"));
                 let (_e, r) = start(&s);
@@ -1936,9 +1973,16 @@ mod tests {
             let s = settings(dir.path(), "");
             {
                 let (e, _) = start(&s);
-                rt().block_on(e.authorize(cmd(&["192.0.2.1", "2001:db8::1"], 600, &s), root())).unwrap();
+                rt().block_on(e.authorize(cmd(&["192.0.2.1", "2001:db8::1"], 600, &s), root()))
+                    .unwrap();
             }
-            assert!(Command::new("nft").arg("flush set inet guard auth4").status().unwrap().success());
+            assert!(
+                Command::new("nft")
+                    .arg("flush set inet guard auth4")
+                    .status()
+                    .unwrap()
+                    .success()
+            );
             let (_e, r) = start(&s);
             assert_eq!(r.added, 2, "{r:?}");
             let k = kernel(AUTH4);

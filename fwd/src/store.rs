@@ -423,7 +423,9 @@ impl Store {
                         "DELETE FROM tombstones \
                          WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
                     )
-                    .and_then(|mut st| st.execute(params![k.family, &k.addr[..], k.prefix, k.client()]))
+                    .and_then(|mut st| {
+                        st.execute(params![k.family, &k.addr[..], k.prefix, k.client()])
+                    })
                     .map_err(werr("clear tombstone"))?;
                 }
                 Change::Tombstone { key, until_ms } => {
@@ -545,7 +547,10 @@ impl Store {
             source,
         };
         self.conn
-            .execute("DELETE FROM tombstones WHERE until_ms <= ?1", [now_ms as i64])
+            .execute(
+                "DELETE FROM tombstones WHERE until_ms <= ?1",
+                [now_ms as i64],
+            )
             .map_err(|source| StoreError::Write {
                 path: path.clone(),
                 op: "expire tombstones",
