@@ -46,3 +46,8 @@ bench-fwd: deps
 
 clean:
 	$(CARGO) clean
+
+## deb: build the Debian package target/debian/guard_*.deb (release build, completions, man page, cargo-deb)
+.PHONY: deb
+deb: deps
+	./scripts/package.sh

@@ -373,7 +373,7 @@ start() { # name cpu
   case $name in
     nsd-backend) wait_dns 5300 && wait_dns 8530 tls && ok=1 ;;
     fwd) wait_log "$W/log/fwd.log" "fwd ready" "$pid" && ok=1 ;;
-    dnsd*) wait_log "$W/log/$name.log" "dnsd ready" "$pid" && wait_dns "$(port_of "$name")" && ok=1 ;;
+    dnsd|dnsd-*) wait_log "$W/log/$name.log" "dnsd ready" "$pid" && wait_dns "$(port_of "$name")" && ok=1 ;;
     *) wait_dns "$(port_of "$name")" && ok=1 ;;
   esac
   if [ $ok != 1 ]; then
@@ -424,7 +424,7 @@ run_dnsperf() { # system workload kind rep attempt file
   load=$(cut -d' ' -f1 /proc/loadavg)
   if [ "${PROFILE:-0}" = 1 ] && [ "$sys" = dnsd ] && [ "$kind" = sat ] && [ "$rep" = 1 ] && [ "$att" = 1 ] && command -v perf >/dev/null; then
     # shellcheck disable=SC2086
-    perf record -F 1999 -g -o "$W/perf-$wl.data" -p "$(echo $pids | tr ' ' ,)" >/dev/null 2>&1 &
+    perf record -F 1999 -g -o "$OUT/perf-dnsd-$wl.data" -p "$(echo $pids $fpids | tr ' ' ,)" >/dev/null 2>&1 &
     perfpid=$!; sleep 0.3
   fi
   # shellcheck disable=SC2086
@@ -437,8 +437,9 @@ run_dnsperf() { # system workload kind rep attempt file
   { t1=$(ticks $pids); f1=$(ticks $fpids); k1=$(ticks $bpids); o1=$(tcp_opens); }
   if [ -n "$perfpid" ]; then
     kill -INT "$perfpid" 2>/dev/null || true; wait "$perfpid" 2>/dev/null || true
-    perf report -i "$W/perf-$wl.data" --no-children --stdio --percent-limit 1.5 -g none 2>/dev/null | grep -v '^$' | head -80 >"$OUT/perf-dnsd-$wl.txt" || true
-    perf report -i "$W/perf-$wl.data" --children --stdio --percent-limit 4 -g none 2>/dev/null | grep -v '^$' | head -80 >"$OUT/perf-dnsd-$wl-children.txt" || true
+    # self time by process and library, then the inclusive (children) view by symbol
+    perf report -i "$OUT/perf-dnsd-$wl.data" --no-children --stdio --sort comm,dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30 >"$OUT/perf-dnsd-$wl.txt" || true
+    perf report -i "$OUT/perf-dnsd-$wl.data" --children --stdio --sort comm,sym --percent-limit 2 -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-200 | head -150 >>"$OUT/perf-dnsd-$wl.txt" || true
   fi
   cp "$out" "$OUT/last-$sys-$wl-$kind.txt" 2>/dev/null || true
   python3 - "$out" "$sys" "$wl" "$kind" "$rep" "$att" "$s0" "$s1" "$t0" "$t1" "$f0" "$f1" "$k0" "$k1" \

@@ -9,7 +9,7 @@ LAT_CALLS=5000; TP_TOTAL=200000; FILL=1000000; NFT_CALLS=300
 if [ "$QUICK" = "--quick" ]; then LAT_CALLS=500; TP_TOTAL=20000; FILL=50000; NFT_CALLS=50; fi
 
 [ "$(id -u)" = 0 ] || { echo "bench/fwd.sh must run as root (network namespaces, nftables)"; exit 1; }
-cargo build --release -q -p fwd -p guard-bench
+cargo build --release -q -p fwd -p guard-bench -p guardctl
 BIN=target/release
 NS="guard-bench-$$"
 DIR=$(mktemp -d /tmp/guard-bench.XXXXXX)
@@ -57,7 +57,9 @@ TP1=$(fb --seed 2 throughput --callers 32 --total "$TP_TOTAL" --batch 1)
 TP8=$(fb --seed 3 throughput --callers 32 --total "$TP_TOTAL" --batch 8)
 NFT=$(fb --seed 4 nft-exec --calls "$NFT_CALLS")
 FILLR=$(fb --seed 5 throughput --callers 32 --total "$FILL" --batch 256)
-GRANTS=$(ip netns exec "$NS" nft -j list set inet guard auth6 | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(len(o["set"].get("elem",[])) for o in d["nftables"] if "set" in o))')
+# Counted through fwd: `nft list set` would pay the kernel's quadratic set dump at this size.
+grants() { "$BIN/guardctl" --socket "$DIR/fwd.sock" --json status | python3 -c 'import json,sys; d=json.load(sys.stdin)["fwd"]; print(d["grants_v4"] + d["grants_v6"])'; }
+GRANTS=$(grants)
 RSS_FULL=$(rss_mb)
 kill -9 "$FWD_PID"; wait "$FWD_PID" 2>/dev/null || true
 start_fwd
@@ -73,7 +75,7 @@ for line in open(sys.argv[1]):
         print(r.split("took: ")[1].rstrip(" }")); break
 PY
 )
-AFTER=$(ip netns exec "$NS" nft -j list set inet guard auth6 | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(len(o["set"].get("elem",[])) for o in d["nftables"] if "set" in o))')
+AFTER=$(grants)
 
 python3 - "$LAT" "$TP1" "$TP8" "$NFT" "$FILLR" "$GRANTS" "$RSS_FULL" "$RSS_RESTART" "$READY_MS" "$RECONCILE_TOOK" "$AFTER" <<'PY'
 import json, sys, platform, os
