@@ -157,6 +157,8 @@ enum Job {
 }
 
 struct Shared {
+    /// Committed revocations, for WatchRevocations subscribers (dnsd drops cached grant knowledge).
+    revocations: tokio::sync::broadcast::Sender<IpNet>,
     /// Swapped whole on SIGHUP reload; readers take a snapshot.
     settings: RwLock<Arc<Settings>>,
     committed: RwLock<HashMap<SetKey, u64>>,
@@ -322,7 +324,7 @@ fn commit_tolerant(
                 for (bi, errno) in failures {
                     let Some(&oi) = live.get(bi) else { continue };
                     let g = gid(oi);
-                    if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. }) {
+                    if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. }) {
                         if drop_groups.insert(g) {
                             isolate.push(g);
                         }
@@ -356,7 +358,7 @@ fn commit_tolerant(
                     let mut gone = Vec::new();
                     for (bi, errno) in failures {
                         let Some(&oi) = mine.get(bi) else { continue };
-                        if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. }) {
+                        if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. }) {
                             gone.push(oi);
                         } else {
                             failed.push((oi, std::io::Error::from_raw_os_error(errno).to_string()));
@@ -401,11 +403,17 @@ fn choose_delete_mode(nl: &mut Netlink, table: &str) -> &'static str {
 
 /// Op-to-key grouping for `commit_tolerant` from the key of each op.
 fn groups_of(ops: &[ElemOp]) -> Vec<usize> {
-    let mut ids: HashMap<SetKey, usize> = HashMap::new();
+    #[derive(PartialEq, Eq, Hash)]
+    enum G {
+        Elem(SetKey),
+        Range(IpNet),
+    }
+    let mut ids: HashMap<G, usize> = HashMap::new();
     ops.iter()
         .map(|op| {
             let k = match op {
-                ElemOp::Add { key, .. } | ElemOp::Delete { key, .. } => *key,
+                ElemOp::Add { key, .. } | ElemOp::Delete { key, .. } => G::Elem(*key),
+                ElemOp::AddRange { net, .. } | ElemOp::DeleteRange { net, .. } => G::Range(*net),
             };
             let n = ids.len();
             *ids.entry(k).or_insert(n)
@@ -584,6 +592,7 @@ impl Engine {
         store.apply(&changes, &events)?;
 
         let shared = Arc::new(Shared {
+            revocations: tokio::sync::broadcast::channel(1024).0,
             settings: RwLock::new(settings.clone()),
             committed: RwLock::new(committed),
             manual: RwLock::new(manual),
@@ -724,6 +733,11 @@ impl Engine {
             .send(Job::Reload { settings, reply })
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Subscribes to committed revocations.
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<IpNet> {
+        self.shared.revocations.subscribe()
     }
 
     /// Appends audit events (denied callers, refused calls) without waiting.

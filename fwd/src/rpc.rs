@@ -169,8 +169,46 @@ impl FirewallService {
     }
 }
 
+/// The stream type of WatchRevocations.
+pub type RevocationStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Revocation, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Firewall for FirewallService {
+    type WatchRevocationsStream = RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        req: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let caller = Self::caller(&req);
+        let s = self.engine.settings();
+        if !(permitted(&s, &caller, Role::Authorizer) || permitted(&s, &caller, Role::Reader)) {
+            self.require(&req, Role::Authorizer, "WatchRevocations")?;
+        }
+        let mut rx = self.engine.revocations();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::Revocation, Status>>(64);
+        let everything = || ["0.0.0.0/0", "::/0"].map(|c| pb::Revocation { cidr: c.into() });
+        tokio::spawn(async move {
+            // A new subscriber may have missed anything: forget everything first.
+            let mut pending: Vec<pb::Revocation> = everything().into();
+            loop {
+                for r in pending.drain(..) {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return; // the subscriber went away
+                    }
+                }
+                match rx.recv().await {
+                    Ok(net) => pending.push(pb::Revocation { cidr: net.to_string() }),
+                    // Fell behind: it cannot know what it missed.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => pending.extend(everything()),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
     async fn authorize(
         &self,
         req: Request<pb::AuthorizeRequest>,

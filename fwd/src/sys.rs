@@ -1,4 +1,5 @@
-//! Hot-path netlink: nf_tables set-element batches through libnftnl/libmnl, and conntrack dumps.
+//! Hot-path netlink: nf_tables set-element batches (keys and CIDR ranges), set, counter, chain
+//! and table reads through libnftnl/libmnl, and conntrack dumps.
 //!
 //! Exec'ing `nft` costs milliseconds per call; one netlink batch costs microseconds. Everything
 //! the kernel sends back is untrusted input: it is walked with libmnl's bounds checks
@@ -12,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use libc::{c_int, c_void, nlattr, nlmsghdr};
 use mnl_sys as mnl;
 use nftnl_sys as nftnl;
@@ -20,11 +22,19 @@ use nftnl_sys as nftnl;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 /// Delete-if-present, Linux 6.3+.
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const NFPROTO_INET: u16 = 1;
 const NFNETLINK_V0: u8 = 0;
@@ -37,7 +47,29 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 const NFT_SET_ELEM_CATCHALL: u32 = 0x2;
+
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+
+/// Element user data as nft writes it for a range reaching the top of the address space
+/// (libnftnl udata TLV: NFTNL_UDATA_SET_ELEM_FLAGS = 1, length 4, host-endian
+/// NFTNL_SET_ELEM_F_INTERVAL_OPEN = 1). Only nft's listing reads it; the kernel stores it.
+const UDATA_INTERVAL_OPEN: [u8; 6] = {
+    let f = 1u32.to_ne_bytes();
+    [1, 4, f[0], f[1], f[2], f[3]]
+};
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_IP: u16 = 1;
@@ -54,8 +86,8 @@ const NAME_MAX: usize = 255;
 /// `nla_len` is a u16, so a nested attribute (the element list) cannot exceed this.
 const NEST_MAX: usize = u16::MAX as usize;
 /// Upper bound of one encoded element (list-element nest, key nest of at most
-/// NFT_DATA_VALUE_MAXLEN bytes, timeout, flags); checked before every element is written so
-/// that no C call can run past the buffer even if the size plan were wrong.
+/// NFT_DATA_VALUE_MAXLEN bytes, timeout, flags, user data); checked before every element is
+/// written so that no C call can run past the buffer even if the size plan were wrong.
 const ELEM_MAX_BYTES: usize = 128;
 /// Batch begin/end messages: nlmsghdr + nfgenmsg.
 const BATCH_MSG_LEN: usize = NLMSG_HDRLEN + NFGENMSG_LEN;
@@ -213,15 +245,162 @@ pub enum ElemOp {
         /// The element.
         key: SetKey,
     },
+    /// Add the CIDR `net` to a `flags interval` set of `ipv4_addr` / `ipv6_addr` (the rbtree
+    /// backend), encoded as nft 1.0.6 does: a start element holding the network address (and
+    /// the timeout), then an end element flagged NFT_SET_ELEM_INTERVAL_END holding the address
+    /// after the last one. A range reaching the top of the address space has no end element;
+    /// its start carries nft's "interval open" user data instead. Host bits of `net` are
+    /// ignored. Re-adding an identical range is not an error (like [`ElemOp::Add`]); one that
+    /// overlaps another range fails with EEXIST (checked against a dump of the set first, see
+    /// [`Netlink::commit`]). Each range op travels in its own message, so
+    /// [`SysError::Rejected`] names exactly the failing range op.
+    AddRange {
+        /// Set name inside the table given to [`Netlink::commit`].
+        set: String,
+        /// The range.
+        net: IpNet,
+        /// Time to live, as for [`ElemOp::Add`].
+        timeout: Option<Duration>,
+    },
+    /// Delete the CIDR `net` (start and end element) from an interval set. The range must be
+    /// present exactly as given (checked against a dump of the set first, see
+    /// [`Netlink::commit`]); if it is not, the op fails with ENOENT under
+    /// [`DeleteMode::Strict`] and is skipped under [`DeleteMode::IfPresent`].
+    DeleteRange {
+        /// Set name inside the table given to [`Netlink::commit`].
+        set: String,
+        /// The range, exactly as added.
+        net: IpNet,
+    },
+}
+
+/// What an op acts on.
+#[derive(Clone, Copy, Debug)]
+enum Target<'a> {
+    Key(&'a SetKey),
+    Range(&'a IpNet),
 }
 
 impl ElemOp {
-    fn parts(&self) -> (&str, Kind, &SetKey, Option<Duration>) {
+    fn parts(&self) -> (&str, Kind, Target<'_>, Option<Duration>) {
         match self {
-            ElemOp::Add { set, key, timeout } => (set, Kind::Add, key, *timeout),
-            ElemOp::Delete { set, key } => (set, Kind::Delete, key, None),
+            ElemOp::Add { set, key, timeout } => (set, Kind::Add, Target::Key(key), *timeout),
+            ElemOp::Delete { set, key } => (set, Kind::Delete, Target::Key(key), None),
+            ElemOp::AddRange { set, net, timeout } => {
+                (set, Kind::Add, Target::Range(net), *timeout)
+            }
+            ElemOp::DeleteRange { set, net } => (set, Kind::Delete, Target::Range(net), None),
         }
     }
+
+    /// The kernel elements this op consists of (one for a key, one or two for a range).
+    fn kernel_elems(&self) -> [Option<KernelElem>; 2] {
+        let (_, _, target, timeout) = self.parts();
+        match target {
+            Target::Key(k) => {
+                let (key, len) = k.encode();
+                [
+                    Some(KernelElem {
+                        key,
+                        len,
+                        flags: 0,
+                        timeout,
+                        open: false,
+                    }),
+                    None,
+                ]
+            }
+            Target::Range(net) => range_elems(net, timeout),
+        }
+    }
+}
+
+/// One set element as sent to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KernelElem {
+    /// Key bytes (network order), `len` of them used.
+    key: [u8; 32],
+    len: usize,
+    /// NFTA_SET_ELEM_FLAGS (NFT_SET_ELEM_INTERVAL_END), sent only when non-zero.
+    flags: u32,
+    timeout: Option<Duration>,
+    /// Attach [`UDATA_INTERVAL_OPEN`].
+    open: bool,
+}
+
+impl KernelElem {
+    /// Bytes this element adds to the element list: NFTA_LIST_ELEM nest, optional
+    /// NFTA_SET_ELEM_FLAGS (u32), optional NFTA_SET_ELEM_TIMEOUT (u64), NFTA_SET_ELEM_KEY nest
+    /// holding NFTA_DATA_VALUE, optional NFTA_SET_ELEM_USERDATA.
+    fn wire_len(&self) -> usize {
+        let flags = if self.flags != 0 { NLA_HDRLEN + 4 } else { 0 };
+        let timeout = if self.timeout.is_some() {
+            NLA_HDRLEN + 8
+        } else {
+            0
+        };
+        let udata = if self.open {
+            NLA_HDRLEN + align4(UDATA_INTERVAL_OPEN.len())
+        } else {
+            0
+        };
+        NLA_HDRLEN + flags + timeout + NLA_HDRLEN + NLA_HDRLEN + align4(self.len) + udata
+    }
+}
+
+/// nft 1.0.6's encoding of one CIDR in an interval set: start element (network address, with
+/// the timeout), end element (last address + 1, flagged INTERVAL_END, no timeout); when the
+/// last address is the top of the address space there is no end element and the start carries
+/// the "interval open" user data. (For a set that is empty, nft additionally sends an end
+/// element at address 0 first, a leftover the kernel does not need; it is not sent here.)
+fn range_elems(net: &IpNet, timeout: Option<Duration>) -> [Option<KernelElem>; 2] {
+    let mut start = [0u8; 32];
+    let mut end = [0u8; 32];
+    let (len, next) = match net.trunc() {
+        IpNet::V4(n) => {
+            start[..4].copy_from_slice(&n.network().octets());
+            let next = u32::from(n.broadcast()).checked_add(1);
+            if let Some(e) = next {
+                end[..4].copy_from_slice(&e.to_be_bytes());
+            }
+            (4, next.is_some())
+        }
+        IpNet::V6(n) => {
+            start[..16].copy_from_slice(&n.network().octets());
+            let next = u128::from(n.broadcast()).checked_add(1);
+            if let Some(e) = next {
+                end[..16].copy_from_slice(&e.to_be_bytes());
+            }
+            (16, next.is_some())
+        }
+    };
+    [
+        Some(KernelElem {
+            key: start,
+            len,
+            flags: 0,
+            timeout,
+            open: !next,
+        }),
+        next.then_some(KernelElem {
+            key: end,
+            len,
+            flags: NFT_SET_ELEM_INTERVAL_END,
+            timeout: None,
+            open: false,
+        }),
+    ]
+}
+
+/// A named counter object and its values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// Object name (`counter <name> { }` in the table).
+    pub name: String,
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted.
+    pub bytes: u64,
 }
 
 /// How [`Netlink::commit`] sends [`ElemOp::Delete`].
@@ -303,10 +482,11 @@ pub enum SysError {
         #[source]
         source: io::Error,
     },
-    /// The kernel refused the transaction; NOTHING was applied. Each entry is (index into ops,
-    /// errno) for every op the kernel complained about (e.g. ENOENT for deleting a missing
-    /// element). When a message carrying several elements fails, every op of that message is
-    /// listed with the message's errno. Sorted by op index.
+    /// The kernel refused the transaction, or the range check before it failed; NOTHING was
+    /// applied. Each entry is (index into ops, errno) for every op the kernel (or the range
+    /// check) complained about (e.g. ENOENT for deleting a missing element, EEXIST for an
+    /// overlapping range). When a message carrying several elements fails, every op of that
+    /// message is listed with the message's errno. Sorted by op index.
     #[error(
         "kernel rejected the nf_tables batch, nothing applied: {}",
         FailureList(failures)
@@ -661,49 +841,258 @@ impl<'a> Iterator for Attrs<'a> {
 /// Decoded set elements: key and remaining time to expiry.
 type Elements = Vec<(SetKey, Option<Duration>)>;
 
-/// Decodes the elements of one NEWSETELEM dump message into `out`.
-fn decode_elems(msg: &Msg<'_>, key_type: KeyType, out: &mut Elements) -> Result<(), String> {
+/// One element of a set dump, undecoded.
+struct RawElem<'a> {
+    key: Option<&'a [u8]>,
+    flags: u32,
+    expires: Option<Duration>,
+}
+
+/// Walks the elements of one NEWSETELEM dump message.
+fn walk_elems(
+    msg: &Msg<'_>,
+    mut f: impl FnMut(RawElem<'_>) -> Result<(), String>,
+) -> Result<(), String> {
     for list in msg
         .nfnl_attrs()
         .filter(|a| a.ty == NFTA_SET_ELEM_LIST_ELEMENTS)
     {
         for elem in list.nested().filter(|a| a.ty == NFTA_LIST_ELEM) {
-            let mut key = None;
-            let mut flags = 0;
-            let mut expires = None;
+            let mut e = RawElem {
+                key: None,
+                flags: 0,
+                expires: None,
+            };
             for a in elem.nested() {
                 match a.ty {
                     NFTA_SET_ELEM_KEY => {
-                        key = a
+                        e.key = a
                             .nested()
                             .find(|d| d.ty == NFTA_DATA_VALUE)
                             .map(|d| d.payload);
                     }
                     NFTA_SET_ELEM_FLAGS => {
-                        flags = a.be32().ok_or("element flags are not 4 bytes")?;
+                        e.flags = a.be32().ok_or("element flags are not 4 bytes")?;
                     }
                     NFTA_SET_ELEM_EXPIRATION => {
                         let ms = a.be64().ok_or("element expiration is not 8 bytes")?;
-                        expires = Some(Duration::from_millis(ms));
+                        e.expires = Some(Duration::from_millis(ms));
                     }
                     _ => {}
                 }
             }
-            if flags & NFT_SET_ELEM_CATCHALL != 0 {
+            if e.flags & NFT_SET_ELEM_CATCHALL != 0 {
                 continue;
             }
-            let raw = key.ok_or("element without a key")?;
-            let key = key_type.decode(raw).ok_or_else(|| {
-                format!(
-                    "{}-byte key does not fit key type {key_type:?} ({} bytes)",
-                    raw.len(),
-                    key_type.key_len()
-                )
-            })?;
-            out.push((key, expires));
+            f(e)?;
         }
     }
     Ok(())
+}
+
+/// Decodes the elements of one NEWSETELEM dump message into `out`.
+fn decode_elems(msg: &Msg<'_>, key_type: KeyType, out: &mut Elements) -> Result<(), String> {
+    walk_elems(msg, |e| {
+        let raw = e.key.ok_or("element without a key")?;
+        let key = key_type.decode(raw).ok_or_else(|| {
+            format!(
+                "{}-byte key does not fit key type {key_type:?} ({} bytes)",
+                raw.len(),
+                key_type.key_len()
+            )
+        })?;
+        out.push((key, e.expires));
+        Ok(())
+    })
+}
+
+/// One element of an interval set: a range start or end (address as an integer, IPv4 in the
+/// low 32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bound {
+    addr: u128,
+    end: bool,
+    expires: Option<Duration>,
+}
+
+/// Decodes the elements of one NEWSETELEM dump message of an interval set into `out`.
+fn decode_bounds(msg: &Msg<'_>, v6: bool, out: &mut Vec<Bound>) -> Result<(), String> {
+    walk_elems(msg, |e| {
+        let raw = e.key.ok_or("element without a key")?;
+        let addr = if v6 {
+            <[u8; 16]>::try_from(raw).map(u128::from_be_bytes).ok()
+        } else {
+            <[u8; 4]>::try_from(raw)
+                .map(|b| u128::from(u32::from_be_bytes(b)))
+                .ok()
+        }
+        .ok_or_else(|| {
+            format!(
+                "{}-byte key in an {} interval set",
+                raw.len(),
+                if v6 { "ipv6_addr" } else { "ipv4_addr" }
+            )
+        })?;
+        out.push(Bound {
+            addr,
+            end: e.flags & NFT_SET_ELEM_INTERVAL_END != 0,
+            expires: e.expires,
+        });
+        Ok(())
+    })
+}
+
+/// A range of an interval set: first and last address (IPv4 in the low 32 bits) and the
+/// remaining time to expiry of its start element.
+type Range = (u128, u128, Option<Duration>);
+
+/// Pairs the bounds of an interval set, sorted by (address, end before start), into ranges as
+/// the kernel's lookup sees them: an address matches if the nearest element at or below it is
+/// a start, so a start runs up to the next element above it (an end at that address, or
+/// another start taking over), or to the top of the address space if there is none. Ends
+/// without a start below them are skipped.
+fn bounds_to_ranges(bounds: &[Bound], v6: bool) -> Vec<Range> {
+    let top: u128 = if v6 { u128::MAX } else { u128::from(u32::MAX) };
+    let mut out = Vec::new();
+    for (i, b) in bounds.iter().enumerate() {
+        if b.end {
+            continue;
+        }
+        let hi = match bounds.get(i + 1) {
+            Some(next) => next.addr.saturating_sub(1),
+            None => top,
+        };
+        if hi >= b.addr {
+            out.push((b.addr, hi, b.expires));
+        }
+    }
+    out
+}
+
+/// [`bounds_to_ranges`], each range split into CIDRs.
+fn bounds_to_cidrs(bounds: &[Bound], v6: bool) -> Vec<(IpNet, Option<Duration>)> {
+    let bits: u32 = if v6 { 128 } else { 32 };
+    let mut out = Vec::new();
+    for (lo, hi, expires) in bounds_to_ranges(bounds, v6) {
+        for (addr, prefix) in split_cidrs(lo, hi, bits) {
+            let net = if v6 {
+                ipnet::Ipv6Net::new(Ipv6Addr::from(addr), prefix).map(IpNet::V6)
+            } else {
+                let a = u32::try_from(addr).unwrap_or(u32::MAX);
+                ipnet::Ipv4Net::new(Ipv4Addr::from(a), prefix).map(IpNet::V4)
+            };
+            if let Ok(net) = net {
+                out.push((net, expires));
+            }
+        }
+    }
+    out
+}
+
+/// First and last address of `net` (IPv4 in the low 32 bits).
+fn net_span(net: &IpNet) -> (u128, u128) {
+    match net {
+        IpNet::V4(n) => (
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        ),
+        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// The fewest CIDRs (address, prefix length) covering exactly `lo..=hi` in a `bits`-bit
+/// address space.
+fn split_cidrs(lo: u128, hi: u128, bits: u32) -> Vec<(u128, u8)> {
+    let mut out = Vec::new();
+    let mut cur = lo;
+    loop {
+        let span = hi - cur;
+        // Largest block aligned at `cur` that does not pass `hi`: 2^k addresses.
+        let mut k = if cur == 0 {
+            bits
+        } else {
+            cur.trailing_zeros().min(bits)
+        };
+        while k > 0 && !(k == 128 && span == u128::MAX || k < 128 && (1u128 << k) - 1 <= span) {
+            k -= 1;
+        }
+        out.push((cur, u8::try_from(bits - k).unwrap_or(0)));
+        if k == 128 {
+            break;
+        }
+        let last = cur + ((1u128 << k) - 1);
+        if last >= hi {
+            break;
+        }
+        cur = last + 1;
+    }
+    out
+}
+
+/// The bytes of a string attribute before its NUL.
+fn attr_name(a: Attr<'_>) -> &[u8] {
+    a.payload.split(|&b| b == 0).next().unwrap_or(&[])
+}
+
+/// Decodes one NEWOBJ message: `Some` if it is a counter of `table`.
+fn decode_counter(msg: &Msg<'_>, table: &[u8]) -> Result<Option<Counter>, String> {
+    let (mut in_table, mut is_counter) = (false, false);
+    let mut name = None;
+    let (mut packets, mut bytes) = (None, None);
+    for a in msg.nfnl_attrs() {
+        match a.ty {
+            NFTA_OBJ_TABLE => in_table = attr_name(a) == table,
+            NFTA_OBJ_NAME => name = Some(String::from_utf8_lossy(attr_name(a)).into_owned()),
+            NFTA_OBJ_TYPE => {
+                is_counter = a.be32().ok_or("object type is not 4 bytes")? == NFT_OBJECT_COUNTER;
+            }
+            NFTA_OBJ_DATA => {
+                for d in a.nested() {
+                    match d.ty {
+                        NFTA_COUNTER_PACKETS => {
+                            packets = Some(d.be64().ok_or("counter packets are not 8 bytes")?);
+                        }
+                        NFTA_COUNTER_BYTES => {
+                            bytes = Some(d.be64().ok_or("counter bytes are not 8 bytes")?);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !in_table || !is_counter {
+        return Ok(None);
+    }
+    Ok(Some(Counter {
+        name: name.ok_or("counter without a name")?,
+        packets: packets.ok_or("counter without packets")?,
+        bytes: bytes.ok_or("counter without bytes")?,
+    }))
+}
+
+/// Decodes one NEWCHAIN/NEWSET message: its name (attribute `name_attr`) if its table
+/// (attribute `table_attr`) is `table`.
+fn decode_named(
+    msg: &Msg<'_>,
+    table_attr: u16,
+    name_attr: u16,
+    table: &str,
+) -> Result<Option<String>, String> {
+    let (mut in_table, mut name) = (false, None);
+    for a in msg.nfnl_attrs() {
+        if a.ty == table_attr {
+            in_table = attr_name(a) == table.as_bytes();
+        } else if a.ty == name_attr {
+            name = Some(String::from_utf8_lossy(attr_name(a)).into_owned());
+        }
+    }
+    if !in_table {
+        return Ok(None);
+    }
+    name.map(Some)
+        .ok_or_else(|| "object without a name".to_owned())
 }
 
 /// Extracts the ORIGINAL-direction (source, destination) of one ctnetlink message.
@@ -751,11 +1140,13 @@ struct Group<'a> {
     nest_len: usize,
 }
 
-/// Bytes one element adds to the element list: NFTA_LIST_ELEM nest, optional
-/// NFTA_SET_ELEM_TIMEOUT (u64), NFTA_SET_ELEM_KEY nest holding NFTA_DATA_VALUE.
-fn elem_len(key: &SetKey, timeout: bool) -> usize {
-    let timeout = if timeout { NLA_HDRLEN + 8 } else { 0 };
-    NLA_HDRLEN + timeout + NLA_HDRLEN + NLA_HDRLEN + key.key_type().key_len()
+/// Bytes an op's elements add to the element list.
+fn op_len(op: &ElemOp) -> usize {
+    op.kernel_elems()
+        .iter()
+        .flatten()
+        .map(KernelElem::wire_len)
+        .sum()
 }
 
 fn str_attr_len(s: &str) -> usize {
@@ -767,42 +1158,64 @@ fn msg_overhead(table: &str, set: &str) -> usize {
     NLMSG_HDRLEN + NFGENMSG_LEN + str_attr_len(table) + str_attr_len(set)
 }
 
-/// Splits ops into messages: each op joins the newest message of the same set and kind unless
-/// a later message touches the same element (that would reorder two ops on one element) or the
-/// message is full. Ops on distinct elements commute, so the result is equivalent to applying
-/// the ops one by one, except that a set `size` limit could be hit in a different place.
+/// Splits ops into messages: each key op joins the newest message of the same set and kind
+/// unless a later message touches the same element or any range of that set (that would reorder
+/// two ops on one element) or the message is full. Ops on distinct elements commute, so the
+/// result is equivalent to applying the ops one by one, except that a set `size` limit could be
+/// hit in a different place. Each range op gets a message of its own (so a rejection names
+/// exactly that op) placed after every earlier op on its set, since overlap between ranges
+/// depends on order.
 fn plan(ops: &[ElemOp]) -> Vec<Group<'_>> {
     let mut groups: Vec<Group<'_>> = Vec::new();
+    // Newest key-op message per (set, kind).
     let mut newest: HashMap<(&str, Kind), usize> = HashMap::new();
     let mut last_touch: HashMap<(&str, SetKey), usize> = HashMap::new();
+    // Message of the last range op per set. A range op's own message is always the newest,
+    // hence after every earlier op.
+    let mut last_range: HashMap<&str, usize> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
-        let (set, kind, key, timeout) = op.parts();
-        let len = elem_len(key, timeout.is_some());
-        let touched = last_touch.get(&(set, *key)).copied();
-        let joinable = newest.get(&(set, kind)).copied().filter(|&g| {
-            touched.is_none_or(|t| t <= g)
-                && groups
-                    .get(g)
-                    .is_some_and(|grp| grp.nest_len + len <= NEST_MAX)
-        });
-        let g = match joinable {
-            Some(g) => g,
-            None => {
+        let (set, kind, target, _) = op.parts();
+        let len = op_len(op);
+        let g = match target {
+            Target::Key(key) => {
+                let touched = last_touch.get(&(set, *key)).copied();
+                let range = last_range.get(set).copied();
+                let joinable = newest.get(&(set, kind)).copied().filter(|&g| {
+                    touched.is_none_or(|t| t <= g)
+                        && range.is_none_or(|r| r <= g)
+                        && groups
+                            .get(g)
+                            .is_some_and(|grp| grp.nest_len + len <= NEST_MAX)
+                });
+                let g = joinable.unwrap_or_else(|| {
+                    groups.push(Group {
+                        set,
+                        kind,
+                        ops: Vec::new(),
+                        nest_len: NLA_HDRLEN,
+                    });
+                    newest.insert((set, kind), groups.len() - 1);
+                    groups.len() - 1
+                });
+                last_touch.insert((set, *key), g);
+                g
+            }
+            Target::Range(_) => {
                 groups.push(Group {
                     set,
                     kind,
                     ops: Vec::new(),
                     nest_len: NLA_HDRLEN,
                 });
-                newest.insert((set, kind), groups.len() - 1);
-                groups.len() - 1
+                let g = groups.len() - 1;
+                last_range.insert(set, g);
+                g
             }
         };
         if let Some(grp) = groups.get_mut(g) {
             grp.ops.push(i);
             grp.nest_len += len;
         }
-        last_touch.insert((set, *key), g);
     }
     groups
 }
@@ -836,23 +1249,26 @@ impl NftnlElem {
         NonNull::new(unsafe { nftnl::nftnl_set_elem_alloc() }).map(NftnlElem)
     }
 
-    fn set(&mut self, key: &SetKey, timeout: Option<Duration>) -> Result<(), &'static str> {
-        let (bytes, len) = key.encode();
+    fn set(&mut self, e: &KernelElem) -> Result<(), &'static str> {
+        let key = e
+            .key
+            .get(..e.len)
+            .ok_or("element key longer than 32 bytes")?;
         let p = self.0.as_ptr();
-        // SAFETY: `p` is our live element; libnftnl copies `len` (<= 32) bytes out of `bytes`
-        // into the element's key storage (NFT_DATA_VALUE_MAXLEN = 64 bytes).
+        // SAFETY: `p` is our live element; libnftnl copies `key.len()` (<= 32) bytes out of
+        // `key` into the element's key storage (NFT_DATA_VALUE_MAXLEN = 64 bytes).
         let rc = unsafe {
             nftnl::nftnl_set_elem_set(
                 p,
                 nftnl::NFTNL_SET_ELEM_KEY as u16,
-                bytes.as_ptr().cast(),
-                len as u32,
+                key.as_ptr().cast(),
+                key.len() as u32,
             )
         };
         if rc < 0 {
             return Err("libnftnl refused the element key");
         }
-        match timeout {
+        match e.timeout {
             // SAFETY: `p` is our live element; the timeout is a plain u64 value.
             Some(t) => unsafe {
                 nftnl::nftnl_set_elem_set_u64(
@@ -863,6 +1279,33 @@ impl NftnlElem {
             },
             // SAFETY: `p` is our live element; unsetting an absent attribute is a no-op.
             None => unsafe { nftnl::nftnl_set_elem_unset(p, nftnl::NFTNL_SET_ELEM_TIMEOUT as u16) },
+        }
+        if e.flags != 0 {
+            // SAFETY: `p` is our live element; the flags are a plain u32 value.
+            unsafe {
+                nftnl::nftnl_set_elem_set_u32(p, nftnl::NFTNL_SET_ELEM_FLAGS as u16, e.flags)
+            };
+        } else {
+            // SAFETY: `p` is our live element; unsetting an absent attribute is a no-op.
+            unsafe { nftnl::nftnl_set_elem_unset(p, nftnl::NFTNL_SET_ELEM_FLAGS as u16) };
+        }
+        if e.open {
+            // SAFETY: `p` is our live element; libnftnl copies the 6 bytes of the constant
+            // into memory it allocates and owns.
+            let rc = unsafe {
+                nftnl::nftnl_set_elem_set(
+                    p,
+                    nftnl::NFTNL_SET_ELEM_USERDATA as u16,
+                    UDATA_INTERVAL_OPEN.as_ptr().cast(),
+                    UDATA_INTERVAL_OPEN.len() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err("libnftnl refused the element user data");
+            }
+        } else {
+            // SAFETY: `p` is our live element; unsetting frees libnftnl's copy, if any.
+            unsafe { nftnl::nftnl_set_elem_unset(p, nftnl::NFTNL_SET_ELEM_USERDATA as u16) };
         }
         Ok(())
     }
@@ -962,16 +1405,18 @@ impl Writer<'_> {
             let Some(op) = ops.get(i) else {
                 return Err("op index out of range");
             };
-            let (_, _, key, timeout) = op.parts();
-            self.elem.set(key, timeout)?;
-            self.room(start + Self::msg_len(nlh), ELEM_MAX_BYTES)?;
-            // SAFETY: at least ELEM_MAX_BYTES are left after the message tail (checked above),
-            // more than one element with a <= 32-byte key and a timeout can take; `nlh` is the
-            // message being built and `elem` a live element.
-            unsafe {
-                let inner = mnl::mnl_attr_nest_start(nlh, NFTA_LIST_ELEM);
-                nftnl::nftnl_set_elem_nlmsg_build_payload(nlh, self.elem.0.as_ptr());
-                mnl::mnl_attr_nest_end(nlh, inner);
+            for e in op.kernel_elems().iter().flatten() {
+                self.elem.set(e)?;
+                self.room(start + Self::msg_len(nlh), ELEM_MAX_BYTES)?;
+                // SAFETY: at least ELEM_MAX_BYTES are left after the message tail (checked
+                // above), more than one element with a <= 32-byte key, flags, a timeout and
+                // 6 bytes of user data can take; `nlh` is the message being built and `elem` a
+                // live element.
+                unsafe {
+                    let inner = mnl::mnl_attr_nest_start(nlh, NFTA_LIST_ELEM);
+                    nftnl::nftnl_set_elem_nlmsg_build_payload(nlh, self.elem.0.as_ptr());
+                    mnl::mnl_attr_nest_end(nlh, inner);
+                }
             }
         }
         let nest_off = start + (nest as usize).wrapping_sub(at as usize);
@@ -984,6 +1429,32 @@ impl Writer<'_> {
         self.off = start + align4(Self::msg_len(nlh));
         Ok(())
     }
+}
+
+/// One attribute of a request.
+enum ReqAttr<'a> {
+    /// A NUL-terminated string.
+    Str(u16, &'a CStr),
+    /// A u32, sent big-endian.
+    U32(u16, u32),
+}
+
+impl ReqAttr<'_> {
+    fn wire_len(&self) -> usize {
+        match self {
+            ReqAttr::Str(_, s) => NLA_HDRLEN + align4(s.count_bytes() + 1),
+            ReqAttr::U32(..) => NLA_HDRLEN + 4,
+        }
+    }
+}
+
+/// How the kernel ends its answers to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// NLMSG_DONE (NLM_F_DUMP requests).
+    Dump,
+    /// An NLMSG_ERROR ack (NLM_F_ACK requests).
+    Ack,
 }
 
 // === impl Netlink ===
@@ -1066,7 +1537,103 @@ impl Netlink {
     /// set and kind are packed into as few messages as possible (see `plan`); ops on the same
     /// element keep their order, so Delete+Add of one key re-arms its timeout atomically.
     /// An empty op list is a no-op.
+    ///
+    /// Batches with range ops ([`ElemOp::AddRange`], [`ElemOp::DeleteRange`]) first dump the
+    /// interval sets they touch and check them in userspace, as nft does against its cache,
+    /// because the kernel's own overlap detection misses cases (a range reaching the top of
+    /// the address space has no end element to collide; a range sharing its end element with
+    /// a range it contains is taken for a re-add) and deleting start and end elements that
+    /// belong to different ranges would leave a start open to the top. The ops are replayed on
+    /// the dumped ranges in order: an `AddRange` overlapping a range other than an identical
+    /// one fails with EEXIST, a `DeleteRange` of a range that is not present exactly fails
+    /// with ENOENT (`Strict`) or is left out of the batch (`IfPresent`). Failures are reported
+    /// as [`SysError::Rejected`] and nothing is sent. Changes by others between the dump and the
+    /// commit are not seen; key ops ([`ElemOp::Add`], [`ElemOp::Delete`]) on interval sets are
+    /// not replayed. A range op on a missing set fails that dump ([`SysError::Dump`], ENOENT).
     pub fn commit(&mut self, table: &str, ops: &[ElemOp]) -> Result<(), SysError> {
+        let has_ranges = ops
+            .iter()
+            .any(|op| matches!(op, ElemOp::AddRange { .. } | ElemOp::DeleteRange { .. }));
+        if !has_ranges {
+            return self.commit_checked(table, ops);
+        }
+        let skip = self.check_ranges(table, ops)?;
+        if !skip.contains(&true) {
+            return self.commit_checked(table, ops);
+        }
+        let sent: Vec<usize> = (0..ops.len())
+            .filter(|&i| !skip.get(i).copied().unwrap_or(false))
+            .collect();
+        let filtered: Vec<ElemOp> = sent.iter().filter_map(|&i| ops.get(i).cloned()).collect();
+        match self.commit_checked(table, &filtered) {
+            Err(SysError::Rejected { failures }) => Err(SysError::Rejected {
+                failures: failures
+                    .into_iter()
+                    .map(|(i, errno)| (sent.get(i).copied().unwrap_or(i), errno))
+                    .collect(),
+            }),
+            other => other,
+        }
+    }
+
+    /// Replays the range ops of `ops` on dumps of their sets (see [`Netlink::commit`]) and
+    /// returns which ops to leave out (absent ranges under `IfPresent`).
+    fn check_ranges(&mut self, table: &str, ops: &[ElemOp]) -> Result<Vec<bool>, SysError> {
+        let mut models: HashMap<&str, Vec<(u128, u128)>> = HashMap::new();
+        let mut skip = vec![false; ops.len()];
+        let mut failures = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (set, net, add) = match op {
+                ElemOp::AddRange { set, net, .. } => (set.as_str(), net, true),
+                ElemOp::DeleteRange { set, net } => (set.as_str(), net, false),
+                ElemOp::Add { .. } | ElemOp::Delete { .. } => continue,
+            };
+            if !models.contains_key(set) {
+                let v6 = matches!(net, IpNet::V6(_));
+                let bounds = self.dump_bounds(table, set, v6)?;
+                let ranges = bounds_to_ranges(&bounds, v6)
+                    .into_iter()
+                    .map(|(lo, hi, _)| (lo, hi))
+                    .collect();
+                models.insert(set, ranges);
+            }
+            let Some(model) = models.get_mut(set) else {
+                continue;
+            };
+            let span = net_span(net);
+            let present = model.iter().position(|&r| r == span);
+            if add {
+                if present.is_some() {
+                    continue;
+                }
+                if model.iter().any(|&(lo, hi)| lo <= span.1 && span.0 <= hi) {
+                    failures.push((i, libc::EEXIST));
+                    continue;
+                }
+                model.push(span);
+            } else {
+                match present {
+                    Some(p) => {
+                        model.swap_remove(p);
+                    }
+                    None if self.delete_mode == DeleteMode::IfPresent => {
+                        if let Some(s) = skip.get_mut(i) {
+                            *s = true;
+                        }
+                    }
+                    None => failures.push((i, libc::ENOENT)),
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(skip)
+        } else {
+            Err(SysError::Rejected { failures })
+        }
+    }
+
+    /// [`Netlink::commit`] after the range check.
+    fn commit_checked(&mut self, table: &str, ops: &[ElemOp]) -> Result<(), SysError> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -1240,40 +1807,29 @@ impl Netlink {
         let what = || format!("dump of set inet {table} {set}");
         let table_c = check_name(table)?;
         let set_c = check_name(set)?;
+        let attrs = [
+            ReqAttr::Str(NFTA_SET_ELEM_LIST_TABLE, &table_c),
+            ReqAttr::Str(NFTA_SET_ELEM_LIST_SET, &set_c),
+        ];
         for _ in 0..=DUMP_RETRIES {
-            let seq = self.take_seqs(1);
-            let len = NLMSG_HDRLEN + NFGENMSG_LEN + str_attr_len(table) + str_attr_len(set);
-            self.tx.ensure(len);
-            let buf = self.tx.bytes_mut();
-            if buf.len() < len {
-                return Err(SysError::Encode {
-                    what: what(),
-                    reason: "request buffer too small",
-                });
-            }
-            // SAFETY: the buffer is 8-aligned and holds `len` bytes (checked above), exactly the
-            // header, nfgenmsg and the two NUL-terminated name attributes written here.
-            let sent_len = unsafe {
-                let nlh = nftnl::nftnl_nlmsg_build_hdr(
-                    buf.as_mut_ptr().cast(),
-                    NFT_MSG_GETSETELEM,
-                    NFPROTO_INET,
-                    nl_const(libc::NLM_F_DUMP),
-                    seq,
+            let seq = self.send_request(NFT_MSG_GETSETELEM, libc::NLM_F_DUMP, &attrs, &what)?;
+            let mut out: Elements = Vec::new();
+            let interrupted =
+                self.read_answers(seq, NFT_MSG_NEWSETELEM, Answer::Dump, &what, &mut |msg| {
+                    decode_elems(msg, key, &mut out)
+                })?;
+            out.sort_unstable_by_key(|e| e.0);
+            let repeated = out.windows(2).any(|w| w[0].0 == w[1].0);
+            if interrupted || repeated {
+                tracing::debug!(
+                    interrupted,
+                    repeated,
+                    "{} inconsistent, dumping again",
+                    what()
                 );
-                mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_TABLE, table_c.as_ptr());
-                mnl::mnl_attr_put_strz(nlh, NFTA_SET_ELEM_LIST_SET, set_c.as_ptr());
-                (*nlh).nlmsg_len as usize
-            };
-            let req = self.tx.bytes().get(..sent_len).unwrap_or(&[]);
-            self.sock.send(req).map_err(|source| SysError::Send {
-                what: what(),
-                source,
-            })?;
-            match self.read_set_dump(seq, key, &what)? {
-                Some(elems) => return Ok(elems),
-                None => continue,
+                continue;
             }
+            return Ok(out);
         }
         Err(SysError::Inconsistent {
             what: what(),
@@ -1281,19 +1837,253 @@ impl Netlink {
         })
     }
 
-    /// Reads one set-element dump to NLMSG_DONE. `Ok(None)` if it was interrupted.
-    fn read_set_dump(
+    /// Dumps the ranges of the `flags interval` set `inet <table> <set>` (of `ipv6_addr` if
+    /// `v6`, else `ipv4_addr`) with the remaining time to expiry of each, sorted by address.
+    /// Start and end elements are paired as the kernel's lookup does (a start covers up to the
+    /// next element; with none above it, to the top of the address space) and each range is
+    /// returned as the fewest CIDRs covering it exactly, each with its range's expiry. Ranges
+    /// added as one CIDR (as [`ElemOp::AddRange`] does) come back as that CIDR. End elements
+    /// without a live start (the start expired or nft's leading end-at-0 element) are skipped.
+    /// A dump that repeated elements is redone as in [`Netlink::list`].
+    pub fn list_ranges(
+        &mut self,
+        table: &str,
+        set: &str,
+        v6: bool,
+    ) -> Result<Vec<(IpNet, Option<Duration>)>, SysError> {
+        let bounds = self.dump_bounds(table, set, v6)?;
+        Ok(bounds_to_cidrs(&bounds, v6))
+    }
+
+    /// Dumps the elements of an interval set as bounds sorted by (address, end before start),
+    /// redoing a dump that repeated elements as in [`Netlink::list`].
+    fn dump_bounds(&mut self, table: &str, set: &str, v6: bool) -> Result<Vec<Bound>, SysError> {
+        let what = || format!("dump of interval set inet {table} {set}");
+        let table_c = check_name(table)?;
+        let set_c = check_name(set)?;
+        let attrs = [
+            ReqAttr::Str(NFTA_SET_ELEM_LIST_TABLE, &table_c),
+            ReqAttr::Str(NFTA_SET_ELEM_LIST_SET, &set_c),
+        ];
+        for _ in 0..=DUMP_RETRIES {
+            let seq = self.send_request(NFT_MSG_GETSETELEM, libc::NLM_F_DUMP, &attrs, &what)?;
+            let mut out = Vec::new();
+            let interrupted =
+                self.read_answers(seq, NFT_MSG_NEWSETELEM, Answer::Dump, &what, &mut |msg| {
+                    decode_bounds(msg, v6, &mut out)
+                })?;
+            out.sort_unstable_by_key(|b| (b.addr, !b.end));
+            let repeated = out
+                .windows(2)
+                .any(|w| (w[0].addr, w[0].end) == (w[1].addr, w[1].end));
+            if interrupted || repeated {
+                tracing::debug!(
+                    interrupted,
+                    repeated,
+                    "{} inconsistent, dumping again",
+                    what()
+                );
+                continue;
+            }
+            return Ok(out);
+        }
+        Err(SysError::Inconsistent {
+            what: what(),
+            attempts: DUMP_RETRIES + 1,
+        })
+    }
+
+    /// Reads every named counter of table `inet <table>` (NFT_MSG_GETOBJ dump filtered by table
+    /// and type counter), sorted by name. Costs O(objects), whatever the size of the sets. A
+    /// missing table yields an empty list.
+    pub fn counters(&mut self, table: &str) -> Result<Vec<Counter>, SysError> {
+        let what = || format!("dump of counters of table inet {table}");
+        let table_c = check_name(table)?;
+        let attrs = [
+            ReqAttr::Str(NFTA_OBJ_TABLE, &table_c),
+            ReqAttr::U32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER),
+        ];
+        let mut out =
+            self.dump_all(NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ, &attrs, &what, |msg, out| {
+                if let Some(c) = decode_counter(msg, table.as_bytes())? {
+                    out.push(c);
+                }
+                Ok(())
+            })?;
+        out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Whether table `inet <table>` exists (NFT_MSG_GETTABLE of that one table).
+    pub fn table_exists(&mut self, table: &str) -> Result<bool, SysError> {
+        let what = || format!("lookup of table inet {table}");
+        let table_c = check_name(table)?;
+        let attrs = [ReqAttr::Str(NFTA_TABLE_NAME, &table_c)];
+        let seq = self.send_request(NFT_MSG_GETTABLE, libc::NLM_F_ACK, &attrs, &what)?;
+        match self.read_answers(seq, NFT_MSG_NEWTABLE, Answer::Ack, &what, &mut |_| Ok(())) {
+            Ok(_) => Ok(true),
+            Err(SysError::Dump { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Names of every chain (base or regular) of table `inet <table>`, sorted. The kernel's
+    /// chain dump covers all inet tables (it has no table filter), so this costs O(chains of
+    /// the family). A missing table yields an empty list.
+    pub fn chains(&mut self, table: &str) -> Result<Vec<String>, SysError> {
+        let what = || format!("dump of chains of table inet {table}");
+        let table_c = check_name(table)?;
+        let attrs = [ReqAttr::Str(NFTA_CHAIN_TABLE, &table_c)];
+        let mut out = self.dump_all(
+            NFT_MSG_GETCHAIN,
+            NFT_MSG_NEWCHAIN,
+            &attrs,
+            &what,
+            |msg, out| {
+                if let Some(name) = decode_named(msg, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, table)? {
+                    out.push(name);
+                }
+                Ok(())
+            },
+        )?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Names of every set of table `inet <table>` (NFT_MSG_GETSET dump filtered by table; set
+    /// descriptions only, no elements), sorted. A missing table is [`SysError::Dump`] with
+    /// ENOENT.
+    pub fn sets(&mut self, table: &str) -> Result<Vec<String>, SysError> {
+        let what = || format!("dump of sets of table inet {table}");
+        let table_c = check_name(table)?;
+        let attrs = [ReqAttr::Str(NFTA_SET_TABLE, &table_c)];
+        let mut out =
+            self.dump_all(NFT_MSG_GETSET, NFT_MSG_NEWSET, &attrs, &what, |msg, out| {
+                if let Some(name) = decode_named(msg, NFTA_SET_TABLE, NFTA_SET_NAME, table)? {
+                    out.push(name);
+                }
+                Ok(())
+            })?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Whether the kernel accepts [`DeleteMode::IfPresent`] deletes (NFT_MSG_DESTROYSETELEM,
+    /// Linux 6.3+): sends one such delete of `probe` from `inet <table> <set>` and reports
+    /// whether it was acknowledged. `probe` must be a key that is never in the set (it would
+    /// be deleted). False on any error, including a missing table or set; the reason is logged
+    /// at debug level. The delete mode is left as it was.
+    pub fn supports_delete_if_present(&mut self, table: &str, set: &str, probe: SetKey) -> bool {
+        let prev = self.delete_mode;
+        self.delete_mode = DeleteMode::IfPresent;
+        let res = self.commit(
+            table,
+            &[ElemOp::Delete {
+                set: set.to_owned(),
+                key: probe,
+            }],
+        );
+        self.delete_mode = prev;
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("delete-if-present probe on inet {table} {set} failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Sends one nf_tables request (family inet, NLM_F_REQUEST plus `flags`) carrying `attrs`
+    /// and returns its sequence number.
+    fn send_request(
+        &mut self,
+        ty: u16,
+        flags: c_int,
+        attrs: &[ReqAttr<'_>],
+        what: &dyn Fn() -> String,
+    ) -> Result<u32, SysError> {
+        let seq = self.take_seqs(1);
+        let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.iter().map(ReqAttr::wire_len).sum::<usize>();
+        self.tx.ensure(len);
+        let buf = self.tx.bytes_mut();
+        if buf.len() < len {
+            return Err(SysError::Encode {
+                what: what(),
+                reason: "request buffer too small",
+            });
+        }
+        // SAFETY: the buffer is 8-aligned and holds `len` bytes (checked above): the header,
+        // the nfgenmsg, and every attribute at its `wire_len`, exactly what is written here.
+        // String attributes are NUL-terminated CStrs that libmnl copies.
+        let sent_len = unsafe {
+            let nlh = nftnl::nftnl_nlmsg_build_hdr(
+                buf.as_mut_ptr().cast(),
+                ty,
+                NFPROTO_INET,
+                nl_const(flags),
+                seq,
+            );
+            for a in attrs {
+                match a {
+                    ReqAttr::Str(t, s) => mnl::mnl_attr_put_strz(nlh, *t, s.as_ptr()),
+                    ReqAttr::U32(t, v) => mnl::mnl_attr_put_u32(nlh, *t, v.to_be()),
+                }
+            }
+            (*nlh).nlmsg_len as usize
+        };
+        let req = self.tx.bytes().get(..sent_len).unwrap_or(&[]);
+        self.sock.send(req).map_err(|source| SysError::Send {
+            what: what(),
+            source,
+        })?;
+        Ok(seq)
+    }
+
+    /// Dumps with request `ty` and collects what `decode` makes of each `reply` message,
+    /// redoing the dump if the kernel flags it NLM_F_DUMP_INTR.
+    fn dump_all<T>(
+        &mut self,
+        ty: u16,
+        reply: u16,
+        attrs: &[ReqAttr<'_>],
+        what: &dyn Fn() -> String,
+        decode: impl Fn(&Msg<'_>, &mut Vec<T>) -> Result<(), String>,
+    ) -> Result<Vec<T>, SysError> {
+        for _ in 0..=DUMP_RETRIES {
+            let seq = self.send_request(ty, libc::NLM_F_DUMP, attrs, what)?;
+            let mut out = Vec::new();
+            let interrupted = self.read_answers(seq, reply, Answer::Dump, what, &mut |msg| {
+                decode(msg, &mut out)
+            })?;
+            if !interrupted {
+                return Ok(out);
+            }
+            tracing::debug!("{} interrupted, dumping again", what());
+        }
+        Err(SysError::Inconsistent {
+            what: what(),
+            attempts: DUMP_RETRIES + 1,
+        })
+    }
+
+    /// Reads the answers to request `seq` to their end (NLMSG_DONE of a dump, or the ack of a
+    /// single request), passing every nf_tables message of type `reply` to `on_msg` until one
+    /// fails to decode. Returns whether the kernel flagged the dump NLM_F_DUMP_INTR. A bad
+    /// message does not stop the read: the answers are drained to their end so that the socket
+    /// is clean for the next exchange.
+    fn read_answers(
         &mut self,
         seq: u32,
-        key: KeyType,
+        reply: u16,
+        end: Answer,
         what: &dyn Fn() -> String,
-    ) -> Result<Option<Elements>, SysError> {
+        on_msg: &mut dyn FnMut(&Msg<'_>) -> Result<(), String>,
+    ) -> Result<bool, SysError> {
         let portid = self.sock.portid();
-        let elem_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
-        let mut out = Vec::new();
+        let reply_type = (NFNL_SUBSYS_NFTABLES << 8) | reply;
         let mut interrupted = false;
-        // A bad message does not stop the read: the dump is drained to NLMSG_DONE so that the
-        // socket is clean for the next exchange.
         let mut first_err: Option<SysError> = None;
         loop {
             let n = self
@@ -1311,8 +2101,8 @@ impl Netlink {
                     interrupted = true;
                 }
                 match msg.ty {
-                    t if t == elem_type && first_err.is_none() => {
-                        if let Err(reason) = decode_elems(&msg, key, &mut out) {
+                    t if t == reply_type && first_err.is_none() => {
+                        if let Err(reason) = on_msg(&msg) {
                             first_err = Some(SysError::Decode {
                                 what: what(),
                                 reason,
@@ -1320,6 +2110,9 @@ impl Netlink {
                         }
                     }
                     t if t == nl_const(libc::NLMSG_ERROR) => match msg.errno() {
+                        Some(0) if end == Answer::Ack => {
+                            return first_err.map_or(Ok(interrupted), Err);
+                        }
                         Some(0) => {}
                         Some(errno) => {
                             return Err(first_err.unwrap_or(SysError::Dump {
@@ -1344,18 +2137,7 @@ impl Netlink {
                                 source: io::Error::from_raw_os_error(errno),
                             });
                         }
-                        out.sort_unstable_by_key(|e| e.0);
-                        let repeated = out.windows(2).any(|w| w[0].0 == w[1].0);
-                        if interrupted || repeated {
-                            tracing::debug!(
-                                interrupted,
-                                repeated,
-                                "{} inconsistent, dumping again",
-                                what()
-                            );
-                            return Ok(None);
-                        }
-                        return Ok(Some(out));
+                        return Ok(interrupted);
                     }
                     _ => {}
                 }
@@ -1453,6 +2235,10 @@ mod tests {
         set a6 { type ipv6_addr; flags timeout; }
         set c4 { type ipv4_addr . ipv4_addr; flags timeout; }
         set c6 { type ipv6_addr . ipv6_addr; flags timeout; }
+        set m4 { type ipv4_addr; flags interval,timeout; }
+        set m6 { type ipv6_addr; flags interval,timeout; }
+        counter hits { }
+        counter misses { }
     }";
 
     /// Runs `f` on a fresh thread inside its own network namespace holding `RULESET`; the
@@ -1537,6 +2323,95 @@ mod tests {
             set: set.into(),
             key,
         }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn add_range(set: &str, n: &str, secs: Option<u64>) -> ElemOp {
+        ElemOp::AddRange {
+            set: set.into(),
+            net: net(n),
+            timeout: secs.map(Duration::from_secs),
+        }
+    }
+
+    fn del_range(set: &str, n: &str) -> ElemOp {
+        ElemOp::DeleteRange {
+            set: set.into(),
+            net: net(n),
+        }
+    }
+
+    /// `nft -j <args>`, parsed; the `nftables` array.
+    fn nft_json(args: &[&str]) -> Vec<serde_json::Value> {
+        let out = Command::new("nft")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("run nft");
+        assert!(
+            out.status.success(),
+            "nft -j {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The elements of interval set `set` as nft lists them: ("addr/len" or "a-b" or "addr",
+    /// timeout in seconds).
+    fn nft_ranges(set: &str) -> Vec<(String, Option<u64>)> {
+        fn one(v: &serde_json::Value) -> String {
+            if let Some(p) = v.get("prefix") {
+                format!("{}/{}", p["addr"].as_str().unwrap(), p["len"])
+            } else if let Some(r) = v.get("range") {
+                format!("{}-{}", r[0].as_str().unwrap(), r[1].as_str().unwrap())
+            } else {
+                v.as_str().unwrap_or_else(|| panic!("{v}")).to_owned()
+            }
+        }
+        let mut out: Vec<_> = nft_elems(set)
+            .iter()
+            .map(|e| match e.get("elem") {
+                Some(x) => (one(&x["val"]), x["timeout"].as_u64()),
+                None => (one(e), None),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Our listing in nft's notation (a host route as a bare address), with the timeout the
+    /// range must have been added with (`plausible` remaining time), sorted.
+    fn our_ranges(
+        nl: &mut Netlink,
+        set: &str,
+        want_timeouts: &[(&str, u64)],
+    ) -> Vec<(String, Option<u64>)> {
+        let v6 = set.ends_with('6');
+        let mut out: Vec<_> = nl
+            .list_ranges("t", set, v6)
+            .unwrap()
+            .into_iter()
+            .map(|(n, exp)| {
+                let s = if n.prefix_len() == n.max_prefix_len() {
+                    n.addr().to_string()
+                } else {
+                    n.to_string()
+                };
+                let t = want_timeouts.iter().find(|(w, _)| *w == s).map(|&(_, t)| t);
+                match (exp, t) {
+                    (Some(left), Some(t)) => assert!(plausible(left, t), "{s}: {left:?} of {t}s"),
+                    (None, None) => {}
+                    (e, t) => panic!("{s}: expiry {e:?}, wanted a timeout of {t:?}s"),
+                }
+                (s, t)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     fn listed(nl: &mut Netlink, set: &str, kt: KeyType) -> HashMap<SetKey, Option<Duration>> {
@@ -1688,6 +2563,180 @@ mod tests {
                 let _ = decode_flow(&msg);
                 let _ = msg.errno();
             }
+        }
+    }
+
+    #[test]
+    fn range_elems_put_timeout_on_start_and_omit_end_at_the_top() {
+        let t = Some(Duration::from_secs(60));
+        let [s, e] = range_elems(&net("203.0.113.0/24"), t);
+        let (s, e) = (s.unwrap(), e.unwrap());
+        assert_eq!(
+            (&s.key[..4], s.len, s.flags, s.timeout, s.open),
+            (&[203, 0, 113, 0][..], 4, 0, t, false)
+        );
+        assert_eq!(
+            (&e.key[..4], e.flags, e.timeout, e.open),
+            (
+                &[203, 0, 114, 0][..],
+                NFT_SET_ELEM_INTERVAL_END,
+                None,
+                false
+            )
+        );
+        // Host bits are ignored; a /32 is one address wide.
+        let [s, e] = range_elems(&net("10.0.0.1/32"), None);
+        assert_eq!(&s.unwrap().key[..4], &[10, 0, 0, 1]);
+        assert_eq!(&e.unwrap().key[..4], &[10, 0, 0, 2]);
+        let [s, _] = range_elems(&net("10.9.9.9/8"), None);
+        assert_eq!(&s.unwrap().key[..4], &[10, 0, 0, 0]);
+        for top in ["255.255.255.0/24", "0.0.0.0/0", "ffff::/16", "::/0"] {
+            let [s, e] = range_elems(&net(top), t);
+            let s = s.unwrap();
+            assert!(e.is_none(), "{top}: no end element past the top");
+            assert!(s.open && s.timeout == t, "{top}");
+        }
+        let [s, e] = range_elems(&net("2001:db8::/32"), None);
+        assert_eq!(s.unwrap().len, 16);
+        assert_eq!(
+            Ipv6Addr::from(<[u8; 16]>::try_from(&e.unwrap().key[..16]).unwrap()),
+            v6("2001:db9::")
+        );
+    }
+
+    /// Elements of an element list, each NFTA_LIST_ELEM's payload (nft numbers the nests
+    /// 1, 2, ... where we use NFTA_LIST_ELEM throughout; the kernel ignores the number).
+    fn list_elems(nest: &[u8]) -> Vec<Vec<u8>> {
+        let mut buf = AlignedBuf::new(nest.len());
+        buf.bytes_mut()[..nest.len()].copy_from_slice(nest);
+        Attrs(&buf.bytes()[..nest.len()])
+            .map(|a| a.payload.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn range_encoding_matches_nft_1_0_6() {
+        // Element lists of `nft add element inet t m4 { ... }` etc., from strace of nft 1.0.6
+        // against a set that already held elements.
+        let cases: [(ElemOp, &[u8]); 4] = [
+            (
+                add_range("m4", "198.51.100.0/24", None),
+                b"\x10\x00\x01\x80\x0c\x00\x01\x80\x08\x00\x01\x00\xc6\x33\x64\x00\x18\x00\x02\x80\x08\x00\x03\x00\x00\x00\x00\x01\x0c\x00\x01\x80\x08\x00\x01\x00\xc6\x33\x65\x00",
+            ),
+            (
+                add_range("m4", "203.0.113.0/24", Some(60)),
+                b"\x1c\x00\x02\x80\x0c\x00\x04\x00\x00\x00\x00\x00\x00\x00\xea\x60\x0c\x00\x01\x80\x08\x00\x01\x00\xcb\x00\x71\x00\x18\x00\x03\x80\x08\x00\x03\x00\x00\x00\x00\x01\x0c\x00\x01\x80\x08\x00\x01\x00\xcb\x00\x72\x00",
+            ),
+            (
+                add_range("m4", "255.255.255.0/24", Some(60)),
+                b"\x28\x00\x01\x80\x0c\x00\x04\x00\x00\x00\x00\x00\x00\x00\xea\x60\x0c\x00\x01\x80\x08\x00\x01\x00\xff\xff\xff\x00\x0a\x00\x06\x00\x01\x04\x01\x00\x00\x00\x00\x00",
+            ),
+            (
+                add_range("m6", "ffff::/16", Some(30)),
+                b"\x34\x00\x02\x80\x0c\x00\x04\x00\x00\x00\x00\x00\x00\x00\x75\x30\x18\x00\x01\x80\x14\x00\x01\x00\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0a\x00\x06\x00\x01\x04\x01\x00\x00\x00\x00\x00",
+            ),
+        ];
+        let table = check_name("t").unwrap();
+        for (op, nft) in cases {
+            let ops = [op];
+            let groups = plan(&ops);
+            assert_eq!(groups.len(), 1);
+            let set = check_name(groups[0].set).unwrap();
+            let mut elem = NftnlElem::new().unwrap();
+            let mut buf = AlignedBuf::new(4096);
+            let mut w = Writer {
+                buf: buf.bytes_mut(),
+                off: 0,
+                elem: &mut elem,
+            };
+            w.set_elem_msg(1, &table, &set, &groups[0], &ops, DeleteMode::Strict)
+                .unwrap();
+            let len = w.off;
+            assert_eq!(
+                len,
+                msg_overhead("t", groups[0].set) + groups[0].nest_len,
+                "size plan"
+            );
+            let msg = Msgs(&buf.bytes()[..len]).next().unwrap();
+            let nest = msg
+                .nfnl_attrs()
+                .find(|a| a.ty == NFTA_SET_ELEM_LIST_ELEMENTS)
+                .unwrap();
+            assert_eq!(list_elems(nest.payload), list_elems(nft), "{:?}", ops[0]);
+        }
+    }
+
+    #[test]
+    fn split_cidrs_covers_ranges_exactly() {
+        assert_eq!(split_cidrs(0, u128::MAX, 128), vec![(0, 0)]);
+        assert_eq!(split_cidrs(0, u128::from(u32::MAX), 32), vec![(0, 0)]);
+        assert_eq!(split_cidrs(5, 5, 32), vec![(5, 32)]);
+        // 10.0.0.1-10.0.0.6
+        assert_eq!(
+            split_cidrs(0x0a00_0001, 0x0a00_0006, 32),
+            vec![
+                (0x0a00_0001, 32),
+                (0x0a00_0002, 31),
+                (0x0a00_0004, 31),
+                (0x0a00_0006, 32)
+            ]
+        );
+        let top = u128::MAX - 0xffff;
+        assert_eq!(split_cidrs(top, u128::MAX, 128), vec![(top, 112)]);
+        assert_eq!(split_cidrs(1, u128::MAX, 128).len(), 128);
+    }
+
+    #[test]
+    fn bounds_pair_like_the_kernel_lookup() {
+        let b = |addr: u128, end: bool| Bound {
+            addr,
+            end,
+            expires: None,
+        };
+        let got = bounds_to_cidrs(
+            &[
+                b(0, true),            // nft's leading end element
+                b(0x0a00_0000, false), // 10.0.0.0/24
+                b(0x0a00_0100, true),
+                b(0x0a00_0100, false), // adjacent 10.0.1.0/24
+                b(0x0a00_0200, true),
+                b(0x0b00_0000, true),  // stray end (its start expired)
+                b(0xffff_ff00, false), // open top range
+            ],
+            false,
+        );
+        let got: Vec<String> = got.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(got, ["10.0.0.0/24", "10.0.1.0/24", "255.255.255.0/24"]);
+    }
+
+    #[test]
+    fn plan_gives_each_range_op_its_own_ordered_message() {
+        let k = SetKey::V4(v4("10.0.0.1"));
+        let ops = [
+            add("m4", k, None),
+            del_range("m4", "10.0.0.0/24"),
+            add_range("m4", "10.0.0.0/16", Some(60)),
+            add("m4", SetKey::V4(v4("10.1.0.1")), None),
+            add("a4", k, None),
+            add_range("m6", "2001:db8::/32", None),
+            add("a4", SetKey::V4(v4("10.0.0.2")), None),
+        ];
+        let g = plan(&ops);
+        let shape: Vec<_> = g.iter().map(|g| (g.set, g.kind, g.ops.clone())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("m4", Kind::Add, vec![0]),
+                ("m4", Kind::Delete, vec![1]),
+                ("m4", Kind::Add, vec![2]),
+                // Not packed into message 0: that would move it before the range ops.
+                ("m4", Kind::Add, vec![3]),
+                ("a4", Kind::Add, vec![4, 6]),
+                ("m6", Kind::Add, vec![5]),
+            ]
+        );
+        for (grp, op) in g.iter().zip([&ops[0], &ops[1], &ops[2]]) {
+            assert_eq!(grp.nest_len, NLA_HDRLEN + op_len(op));
         }
     }
 
@@ -1918,7 +2967,13 @@ mod tests {
             let a4 = nl.list("t", "a4", KeyType::V4).unwrap();
             let c6 = nl.list("t", "c6", KeyType::V6Pair).unwrap();
             println!("list of 2 x {n}: {:?}", t.elapsed());
-            let want: HashSet<SetKey> = ops.iter().map(|op| *op.parts().2).collect();
+            let want: HashSet<SetKey> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    ElemOp::Add { key, .. } => Some(*key),
+                    _ => None,
+                })
+                .collect();
             let got: HashSet<SetKey> = a4.iter().chain(&c6).map(|(k, _)| *k).collect();
             assert_eq!(a4.len(), n as usize);
             assert_eq!(c6.len(), n as usize);
@@ -2014,6 +3069,601 @@ mod tests {
             assert!(flows.len() >= 4, "{flows:?}");
             assert_eq!(conntrack_flows(2).unwrap().len(), 2);
             assert!(conntrack_flows(0).unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn counters_read_names_and_values() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let zero = |name: &str| Counter {
+                name: name.into(),
+                packets: 0,
+                bytes: 0,
+            };
+            assert_eq!(
+                nl.counters("t").unwrap(),
+                vec![zero("hits"), zero("misses")]
+            );
+            assert!(nl.counters("nope").unwrap().is_empty());
+
+            let st = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            nft_script(
+                "table inet t {\n chain o {\n type filter hook output priority 0;\n \
+                 ip daddr 127.0.0.1 udp dport 9 counter name hits\n }\n}\n\
+                 table inet other {\n counter hits { }\n}",
+            );
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.send_to(b"ping", "127.0.0.1:9").unwrap();
+            let c = nl.counters("t").unwrap();
+            assert_eq!(c.len(), 2, "{c:?}");
+            assert_eq!((c[0].name.as_str(), c[0].packets), ("hits", 1), "{c:?}");
+            assert_eq!(
+                c[0].bytes,
+                20 + 8 + 4,
+                "IPv4 + UDP headers + payload: {c:?}"
+            );
+            assert_eq!(c[1], zero("misses"));
+
+            // Cross-check with nft.
+            let listed = nft_json(&["list", "counters", "table", "inet", "t"]);
+            let nft: Vec<Counter> = listed
+                .iter()
+                .filter_map(|o| o.get("counter"))
+                .map(|c| Counter {
+                    name: c["name"].as_str().unwrap().into(),
+                    packets: c["packets"].as_u64().unwrap(),
+                    bytes: c["bytes"].as_u64().unwrap(),
+                })
+                .collect();
+            assert_eq!(nft, c);
+        });
+    }
+
+    #[test]
+    fn table_exists_chains_and_sets() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            assert!(nl.table_exists("t").unwrap());
+            assert!(!nl.table_exists("nope").unwrap());
+            assert!(nl.chains("t").unwrap().is_empty());
+            let sets = ["a4", "a6", "c4", "c6", "m4", "m6"];
+            assert_eq!(nl.sets("t").unwrap(), sets);
+
+            nft_script(
+                "table inet t {\n chain input { type filter hook input priority 0; }\n \
+                 chain forward { type filter hook forward priority 0; }\n chain helper { }\n}\n\
+                 table inet u {\n chain other { }\n set s { type ipv4_addr; }\n}\n\
+                 table ip t {\n chain ipchain { }\n set ipset { type ipv4_addr; }\n}",
+            );
+            assert_eq!(nl.chains("t").unwrap(), ["forward", "helper", "input"]);
+            assert_eq!(nl.chains("u").unwrap(), ["other"]);
+            assert_eq!(nl.sets("t").unwrap(), sets, "other tables' sets excluded");
+            assert_eq!(nl.sets("u").unwrap(), ["s"]);
+            assert!(nl.chains("nope").unwrap().is_empty());
+            let err = nl.sets("nope").unwrap_err();
+            assert!(
+                matches!(&err, SysError::Dump { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
+                "{err}"
+            );
+            assert!(nl.table_exists("u").unwrap());
+
+            // Cross-check with nft.
+            let mut nft_chains: Vec<String> = nft_json(&["list", "chains", "inet"])
+                .iter()
+                .filter_map(|o| o.get("chain"))
+                .filter(|c| c["table"] == "t")
+                .map(|c| c["name"].as_str().unwrap().to_owned())
+                .collect();
+            nft_chains.sort();
+            assert_eq!(nl.chains("t").unwrap(), nft_chains);
+            let inet_tables: Vec<String> = nft_json(&["list", "tables", "inet"])
+                .iter()
+                .filter_map(|o| o.get("table"))
+                .map(|t| t["name"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(inet_tables, ["t", "u"]);
+
+            nft_script("delete table inet t");
+            assert!(!nl.table_exists("t").unwrap());
+            assert!(nl.chains("t").unwrap().is_empty());
+            assert!(nl.counters("t").unwrap().is_empty());
+        });
+    }
+
+    fn owned(v: &[(&str, Option<u64>)]) -> Vec<(String, Option<u64>)> {
+        let mut v: Vec<_> = v.iter().map(|(s, t)| (s.to_string(), *t)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ranges_v4_add_list_delete() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            // Into an empty set (nft would add a leading end-at-0 element here).
+            nl.commit(
+                "t",
+                &[
+                    add_range("m4", "203.0.113.0/24", Some(60)),
+                    add_range("m4", "198.51.100.0/24", None),
+                    add_range("m4", "10.0.0.1/32", Some(120)),
+                    add_range("m4", "255.255.255.0/24", Some(60)),
+                    add_range("m4", "10.0.1.0/24", None),
+                    add_range("m4", "10.0.2.0/24", None),
+                ],
+            )
+            .unwrap();
+            let timeouts = [
+                ("203.0.113.0/24", 60),
+                ("10.0.0.1", 120),
+                ("255.255.255.0/24", 60),
+            ];
+            let want = owned(&[
+                ("203.0.113.0/24", Some(60)),
+                ("198.51.100.0/24", None),
+                ("10.0.0.1", Some(120)),
+                ("255.255.255.0/24", Some(60)),
+                ("10.0.1.0/24", None),
+                ("10.0.2.0/24", None),
+            ]);
+            assert_eq!(our_ranges(&mut nl, "m4", &timeouts), want);
+            // nft merges nothing (no auto-merge), so it lists the same CIDRs.
+            assert_eq!(nft_ranges("m4"), want);
+
+            // Re-adding an identical range is accepted, like Add.
+            nl.commit("t", &[add_range("m4", "198.51.100.0/24", None)])
+                .unwrap();
+
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "203.0.113.0/24"),
+                    del_range("m4", "255.255.255.0/24"),
+                    del_range("m4", "10.0.1.0/24"),
+                ],
+            )
+            .unwrap();
+            let want = owned(&[
+                ("198.51.100.0/24", None),
+                ("10.0.0.1", Some(120)),
+                ("10.0.2.0/24", None),
+            ]);
+            assert_eq!(our_ranges(&mut nl, "m4", &timeouts), want);
+            assert_eq!(nft_ranges("m4"), want);
+
+            // The top range can come back, and the whole space is one range too.
+            nl.commit("t", &[add_range("m4", "255.255.255.0/24", None)])
+                .unwrap();
+            assert_eq!(nft_ranges("m4").len(), 4);
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "198.51.100.0/24"),
+                    del_range("m4", "10.0.0.1/32"),
+                    del_range("m4", "10.0.2.0/24"),
+                    del_range("m4", "255.255.255.0/24"),
+                ],
+            )
+            .unwrap();
+            assert!(nl.list_ranges("t", "m4", false).unwrap().is_empty());
+            assert!(nft_ranges("m4").is_empty());
+            nl.commit("t", &[add_range("m4", "0.0.0.0/0", Some(60))])
+                .unwrap();
+            let want = owned(&[("0.0.0.0/0", Some(60))]);
+            assert_eq!(our_ranges(&mut nl, "m4", &[("0.0.0.0/0", 60)]), want);
+            assert_eq!(nft_ranges("m4"), want);
+            nl.commit("t", &[del_range("m4", "0.0.0.0/0")]).unwrap();
+            assert!(nl.list_ranges("t", "m4", false).unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn ranges_v6_add_list_delete() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.commit(
+                "t",
+                &[
+                    add_range("m6", "ffff::/16", Some(30)),
+                    add_range("m6", "2001:db8::/32", None),
+                    add_range("m6", "fd00::1/128", Some(90)),
+                    add_range("m6", "fe80::/10", Some(600)),
+                ],
+            )
+            .unwrap();
+            let timeouts = [("ffff::/16", 30), ("fd00::1", 90), ("fe80::/10", 600)];
+            let want = owned(&[
+                ("ffff::/16", Some(30)),
+                ("2001:db8::/32", None),
+                ("fd00::1", Some(90)),
+                ("fe80::/10", Some(600)),
+            ]);
+            assert_eq!(our_ranges(&mut nl, "m6", &timeouts), want);
+            assert_eq!(nft_ranges("m6"), want);
+            assert!(
+                nl.list_ranges("t", "m4", false).unwrap().is_empty(),
+                "other set untouched"
+            );
+
+            nl.commit(
+                "t",
+                &[del_range("m6", "ffff::/16"), del_range("m6", "fd00::1/128")],
+            )
+            .unwrap();
+            let want = owned(&[("2001:db8::/32", None), ("fe80::/10", Some(600))]);
+            assert_eq!(our_ranges(&mut nl, "m6", &timeouts), want);
+            assert_eq!(nft_ranges("m6"), want);
+
+            nl.commit(
+                "t",
+                &[
+                    del_range("m6", "2001:db8::/32"),
+                    del_range("m6", "fe80::/10"),
+                ],
+            )
+            .unwrap();
+            nl.commit("t", &[add_range("m6", "::/0", None)]).unwrap();
+            let want = owned(&[("::/0", None)]);
+            assert_eq!(our_ranges(&mut nl, "m6", &[]), want);
+            assert_eq!(nft_ranges("m6"), want);
+        });
+    }
+
+    #[test]
+    fn overlapping_range_is_rejected_by_op_index() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.commit("t", &[add_range("m4", "10.0.0.0/16", None)])
+                .unwrap();
+            let k = SetKey::V4(v4("192.0.2.1"));
+            let k6 = SetKey::V6(v6("2001:db8::1"));
+            let ops = [
+                add("a4", k, Some(60)),
+                add_range("m4", "192.0.2.0/24", Some(60)),
+                add_range("m4", "10.0.1.0/24", Some(60)),
+                add_range("m6", "2001:db8::/32", None),
+                add("a6", k6, Some(60)),
+            ];
+            let err = nl.commit("t", &ops).unwrap_err();
+            match &err {
+                SysError::Rejected { failures } => {
+                    assert_eq!(failures, &[(2, libc::EEXIST)], "{err}")
+                }
+                _ => panic!("expected Rejected, got {err}"),
+            }
+            // Nothing applied.
+            assert!(nl.list("t", "a4", KeyType::V4).unwrap().is_empty());
+            assert!(nl.list("t", "a6", KeyType::V6).unwrap().is_empty());
+            assert!(nl.list_ranges("t", "m6", true).unwrap().is_empty());
+            assert_eq!(
+                our_ranges(&mut nl, "m4", &[]),
+                owned(&[("10.0.0.0/16", None)])
+            );
+
+            // A range containing an existing one overlaps too, as does a /0 (the kernel alone
+            // would accept a start element without end below an existing range).
+            for over in ["10.0.0.0/8", "0.0.0.0/0", "10.0.255.255/32", "10.0.0.0/24"] {
+                let err = nl
+                    .commit("t", &[add("a4", k, None), add_range("m4", over, None)])
+                    .unwrap_err();
+                assert!(
+                    matches!(&err, SysError::Rejected { failures } if failures == &[(1, libc::EEXIST)]),
+                    "{over}: {err}"
+                );
+            }
+
+            // Deleting an absent range (strict) names that op.
+            let err = nl
+                .commit("t", &[add("a4", k, None), del_range("m4", "10.0.0.0/24")])
+                .unwrap_err();
+            assert!(
+                matches!(&err, SysError::Rejected { failures } if failures == &[(1, libc::ENOENT)]),
+                "{err}"
+            );
+            // ... and is skipped under IfPresent, in a batch with the rest.
+            nl.set_delete_mode(DeleteMode::IfPresent);
+            nl.commit(
+                "t",
+                &[
+                    add("a4", k, None),
+                    del_range("m4", "172.16.0.0/12"),
+                    del_range("m4", "10.0.0.0/16"),
+                    add_range("m4", "10.0.0.0/24", Some(60)),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                our_ranges(&mut nl, "m4", &[("10.0.0.0/24", 60)]),
+                owned(&[("10.0.0.0/24", Some(60))])
+            );
+            assert_eq!(nl.list("t", "a4", KeyType::V4).unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn range_check_catches_what_the_kernel_misses() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let rejected = |r: Result<(), SysError>| match r {
+                Err(SysError::Rejected { failures }) => failures,
+                other => panic!("expected Rejected, got {other:?}"),
+            };
+            // Sharing the end element with a contained range: the kernel takes the end for a
+            // re-add and would accept the batch.
+            nl.commit("t", &[add_range("m4", "10.0.1.0/24", None)])
+                .unwrap();
+            let f = rejected(nl.commit("t", &[add_range("m4", "10.0.0.0/23", None)]));
+            assert_eq!(f, [(0, libc::EEXIST)]);
+            // A top range has no end element to collide with what lies above its start.
+            nl.commit("t", &[add_range("m6", "ffff:ffff::/32", None)])
+                .unwrap();
+            let f = rejected(nl.commit("t", &[add_range("m6", "ff00::/8", Some(5))]));
+            assert_eq!(f, [(0, libc::EEXIST)]);
+
+            // Deleting start and end elements of two different ranges: the kernel would accept
+            // it and leave 10.0.1.0 open to the top.
+            nl.commit("t", &[add_range("m4", "10.0.0.0/24", None)])
+                .unwrap();
+            let f = rejected(nl.commit("t", &[del_range("m4", "10.0.0.0/23")]));
+            assert_eq!(f, [(0, libc::ENOENT)]);
+            let both = owned(&[("10.0.0.0/24", None), ("10.0.1.0/24", None)]);
+            assert_eq!(our_ranges(&mut nl, "m4", &[]), both);
+
+            // Under IfPresent such a delete is left out, and indices still name the right ops,
+            // for check failures ...
+            nl.set_delete_mode(DeleteMode::IfPresent);
+            let k = SetKey::V4(v4("192.0.2.1"));
+            let f = rejected(nl.commit(
+                "t",
+                &[
+                    del_range("m4", "10.0.0.0/23"),
+                    add("a4", k, None),
+                    add_range("m4", "192.0.2.0/24", None),
+                    del_range("m4", "172.16.0.0/12"),
+                    add_range("m4", "10.0.0.0/25", None),
+                ],
+            ));
+            assert_eq!(f, [(4, libc::EEXIST)]);
+            // ... and for kernel rejections of the reduced batch.
+            let f = rejected(nl.commit(
+                "t",
+                &[
+                    del_range("m4", "10.0.0.0/23"),
+                    add_range("m4", "192.0.2.0/24", None),
+                    add("nope", k, None),
+                ],
+            ));
+            assert_eq!(f, [(2, libc::ENOENT)]);
+            assert_eq!(our_ranges(&mut nl, "m4", &[]), both, "nothing applied");
+            nl.commit("t", &[del_range("m4", "10.0.0.0/23")]).unwrap();
+            assert_eq!(our_ranges(&mut nl, "m4", &[]), both);
+
+            // The replay follows the batch order: merging two ranges into one works.
+            nl.set_delete_mode(DeleteMode::Strict);
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "10.0.0.0/24"),
+                    del_range("m4", "10.0.1.0/24"),
+                    add_range("m4", "10.0.0.0/23", Some(60)),
+                ],
+            )
+            .unwrap();
+            let want = owned(&[("10.0.0.0/23", Some(60))]);
+            assert_eq!(our_ranges(&mut nl, "m4", &[("10.0.0.0/23", 60)]), want);
+            assert_eq!(nft_ranges("m4"), want);
+        });
+    }
+
+    #[test]
+    fn range_replace_in_one_batch() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.commit("t", &[add_range("m4", "10.0.0.0/24", Some(30))])
+                .unwrap();
+            // Widening: the delete must reach the kernel before the overlapping add.
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "10.0.0.0/24"),
+                    add_range("m4", "10.0.0.0/16", Some(300)),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                our_ranges(&mut nl, "m4", &[("10.0.0.0/16", 300)]),
+                owned(&[("10.0.0.0/16", Some(300))])
+            );
+            // Re-arming the same range.
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "10.0.0.0/16"),
+                    add_range("m4", "10.0.0.0/16", Some(900)),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                our_ranges(&mut nl, "m4", &[("10.0.0.0/16", 900)]),
+                owned(&[("10.0.0.0/16", Some(900))])
+            );
+            assert_eq!(nft_ranges("m4"), owned(&[("10.0.0.0/16", Some(900))]));
+        });
+    }
+
+    #[test]
+    fn range_timeouts_expire() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.commit(
+                "t",
+                &[
+                    add_range("m4", "192.0.2.0/24", Some(1)),
+                    add_range("m4", "198.51.100.0/24", Some(60)),
+                    add_range("m6", "2001:db8::/32", Some(1)),
+                    add_range("m6", "ffff::/16", Some(1)),
+                ],
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let m4 = nl.list_ranges("t", "m4", false).unwrap();
+                let m6 = nl.list_ranges("t", "m6", true).unwrap();
+                assert!(m4.iter().any(|(n, _)| *n == net("198.51.100.0/24")));
+                if m4.len() == 1 && m6.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "1 s ranges still listed after 10 s: {m4:?} {m6:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(nft_ranges("m4"), owned(&[("198.51.100.0/24", Some(60))]));
+            assert!(nft_ranges("m6").is_empty());
+            // Expired ranges can be added again (their end elements may linger until GC).
+            nl.commit(
+                "t",
+                &[
+                    add_range("m4", "192.0.2.0/24", Some(60)),
+                    add_range("m6", "2001:db8::/32", None),
+                    add_range("m6", "ffff::/16", None),
+                ],
+            )
+            .unwrap();
+            assert_eq!(nl.list_ranges("t", "m4", false).unwrap().len(), 2);
+            assert_eq!(
+                our_ranges(&mut nl, "m6", &[]),
+                owned(&[("2001:db8::/32", None), ("ffff::/16", None)])
+            );
+        });
+    }
+
+    #[test]
+    fn list_ranges_splits_ranges_added_by_nft() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nft_script(
+                "add element inet t m4 { 10.0.0.1-10.0.0.6, 192.0.2.0/24 timeout 1h, 203.0.113.7 }\n\
+                 add element inet t m6 { 2001:db8::1-2001:db8::2, ffff::/16 }",
+            );
+            let got: Vec<(String, bool)> = nl
+                .list_ranges("t", "m4", false)
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t.is_some()))
+                .collect();
+            let want = [
+                ("10.0.0.1/32", false),
+                ("10.0.0.2/31", false),
+                ("10.0.0.4/31", false),
+                ("10.0.0.6/32", false),
+                ("192.0.2.0/24", true),
+                ("203.0.113.7/32", false),
+            ];
+            assert_eq!(got, want.map(|(s, t)| (s.to_owned(), t)));
+            let got: Vec<String> = nl
+                .list_ranges("t", "m6", true)
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n.to_string())
+                .collect();
+            assert_eq!(got, ["2001:db8::1/128", "2001:db8::2/128", "ffff::/16"]);
+            // Ranges nft added can be deleted through netlink.
+            nl.commit(
+                "t",
+                &[
+                    del_range("m4", "192.0.2.0/24"),
+                    del_range("m6", "ffff::/16"),
+                ],
+            )
+            .unwrap();
+            assert!(!nft_ranges("m4").iter().any(|(s, _)| s == "192.0.2.0/24"));
+            assert_eq!(
+                nft_ranges("m6"),
+                owned(&[("2001:db8::1-2001:db8::2", None)])
+            );
+            // A key type mismatch is a decode error.
+            let err = nl.list_ranges("t", "m4", true).unwrap_err();
+            assert!(matches!(err, SysError::Decode { .. }), "{err}");
+        });
+    }
+
+    #[test]
+    fn delete_if_present_is_supported_here() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let probe = SetKey::V4(v4("0.0.0.0"));
+            assert!(nl.supports_delete_if_present("t", "a4", probe));
+            assert!(!nl.supports_delete_if_present("t", "nope", probe));
+            // The delete mode was restored: a strict delete of a missing key still fails.
+            let err = nl.commit("t", &[del("a4", probe)]).unwrap_err();
+            assert!(matches!(err, SysError::Rejected { .. }), "{err}");
+            nl.set_delete_mode(DeleteMode::IfPresent);
+            assert!(nl.supports_delete_if_present("t", "a4", probe));
+            nl.commit("t", &[del("a4", probe)]).unwrap();
+        });
+    }
+
+    #[test]
+    fn metadata_reads_do_not_scale_with_set_size() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let n = 100_000u32;
+            let ops: Vec<_> = (0..n)
+                .flat_map(|i| {
+                    let a = Ipv4Addr::from(0x0a00_0000 + i);
+                    [
+                        add("a4", SetKey::V4(a), Some(600)),
+                        add(
+                            "c4",
+                            SetKey::V4Pair {
+                                client: v4("192.168.1.10"),
+                                dst: a,
+                            },
+                            Some(600),
+                        ),
+                    ]
+                })
+                .collect();
+            nl.commit("t", &ops).unwrap();
+            let time = |what: &str, f: &mut dyn FnMut()| {
+                f();
+                let t = Instant::now();
+                for _ in 0..10 {
+                    f();
+                }
+                println!(
+                    "{what} with 2 x {n} elements: {:?} per call",
+                    t.elapsed() / 10
+                );
+            };
+            time("counters()", &mut || {
+                assert_eq!(nl.counters("t").unwrap().len(), 2)
+            });
+            time("table_exists()", &mut || {
+                assert!(nl.table_exists("t").unwrap())
+            });
+            time("chains()", &mut || {
+                assert!(nl.chains("t").unwrap().is_empty())
+            });
+            time("sets()", &mut || assert_eq!(nl.sets("t").unwrap().len(), 6));
+            time("list_ranges()", &mut || {
+                assert!(nl.list_ranges("t", "m4", false).unwrap().is_empty())
+            });
+            let t = Instant::now();
+            let st = Command::new("nft")
+                .args(["list", "tables"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            println!("for comparison, `nft list tables`: {:?}", t.elapsed());
         });
     }
 
