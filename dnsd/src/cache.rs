@@ -5,13 +5,23 @@
 //! grants (the minimum `expires_unix_ms` over its addresses), per client scope. The handler
 //! re-authorizes before answering when less than the remaining TTL plus a margin is left
 //! ([`needs_authorization`]), and never touches fwd otherwise.
+//!
+//! That knowledge is only as good as fwd's word, and an admin may revoke an address before
+//! the grant would have ended. The revocation watch ([`crate::revocations`]) therefore calls
+//! [`Cache::revoke`] for every revocation fwd commits, which forgets the grants of every entry
+//! naming an address inside the revoked network (the DNS data stays cached). While the watch
+//! is down the cache is *untrusted*: hits report no grant at all, so every A/AAAA hit goes
+//! through fwd again. Every invalidation bumps an epoch; a grant learned from an Authorize call
+//! that started before the latest invalidation is not recorded, because the revocation may have
+//! overtaken that call's reply.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use hickory_proto::op::Message;
-use hickory_proto::rr::{DNSClass, Name, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use ipnet::IpNet;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -65,6 +75,10 @@ impl Grants {
         }
         self.scopes.push((scope, until_ms));
     }
+
+    fn clear(&mut self) {
+        self.scopes.clear();
+    }
 }
 
 /// One cached answer.
@@ -77,6 +91,30 @@ struct Entry {
     /// Whether serving this entry needs a live grant (it names grantable addresses).
     needs_grant: bool,
     grants: Grants,
+    /// The A/AAAA addresses of the answer section, matched against revocations.
+    addrs: Vec<IpAddr>,
+}
+
+impl Entry {
+    /// Whether the answer names an address inside `net` (IPv4-mapped IPv6 addresses are also
+    /// checked as the IPv4 address they carry).
+    fn names_any_in(&self, net: &IpNet) -> bool {
+        self.addrs
+            .iter()
+            .any(|ip| net.contains(ip) || net.contains(&ip.to_canonical()))
+    }
+}
+
+/// The A/AAAA addresses in the answer section of `msg`.
+fn answer_addrs(msg: &Message) -> Vec<IpAddr> {
+    msg.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A cache hit, with TTLs already decremented by the time spent in cache.
@@ -88,12 +126,15 @@ pub struct Hit {
     pub remaining: u32,
     /// Whether the answer names addresses that need a live grant.
     pub needs_grant: bool,
-    /// Until when (wall-clock Unix ms) fwd committed this entry's addresses for the scope asked.
+    /// Until when (wall-clock Unix ms) fwd committed this entry's addresses for the scope asked;
+    /// always `None` while the cache is untrusted (the revocation watch is down).
     pub grant_until_ms: Option<u64>,
     /// Whether this is a negative (NXDOMAIN/NODATA) entry.
     pub negative: bool,
     /// Identifies this entry's generation for [`Cache::record_grant`].
     pub inserted: Instant,
+    /// The invalidation epoch at the time of the hit, for [`Cache::record_grant`].
+    pub epoch: u64,
 }
 
 /// What to store.
@@ -109,6 +150,9 @@ pub struct Insert {
     pub needs_grant: bool,
     /// The grant fwd committed with the answer: (client scope, until Unix ms).
     pub grant: Option<(Option<IpAddr>, u64)>,
+    /// [`Cache::epoch`] read before the Authorize call that returned `grant`; the grant is
+    /// dropped (the answer still stored) when an invalidation happened since.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -116,6 +160,11 @@ struct Inner {
     map: HashMap<Key, (Entry, u64)>,
     lru: BTreeMap<u64, Key>,
     tick: u64,
+    /// Bumped by every invalidation of grant knowledge.
+    epoch: u64,
+    /// Whether recorded grants may be believed: false until the revocation watch has
+    /// delivered fwd's catch-all revocations, and again whenever it is down.
+    trusted: bool,
 }
 
 impl Inner {
@@ -195,9 +244,14 @@ impl Cache {
             msg,
             remaining: entry.ttl.saturating_sub(elapsed),
             needs_grant: entry.needs_grant,
-            grant_until_ms: entry.grants.get(scope),
+            grant_until_ms: if inner.trusted {
+                entry.grants.get(scope)
+            } else {
+                None
+            },
             negative: entry.negative,
             inserted: entry.inserted,
+            epoch: inner.epoch,
         };
         inner.bump(key);
         Some(hit)
@@ -208,8 +262,12 @@ impl Cache {
         if self.capacity == 0 || item.ttl == 0 {
             return;
         }
+        let addrs = answer_addrs(&item.msg);
+        let mut inner = self.inner.lock();
         let mut grants = Grants::default();
-        if let Some((scope, until)) = item.grant {
+        if let Some((scope, until)) = item.grant
+            && item.epoch == inner.epoch
+        {
             grants.set(scope, until);
         }
         let entry = Entry {
@@ -219,8 +277,8 @@ impl Cache {
             negative: item.negative,
             needs_grant: item.needs_grant,
             grants,
+            addrs,
         };
-        let mut inner = self.inner.lock();
         inner.remove(&key);
         while inner.map.len() >= self.capacity {
             let Some((_, oldest)) = inner.lru.pop_first() else {
@@ -234,14 +292,65 @@ impl Cache {
         inner.map.insert(key, (entry, tick));
     }
 
-    /// Records a grant fwd committed for a cached entry, if that entry is still the one hit.
-    pub fn record_grant(&self, key: &Key, inserted: Instant, scope: Option<IpAddr>, until_ms: u64) {
+    /// Records a grant fwd committed for a cached entry, if that entry is still the one hit
+    /// and no invalidation happened since `epoch` (read before the Authorize call).
+    pub fn record_grant(
+        &self,
+        key: &Key,
+        inserted: Instant,
+        epoch: u64,
+        scope: Option<IpAddr>,
+        until_ms: u64,
+    ) {
         let mut inner = self.inner.lock();
+        if inner.epoch != epoch {
+            return;
+        }
         if let Some((entry, _)) = inner.map.get_mut(key)
             && entry.inserted == inserted
         {
             entry.grants.set(scope, until_ms);
         }
+    }
+
+    /// The current invalidation epoch. Read it before calling Authorize and hand it back with
+    /// the grant ([`Insert::epoch`], [`Cache::record_grant`]).
+    pub fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    /// fwd revoked `net`: forgets the grants (for every client scope) of every entry naming an
+    /// address inside it, so that their next hit re-authorizes. The answers stay cached.
+    /// Returns how many entries lost their grants.
+    pub fn revoke(&self, net: &IpNet) -> usize {
+        let mut inner = self.inner.lock();
+        inner.epoch += 1;
+        let mut touched = 0;
+        for (entry, _) in inner.map.values_mut() {
+            if !entry.grants.scopes.is_empty() && entry.names_any_in(net) {
+                entry.grants.clear();
+                touched += 1;
+            }
+        }
+        touched
+    }
+
+    /// Sets whether recorded grants may be believed. Distrusting also forgets every grant:
+    /// revocations may be missed from now on.
+    pub fn set_trusted(&self, trusted: bool) {
+        let mut inner = self.inner.lock();
+        if !trusted {
+            inner.epoch += 1;
+            for (entry, _) in inner.map.values_mut() {
+                entry.grants.clear();
+            }
+        }
+        inner.trusted = trusted;
+    }
+
+    /// Whether recorded grants are believed (the revocation watch is up).
+    pub fn is_trusted(&self) -> bool {
+        self.inner.lock().trusted
     }
 
     /// Removes one entry.
@@ -325,12 +434,20 @@ mod tests {
             negative: false,
             needs_grant: true,
             grant: grant.map(|g| (None, g)),
+            epoch: 0,
         }
+    }
+
+    /// A cache whose revocation watch is up.
+    fn trusted(capacity: usize) -> Cache {
+        let c = Cache::new(capacity);
+        c.set_trusted(true);
+        c
     }
 
     #[tokio::test(start_paused = true)]
     async fn ttl_decrements_on_hits_and_expires() {
-        let c = Cache::new(10);
+        let c = trusted(10);
         c.insert(key("example.com."), item("example.com.", 300, Some(1)));
         let h = c.get(&key("EXAMPLE.com."), None).unwrap();
         assert_eq!(h.remaining, 300);
@@ -360,6 +477,7 @@ mod tests {
                 negative: true,
                 needs_grant: false,
                 grant: None,
+                epoch: 0,
             },
         );
         let h = c.get(&key("nx.example."), None).unwrap();
@@ -417,22 +535,141 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn grants_are_recorded_per_scope_and_generation() {
-        let c = Cache::new(10);
+        let c = trusted(10);
+        let epoch = c.epoch();
         let k = key("example.com.");
-        c.insert(k.clone(), item("example.com.", 300, Some(5_000)));
+        c.insert(
+            k.clone(),
+            Insert {
+                epoch,
+                ..item("example.com.", 300, Some(5_000))
+            },
+        );
         let h = c.get(&k, None).unwrap();
         assert_eq!(h.grant_until_ms, Some(5_000));
         let client: IpAddr = "192.0.2.9".parse().unwrap();
         assert_eq!(c.get(&k, Some(client)).unwrap().grant_until_ms, None);
-        c.record_grant(&k, h.inserted, Some(client), 9_000);
+        c.record_grant(&k, h.inserted, h.epoch, Some(client), 9_000);
         assert_eq!(c.get(&k, Some(client)).unwrap().grant_until_ms, Some(9_000));
-        c.record_grant(&k, h.inserted, None, 7_000);
+        c.record_grant(&k, h.inserted, h.epoch, None, 7_000);
         assert_eq!(c.get(&k, None).unwrap().grant_until_ms, Some(7_000));
         // A grant for an entry that has since been replaced is dropped.
         tokio::time::advance(Duration::from_secs(1)).await;
         c.insert(k.clone(), item("example.com.", 300, None));
-        c.record_grant(&k, h.inserted, None, 99_000);
+        c.record_grant(&k, h.inserted, h.epoch, None, 99_000);
         assert_eq!(c.get(&k, None).unwrap().grant_until_ms, None);
+    }
+
+    fn a_and_aaaa(name: &str, v4: [u8; 4], v6: &str) -> Insert {
+        let mut m = answer(name, 300);
+        m.answers[0].data = RData::A(A(Ipv4Addr::from(v4)));
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            300,
+            RData::AAAA(hickory_proto::rr::rdata::AAAA(v6.parse().unwrap())),
+        ));
+        Insert {
+            msg: m,
+            ..item(name, 300, Some(u64::MAX))
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocation_forgets_grants_of_entries_naming_the_network() {
+        let c = trusted(10);
+        let client: IpAddr = "192.0.2.200".parse().unwrap();
+        c.insert(key("a."), a_and_aaaa("a.", [192, 0, 2, 1], "2001:db8::1"));
+        c.insert(
+            key("b."),
+            a_and_aaaa("b.", [198, 51, 100, 1], "2001:db8:1::1"),
+        );
+        let h = c.get(&key("a."), None).unwrap();
+        c.record_grant(&key("a."), h.inserted, h.epoch, Some(client), u64::MAX);
+        let granted = |name: &str, scope: Option<IpAddr>| {
+            c.get(&key(name), scope).unwrap().grant_until_ms.is_some()
+        };
+
+        // An unrelated network changes nothing (but does move the epoch).
+        let before = c.epoch();
+        assert_eq!(c.revoke(&net("203.0.113.0/24")), 0);
+        assert!(c.epoch() > before);
+        assert!(granted("a.", None) && granted("a.", Some(client)) && granted("b.", None));
+
+        // A network covering one address of `a.` forgets its grants for every client, and
+        // keeps the answer.
+        assert_eq!(c.revoke(&net("192.0.2.0/28")), 1);
+        assert!(!granted("a.", None));
+        assert!(!granted("a.", Some(client)));
+        assert!(granted("b.", None));
+        assert_eq!(c.get(&key("a."), None).unwrap().msg.answers.len(), 2);
+
+        // IPv6 and the catch-alls.
+        assert_eq!(c.revoke(&net("2001:db8:1::/48")), 1);
+        assert!(!granted("b.", None));
+        let h = c.get(&key("b."), None).unwrap();
+        c.record_grant(&key("b."), h.inserted, h.epoch, None, u64::MAX);
+        assert!(granted("b.", None));
+        assert_eq!(c.revoke(&net("0.0.0.0/0")), 1);
+        assert!(!granted("b.", None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocation_matches_ipv4_mapped_addresses() {
+        let c = trusted(10);
+        c.insert(
+            key("m."),
+            a_and_aaaa("m.", [10, 0, 0, 1], "::ffff:192.0.2.7"),
+        );
+        assert_eq!(c.revoke(&net("192.0.2.7/32")), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grants_learned_across_an_invalidation_are_not_recorded() {
+        // The revocation may have overtaken the Authorize reply: whatever that reply said, the
+        // grant may be gone.
+        let c = trusted(10);
+        let before = c.epoch();
+        c.revoke(&net("198.51.100.0/24"));
+        c.insert(
+            key("a."),
+            Insert {
+                epoch: before,
+                ..a_and_aaaa("a.", [192, 0, 2, 1], "2001:db8::1")
+            },
+        );
+        let h = c.get(&key("a."), None).unwrap();
+        assert_eq!(h.grant_until_ms, None, "stale grant recorded at insert");
+        assert_eq!(c.len(), 1, "the answer itself is cached");
+        c.record_grant(&key("a."), h.inserted, before, None, u64::MAX);
+        assert_eq!(c.get(&key("a."), None).unwrap().grant_until_ms, None);
+        c.record_grant(&key("a."), h.inserted, h.epoch, None, u64::MAX);
+        assert!(c.get(&key("a."), None).unwrap().grant_until_ms.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn untrusted_cache_reports_no_grants() {
+        let c = Cache::new(10);
+        assert!(
+            !c.is_trusted(),
+            "a new cache waits for the revocation watch"
+        );
+        c.insert(key("a."), item("a.", 300, Some(u64::MAX)));
+        assert_eq!(c.get(&key("a."), None).unwrap().grant_until_ms, None);
+        c.set_trusted(true);
+        assert_eq!(
+            c.get(&key("a."), None).unwrap().grant_until_ms,
+            Some(u64::MAX)
+        );
+        // Losing the watch forgets every grant, and grants learned meanwhile stay hidden.
+        c.set_trusted(false);
+        let h = c.get(&key("a."), None).unwrap();
+        assert_eq!(h.grant_until_ms, None);
+        c.record_grant(&key("a."), h.inserted, h.epoch, None, u64::MAX);
+        assert_eq!(c.get(&key("a."), None).unwrap().grant_until_ms, None);
     }
 
     #[test]

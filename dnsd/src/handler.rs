@@ -2,7 +2,7 @@
 //!
 //! Every path that releases an A/AAAA answer naming a grantable address goes through fwd's
 //! Authorize first (or through a cache entry whose committed grant outlives the TTL told to
-//! the client). The answer is encoded only after fwd's reply; when fwd fails, the client gets
+//! the client, and which no revocation has touched since: see [`crate::revocations`]). The answer is encoded only after fwd's reply; when fwd fails, the client gets
 //! SERVFAIL (fail closed) unless `on_fwd_error = "answer"`.
 
 use std::collections::HashSet;
@@ -323,7 +323,8 @@ impl Handler {
                     self.cache.remove(key);
                 }
                 if let Some(until) = result.until_ms {
-                    self.cache.record_grant(key, hit.inserted, scope, until);
+                    self.cache
+                        .record_grant(key, hit.inserted, hit.epoch, scope, until);
                     answer::cap_ttls(&mut msg, self.grant_cap(until));
                 }
                 msg
@@ -482,6 +483,8 @@ impl Handler {
         }
         let mut needs_grant = false;
         let mut until_ms = None;
+        // Read before asking fwd: a revocation that overtakes fwd's reply moves it on.
+        let epoch = self.cache.epoch();
         if address_query && rcode == ResponseCode::NoError && !chain.addrs.is_empty() {
             // The grant TTL is the minimum along the chain (clamped like the records), and
             // no record may be served for longer than the grant.
@@ -528,6 +531,7 @@ impl Handler {
                     negative,
                     needs_grant,
                     grant: until_ms.map(|u| (scope, u)),
+                    epoch,
                 },
             );
         }

@@ -11,6 +11,7 @@ pub mod handler;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod revocations;
 pub mod server;
 pub mod upstream;
 

@@ -65,6 +65,8 @@ pub struct Metrics {
     authorize_failures: Family<ReasonLabels, Counter>,
     in_flight: Gauge,
     dropped: Family<ReasonLabels, Counter>,
+    revocations: Counter,
+    revocation_watch_up: Gauge,
     totals: Totals,
 }
 
@@ -159,6 +161,8 @@ impl Metrics {
         let authorize_failures = Family::<ReasonLabels, Counter>::default();
         let in_flight = Gauge::default();
         let dropped = Family::<ReasonLabels, Counter>::default();
+        let revocations = Counter::default();
+        let revocation_watch_up = Gauge::default();
         registry.register(
             "dnsd_queries",
             "Queries answered, by query type and response code",
@@ -204,6 +208,16 @@ impl Metrics {
             "Queries dropped without an answer, by reason",
             dropped.clone(),
         );
+        registry.register(
+            "dnsd_revocations",
+            "Revocations received from fwd's WatchRevocations stream, catch-alls included",
+            revocations.clone(),
+        );
+        registry.register(
+            "dnsd_revocation_watch_up",
+            "1 while the revocation watch is connected and cached grants are trusted; 0 while every A/AAAA cache hit re-authorizes",
+            revocation_watch_up.clone(),
+        );
         Metrics {
             registry,
             queries,
@@ -215,6 +229,8 @@ impl Metrics {
             authorize_failures,
             in_flight,
             dropped,
+            revocations,
+            revocation_watch_up,
             totals: Totals::default(),
         }
     }
@@ -287,6 +303,16 @@ impl Metrics {
                 .authorize_failures
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one revocation received from fwd.
+    pub fn revocation(&self) {
+        self.revocations.inc();
+    }
+
+    /// Records whether the revocation watch is up (cached grants trusted).
+    pub fn revocation_watch_up(&self, up: bool) {
+        self.revocation_watch_up.set(i64::from(up));
     }
 
     /// Marks a query as started; the guard marks it finished when dropped.
@@ -410,6 +436,8 @@ mod tests {
         m.upstream_error("udp://127.0.0.1:53", "timeout");
         m.authorize(Duration::from_millis(1), None);
         m.authorize(Duration::from_millis(1), Some("unavailable"));
+        m.revocation();
+        m.revocation_watch_up(true);
         {
             let _q = m.start_query();
             assert_eq!(m.snapshot().in_flight, 1);
@@ -437,6 +465,8 @@ mod tests {
             "dnsd_upstream_errors_total{upstream=\"udp://127.0.0.1:53\",kind=\"timeout\"} 1",
             "dnsd_authorize_failures_total{reason=\"unavailable\"} 1",
             "dnsd_authorize_latency_seconds_count 2",
+            "dnsd_revocations_total 1",
+            "dnsd_revocation_watch_up 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -15,6 +15,7 @@ use crate::forward::{Forward, UpstreamForwarder};
 use crate::handler::{Handler, Live};
 use crate::listener::{self, ListenerError, Sockets, StreamSettings};
 use crate::metrics::{self, Metrics};
+use crate::revocations;
 use crate::upstream::UpstreamError;
 
 /// How long in-flight queries and connections get to finish after shutdown starts.
@@ -164,6 +165,24 @@ pub async fn run(
     let settings = StreamSettings::new(&config.listen);
     let connections = Arc::new(Semaphore::new(config.listen.tcp_max_connections));
     let mut addrs: Vec<String> = Vec::new();
+
+    {
+        // Cached grants are only trusted while this follows fwd's revocations. Its first
+        // attempt settles before the listeners start (at once when fwd is down, within
+        // `authorize.timeout` at worst), so that a fresh dnsd trusts grants from its first
+        // answer on instead of re-authorizing its first cache hits.
+        let (h, s) = (handler.clone(), shutdown.clone());
+        let (path, timeout) = (config.authorize.socket.clone(), config.authorize.timeout);
+        let (settled_tx, settled) = tokio::sync::oneshot::channel();
+        services.spawn(async move {
+            revocations::watch(path, timeout, h, s, settled_tx).await;
+            Ok(())
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::timeout(timeout, settled) => {}
+        }
+    }
 
     for sock in sockets.udp {
         sock.set_nonblocking(true)

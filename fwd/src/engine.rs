@@ -50,8 +50,12 @@ const RULESET_META: &str = "ruleset_fingerprint";
 
 /// Whether our table and base chain exist (then only a configuration change needs `nft`).
 fn ruleset_in_place(nl: &mut Netlink, table: &str, chain: &str) -> Result<bool, StartError> {
-    let _ = nl;
-    Ok(nft::existing_chains(table)?.is_some_and(|c| c.iter().any(|c| c == chain)))
+    if !nl.table_exists(table)? {
+        return Ok(false);
+    }
+    let sets = nl.sets(table)?;
+    let all_sets = nft::SETS.iter().all(|want| sets.iter().any(|s| s == want));
+    Ok(all_sets && nl.chains(table)?.iter().any(|c| c == chain))
 }
 
 /// Reconcile commits in chunks of this many ops (not one transaction: each chunk only adds
@@ -113,6 +117,8 @@ pub struct ReconcileReport {
     pub expired: usize,
     /// Manual allowances reinstalled.
     pub manual: usize,
+    /// Manual allowances the kernel had wrong (missing, stale or with another timeout), fixed.
+    pub manual_fixed: usize,
     /// Kernel elements deleted because they were revoked (tombstones) before a crash.
     pub tombstoned: usize,
     /// The ruleset was already in place with this configuration; `nft` was not run.
@@ -249,6 +255,13 @@ fn grant_key(k: &SetKey) -> GrantKey {
     GrantKey::host(ip, client)
 }
 
+fn manual_set(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => nft::MANUAL4,
+        IpNet::V6(_) => nft::MANUAL6,
+    }
+}
+
 fn set_of(k: &SetKey) -> &'static str {
     match k {
         SetKey::V4(_) => AUTH4,
@@ -324,7 +337,9 @@ fn commit_tolerant(
                 for (bi, errno) in failures {
                     let Some(&oi) = live.get(bi) else { continue };
                     let g = gid(oi);
-                    if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. }) {
+                    if errno == libc::ENOENT
+                        && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. })
+                    {
                         if drop_groups.insert(g) {
                             isolate.push(g);
                         }
@@ -358,7 +373,9 @@ fn commit_tolerant(
                     let mut gone = Vec::new();
                     for (bi, errno) in failures {
                         let Some(&oi) = mine.get(bi) else { continue };
-                        if errno == libc::ENOENT && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. }) {
+                        if errno == libc::ENOENT
+                            && matches!(ops[oi], ElemOp::Delete { .. } | ElemOp::DeleteRange { .. })
+                        {
                             gone.push(oi);
                         } else {
                             failed.push((oi, std::io::Error::from_raw_os_error(errno).to_string()));
@@ -488,7 +505,7 @@ impl Engine {
         if in_place && store.meta(RULESET_META)?.as_deref() == Some(fingerprint.as_str()) {
             report.setup_skipped = true;
         } else {
-            nft::setup(s, &melems)?;
+            nft::setup(s, &melems, &nl.chains(&table)?)?;
             store.set_meta(RULESET_META, &fingerprint)?;
         }
         tracing::info!(
@@ -545,12 +562,60 @@ impl Engine {
             }
             report.added = committed.len();
         }
-        for key in &tombstones {
+        for key in tombstones
+            .iter()
+            .filter(|k| k.net.prefix_len() == k.net.max_prefix_len())
+        {
             if let Some(k) =
                 set_key(key.net.addr(), key.client).filter(|k| !committed.contains_key(k))
             {
                 ops.push(del_op(k));
                 report.tombstoned += 1;
+            }
+        }
+        // Manual allowances are few: always make the kernel's interval sets equal to SQLite.
+        for (set, v6) in [(nft::MANUAL4, false), (nft::MANUAL6, true)] {
+            let mut have: HashMap<IpNet, Option<Duration>> =
+                nl.list_ranges(&table, set, v6)?.into_iter().collect();
+            for (net, exp) in manual
+                .iter()
+                .filter(|(n, _)| matches!(n, IpNet::V6(_)) == v6)
+            {
+                let want = exp.map(|e| Duration::from_millis(e.saturating_sub(now)));
+                match have.remove(net) {
+                    Some(got)
+                        if got.is_none() == want.is_none()
+                            && got
+                                .zip(want)
+                                .is_none_or(|(g, w)| g + Duration::from_secs(2) >= w) => {}
+                    Some(_) => {
+                        ops.push(ElemOp::DeleteRange {
+                            set: set.into(),
+                            net: *net,
+                        });
+                        ops.push(ElemOp::AddRange {
+                            set: set.into(),
+                            net: *net,
+                            timeout: want,
+                        });
+                        report.manual_fixed += 1;
+                    }
+                    None => {
+                        ops.push(ElemOp::AddRange {
+                            set: set.into(),
+                            net: *net,
+                            timeout: want,
+                        });
+                        report.manual_fixed += 1;
+                    }
+                }
+            }
+            for net in have.into_keys() {
+                ops.push(ElemOp::DeleteRange {
+                    set: set.into(),
+                    net,
+                });
+                report.manual_fixed += 1;
             }
         }
         tracing::info!(
@@ -1158,7 +1223,12 @@ impl Committer {
                 .collect(),
             Err(_) => return Err(EngineError::Stopped),
         };
-        nft::setup(&settings, &manual).map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
+        let chains = self
+            .nl
+            .chains(&self.table)
+            .map_err(|e| EngineError::Kernel(e.to_string()))?;
+        nft::setup(&settings, &manual, &chains)
+            .map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
         if let Err(e) = self
             .store
             .set_meta(RULESET_META, &nft::fingerprint(&settings))
@@ -1228,11 +1298,20 @@ impl Committer {
                 &[ev],
             )
             .map_err(|e| EngineError::Store(e.to_string()))?;
-        let elem = ManualElem {
+        // Replacing an allowance (new timeout) is one transaction: no gap.
+        let mut ops = Vec::new();
+        if prev.is_some() {
+            ops.push(ElemOp::DeleteRange {
+                set: manual_set(&net).into(),
+                net,
+            });
+        }
+        ops.push(ElemOp::AddRange {
+            set: manual_set(&net).into(),
             net,
-            remaining: ttl,
-        };
-        if let Err(e) = nft::manual_add(&self.table, &elem, prev.is_some()) {
+            timeout: ttl,
+        });
+        if let Err(e) = self.nl.commit(&self.table, &ops) {
             let undo = match prev {
                 Some(p) => Change::Upsert {
                     key,
@@ -1244,7 +1323,12 @@ impl Committer {
                 },
                 None => Change::Remove { key },
             };
-            let why = nft::error_text(&e);
+            let why = match &e {
+                SysError::Rejected { failures } if failures.iter().any(|f| f.1 == libc::EEXIST) => {
+                    format!("{net} overlaps an allowance already in the kernel")
+                }
+                other => other.to_string(),
+            };
             let _ = self.store.apply(
                 &[undo],
                 &[event(
@@ -1263,7 +1347,7 @@ impl Committer {
     }
 
     fn revoke(&mut self, net: IpNet, comment: String, caller: Caller) -> Result<u64, EngineError> {
-        let manual: Vec<IpNet> = {
+        let manual: Vec<(IpNet, Option<u64>)> = {
             let m = self
                 .shared
                 .manual
@@ -1274,10 +1358,13 @@ impl Committer {
                     "{net} lies inside manual allowance {outer}; revoke {outer} instead"
                 )));
             }
-            m.keys().filter(|o| net.contains(*o)).copied().collect()
+            m.iter()
+                .filter(|(o, _)| net.contains(*o))
+                .map(|(o, e)| (*o, *e))
+                .collect()
         };
         // Remove from the committed view first: from now on nobody is told "granted" for these.
-        let keys: Vec<SetKey> = {
+        let removed: Vec<(SetKey, u64)> = {
             let mut map = self
                 .shared
                 .committed
@@ -1288,16 +1375,22 @@ impl Committer {
                 .filter(|k| net.contains(&key_parts(k).0))
                 .copied()
                 .collect();
-            for k in &keys {
-                map.remove(k);
-            }
-            keys
+            keys.into_iter()
+                .filter_map(|k| map.remove(&k).map(|e| (k, e)))
+                .collect()
         };
         let mut changes = Vec::new();
         let mut events = Vec::new();
-        for k in &keys {
+        let mut ops: Vec<ElemOp> = Vec::new();
+        let now = now_ms();
+        for (k, until) in &removed {
             let gk = grant_key(k);
             changes.push(Change::Remove { key: gk });
+            // If fwd dies before the kernel delete below, restart deletes it.
+            changes.push(Change::Tombstone {
+                key: gk,
+                until_ms: until + EXPIRY_GRACE_MS,
+            });
             let mut ev = event(
                 EventKind::Revoked,
                 Some(key_parts(k).0.to_string()),
@@ -1306,13 +1399,17 @@ impl Committer {
             );
             ev.client = gk.client;
             events.push(ev);
+            ops.push(del_op(*k));
         }
-        for n in &manual {
-            changes.push(Change::Remove {
-                key: GrantKey {
-                    net: *n,
-                    client: None,
-                },
+        for (n, until) in &manual {
+            let gk = GrantKey {
+                net: *n,
+                client: None,
+            };
+            changes.push(Change::Remove { key: gk });
+            changes.push(Change::Tombstone {
+                key: gk,
+                until_ms: until.unwrap_or(u64::MAX / 2).max(now) + EXPIRY_GRACE_MS,
             });
             events.push(event(
                 EventKind::Revoked,
@@ -1320,6 +1417,10 @@ impl Committer {
                 caller,
                 comment.clone(),
             ));
+            ops.push(ElemOp::DeleteRange {
+                set: manual_set(n).into(),
+                net: *n,
+            });
         }
         if changes.is_empty() {
             return Ok(0);
@@ -1327,20 +1428,20 @@ impl Committer {
         self.store
             .apply(&changes, &events)
             .map_err(|e| EngineError::Store(e.to_string()))?;
-        let ops: Vec<ElemOp> = keys.iter().map(|k| del_op(*k)).collect();
+        // Grants and allowances go in one transaction.
         let failed = commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops))
             .map_err(EngineError::Kernel)?;
         if let Some((i, why)) = failed.first() {
             return Err(EngineError::Kernel(format!("{:?}: {why}", ops[*i])));
         }
-        nft::manual_delete(&self.table, &manual)
-            .map_err(|e| EngineError::Kernel(nft::error_text(&e)))?;
         if let Ok(mut m) = self.shared.manual.write() {
-            for n in &manual {
+            for (n, _) in &manual {
                 m.remove(n);
             }
         }
-        Ok((keys.len() + manual.len()) as u64)
+        // Only now is it gone from the kernel: tell subscribers (no receivers is fine).
+        let _ = self.shared.revocations.send(net);
+        Ok((removed.len() + manual.len()) as u64)
     }
 
     /// Records kernel expiries, and renews grants that still carry live flows if configured.
@@ -2002,6 +2103,65 @@ mod tests {
             let k = kernel(AUTH4);
             assert_eq!(k.len(), 1, "{k:?}");
             assert!(k[0].1.unwrap() > 500, "{k:?}");
+        });
+    }
+
+    #[test]
+    fn revoke_writes_a_tombstone_with_the_removal() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            rt.block_on(e.authorize(cmd(&["192.0.2.5"], 600, &s), root()))
+                .unwrap();
+            rt.block_on(e.revoke("192.0.2.5/32".parse().unwrap(), String::new(), root()))
+                .unwrap();
+            let mut st = Store::open(&s.raw.database).unwrap();
+            let t = st.live_tombstones(now_ms()).unwrap();
+            assert_eq!(t, [GrantKey::host(ip("192.0.2.5"), None)]);
+            // A new DNS answer for it clears the tombstone (restart must not delete a live grant).
+            rt.block_on(e.authorize(cmd(&["192.0.2.5"], 600, &s), root()))
+                .unwrap();
+            assert!(st.live_tombstones(now_ms()).unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn manual_sets_are_reconciled_at_restart() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            {
+                let (e, _) = start(&s);
+                rt().block_on(e.allow(
+                    "203.0.113.0/24".parse().unwrap(),
+                    None,
+                    String::new(),
+                    root(),
+                ))
+                .unwrap();
+            }
+            let nft = |script: &str| {
+                assert!(
+                    Command::new("nft").arg(script).status().unwrap().success(),
+                    "{script}"
+                )
+            };
+            nft("delete element inet guard manual4 { 203.0.113.0/24 }");
+            nft("add element inet guard manual4 { 198.51.100.0/25 }");
+            let (_e, r) = start(&s);
+            assert!(r.setup_skipped, "{r:?}");
+            assert_eq!(r.manual_fixed, 2, "{r:?}");
+            let out = Command::new("nft")
+                .args(["list", "set", "inet", "guard", "manual4"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("203.0.113.0/24") && !text.contains("198.51.100.0/25"),
+                "{text}"
+            );
         });
     }
 }

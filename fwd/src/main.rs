@@ -66,7 +66,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if args.remove_table {
-        return match nft::remove_table(&settings.raw.table) {
+        let exists =
+            fwd::sys::Netlink::open().and_then(|mut nl| nl.table_exists(&settings.raw.table));
+        let exists = match exists {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("fwd: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match nft::remove_table(&settings.raw.table, exists) {
             Ok(true) => {
                 println!("removed table inet {}", settings.raw.table);
                 ExitCode::SUCCESS

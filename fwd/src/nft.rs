@@ -3,12 +3,11 @@
 //! Setup is one `nft -j -f` transaction. It creates what is missing and replaces the chain's rules
 //! and the static sets, but never flushes the authorized sets: a restart must not drop grants.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use nftables::helper;
-use nftables::schema::{NfListObject, NfObject, Nftables};
+use nftables::schema::Nftables;
 use serde_json::{Value, json};
 
 use crate::config::{Mode, Policy, Settings};
@@ -25,6 +24,20 @@ pub const AUTH6C: &str = "auth6c";
 pub const MANUAL4: &str = "manual4";
 /// Manual allowances, IPv6 (interval, timeout).
 pub const MANUAL6: &str = "manual6";
+
+/// Every set the ruleset defines (start-up rebuilds the ruleset when one is missing).
+pub const SETS: [&str; 10] = [
+    AUTH4,
+    AUTH6,
+    AUTH4C,
+    AUTH6C,
+    MANUAL4,
+    MANUAL6,
+    "allow4",
+    "allow6",
+    "upstream4",
+    "upstream6",
+];
 
 /// Named counters fwd reads for `status`.
 pub const COUNTERS: [&str; 5] = [
@@ -354,36 +367,6 @@ pub fn apply(what: &'static str, batch: Value) -> Result<(), NftError> {
     helper::apply_ruleset(&typed).map_err(nft_err(what))
 }
 
-/// The table's base chains as they are now; `None` when the table does not exist.
-pub fn existing_chains(table: &str) -> Result<Option<Vec<String>>, NftError> {
-    let listed = helper::get_current_ruleset_with_args(
-        helper::DEFAULT_NFT,
-        ["list", "tables"].iter().copied(),
-    )
-    .map_err(nft_err("list tables"))?;
-    let present = listed.objects.iter().any(|o| {
-        matches!(o, NfObject::ListObject(NfListObject::Table(t))
-            if t.name == table && t.family == nftables::types::NfFamily::INet)
-    });
-    if !present {
-        return Ok(None);
-    }
-    let cur = helper::get_current_ruleset_with_args(
-        helper::DEFAULT_NFT,
-        ["-t", "list", "table", "inet", table].iter().copied(),
-    )
-    .map_err(nft_err("list table"))?;
-    Ok(Some(
-        cur.objects
-            .iter()
-            .filter_map(|o| match o {
-                NfObject::ListObject(NfListObject::Chain(c)) => Some(c.name.to_string()),
-                _ => None,
-            })
-            .collect(),
-    ))
-}
-
 /// A digest of the ruleset `s` asks for (everything but the manual elements): when it matches
 /// the one recorded at the last setup and the table is in place, start-up skips `nft` entirely.
 pub fn fingerprint(s: &Settings) -> String {
@@ -394,14 +377,15 @@ pub fn fingerprint(s: &Settings) -> String {
 }
 
 /// Creates or refreshes the ruleset atomically, keeping the authorized sets' elements.
-pub fn setup(s: &Settings, manual: &[ManualElem]) -> Result<(), NftError> {
-    let chains = existing_chains(&s.raw.table)?.unwrap_or_default();
-    apply("setup", setup_batch(s, manual, &chains))
+/// `chains` are the table's chains now (from netlink; empty when the table is new).
+pub fn setup(s: &Settings, manual: &[ManualElem], chains: &[String]) -> Result<(), NftError> {
+    apply("setup", setup_batch(s, manual, chains))
 }
 
-/// Deletes the whole table (the documented way to remove guard's filtering).
-pub fn remove_table(table: &str) -> Result<bool, NftError> {
-    if existing_chains(table)?.is_none() {
+/// Deletes the whole table (the documented way to remove guard's filtering). `exists` comes
+/// from netlink (listing through `nft` would load every set element first).
+pub fn remove_table(table: &str, exists: bool) -> Result<bool, NftError> {
+    if !exists {
         return Ok(false);
     }
     apply(
@@ -409,62 +393,6 @@ pub fn remove_table(table: &str) -> Result<bool, NftError> {
         json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}),
     )?;
     Ok(true)
-}
-
-fn manual_set(net: &IpNet) -> &'static str {
-    match net {
-        IpNet::V4(_) => MANUAL4,
-        IpNet::V6(_) => MANUAL6,
-    }
-}
-
-/// Adds or replaces a manual allowance in one transaction (`replace` deletes the old element first).
-pub fn manual_add(table: &str, e: &ManualElem, replace: bool) -> Result<(), NftError> {
-    let set = manual_set(&e.net);
-    let mut cmds = Vec::new();
-    if replace {
-        cmds.push(json!({"delete": {"element": {"family": "inet", "table": table, "name": set, "elem": [prefix(&e.net)]}}}));
-    }
-    cmds.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": [manual_value(e)]}}}));
-    apply("add manual element", json!({ "nftables": cmds }))
-}
-
-/// Removes manual allowances in one transaction.
-pub fn manual_delete(table: &str, nets: &[IpNet]) -> Result<(), NftError> {
-    if nets.is_empty() {
-        return Ok(());
-    }
-    let cmds: Vec<Value> = nets
-        .iter()
-        .map(|n| json!({"delete": {"element": {"family": "inet", "table": table, "name": manual_set(n), "elem": [prefix(n)]}}}))
-        .collect();
-    apply("delete manual element", json!({ "nftables": cmds }))
-}
-
-/// Reads the named counters (packets, bytes).
-pub fn counters(table: &str) -> Result<Vec<(String, u64, u64)>, NftError> {
-    let cur = helper::get_current_ruleset_with_args(
-        helper::DEFAULT_NFT,
-        ["list", "counters", "table", "inet", table].iter().copied(),
-    )
-    .map_err(nft_err("list counters"))?;
-    Ok(cur
-        .objects
-        .iter()
-        .filter_map(|o| match o {
-            NfObject::ListObject(NfListObject::Counter(c)) => Some((
-                c.name.to_string(),
-                c.packets.unwrap_or(0) as u64,
-                c.bytes.unwrap_or(0) as u64,
-            )),
-            _ => None,
-        })
-        .collect())
-}
-
-/// True when `ip` is inside any manual network (used by revoke to refuse partial holes).
-pub fn covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(&ip))
 }
 
 #[cfg(test)]

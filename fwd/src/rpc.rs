@@ -14,7 +14,6 @@ use crate::command::{self, Authorize, CallError};
 use crate::config::{Mode, Settings};
 use crate::engine::{Engine, EngineError};
 use crate::model::{AuditEvent, Caller, EventKind, Source, now_ms};
-use crate::nft;
 use crate::store::{HistoryFilter, ListFilter, Reader};
 
 /// What a caller may do.
@@ -199,14 +198,20 @@ impl Firewall for FirewallService {
                     }
                 }
                 match rx.recv().await {
-                    Ok(net) => pending.push(pb::Revocation { cidr: net.to_string() }),
+                    Ok(net) => pending.push(pb::Revocation {
+                        cidr: net.to_string(),
+                    }),
                     // Fell behind: it cannot know what it missed.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => pending.extend(everything()),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        pending.extend(everything())
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn authorize(
@@ -368,12 +373,13 @@ impl Firewall for FirewallService {
         self.require(&req, Role::Reader, "Status")?;
         let settings = self.engine.settings();
         let table = settings.raw.table.clone();
-        let counters = tokio::task::spawn_blocking(move || nft::counters(&table))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| {
-                Status::unavailable(format!("reading counters: {}", nft::error_text(&e)))
-            })?;
+        // Netlink, not `nft`: nft 1.0.6 would load every set element to list five counters.
+        let counters = tokio::task::spawn_blocking(move || {
+            crate::sys::Netlink::open().and_then(|mut nl| nl.counters(&table))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::unavailable(format!("reading counters: {e}")))?;
         let stats = self.read(|rd| rd.stats()).await?;
         let c = self.engine.counts();
         Ok(Response::new(pb::StatusResponse {
@@ -391,10 +397,10 @@ impl Firewall for FirewallService {
             manual: c.manual,
             counters: counters
                 .into_iter()
-                .map(|(name, packets, bytes)| pb::Counter {
-                    name,
-                    packets,
-                    bytes,
+                .map(|c| pb::Counter {
+                    name: c.name,
+                    packets: c.packets,
+                    bytes: c.bytes,
                 })
                 .collect(),
             db_bytes: stats.db_bytes,
