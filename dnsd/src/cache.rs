@@ -10,10 +10,13 @@
 //! the grant would have ended. The revocation watch ([`crate::revocations`]) therefore calls
 //! [`Cache::revoke`] for every revocation fwd commits, which forgets the grants of every entry
 //! naming an address inside the revoked network (the DNS data stays cached). While the watch
-//! is down the cache is *untrusted*: hits report no grant at all, so every A/AAAA hit goes
-//! through fwd again. Every invalidation bumps an epoch; a grant learned from an Authorize call
-//! that started before the latest invalidation is not recorded, because the revocation may have
-//! overtaken that call's reply.
+//! is down the cache is *untrusted*: hits report no confirmed grant, so every A/AAAA hit goes
+//! through fwd again. The recorded grant is still reported as unconfirmed, for the one case
+//! where the handler may fall back on it: fwd cannot be reached at all, so nobody can revoke
+//! and the kernel element committed earlier is still there (see [`Hit::unconfirmed_grant_until_ms`]).
+//! The catch-alls that open every new stream forget all of it. Every invalidation bumps an
+//! epoch; a grant learned from an Authorize call that started before the latest invalidation
+//! is not recorded, because the revocation may have overtaken that call's reply.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -131,6 +134,10 @@ pub struct Hit {
     pub grant_until_ms: Option<u64>,
     /// Whether this is a negative (NXDOMAIN/NODATA) entry.
     pub negative: bool,
+    /// The grant recorded for the scope asked, even while the cache is untrusted. Only for
+    /// serving while fwd is unreachable *and* the revocation watch is down: a dead fwd revokes
+    /// nothing, and the kernel element it committed lives until its own timeout.
+    pub unconfirmed_grant_until_ms: Option<u64>,
     /// Identifies this entry's generation for [`Cache::record_grant`].
     pub inserted: Instant,
     /// The invalidation epoch at the time of the hit, for [`Cache::record_grant`].
@@ -250,6 +257,7 @@ impl Cache {
                 None
             },
             negative: entry.negative,
+            unconfirmed_grant_until_ms: entry.grants.get(scope),
             inserted: entry.inserted,
             epoch: inner.epoch,
         };
@@ -335,17 +343,10 @@ impl Cache {
         touched
     }
 
-    /// Sets whether recorded grants may be believed. Distrusting also forgets every grant:
-    /// revocations may be missed from now on.
+    /// Sets whether recorded grants may be believed: only while the revocation watch is up
+    /// and has applied its catch-alls (which forget every grant recorded before).
     pub fn set_trusted(&self, trusted: bool) {
-        let mut inner = self.inner.lock();
-        if !trusted {
-            inner.epoch += 1;
-            for (entry, _) in inner.map.values_mut() {
-                entry.grants.clear();
-            }
-        }
-        inner.trusted = trusted;
+        self.inner.lock().trusted = trusted;
     }
 
     /// Whether recorded grants are believed (the revocation watch is up).
@@ -664,12 +665,22 @@ mod tests {
             c.get(&key("a."), None).unwrap().grant_until_ms,
             Some(u64::MAX)
         );
-        // Losing the watch forgets every grant, and grants learned meanwhile stay hidden.
+        // Losing the watch hides every grant (it stays known as unconfirmed), and so are
+        // grants learned meanwhile, until the catch-alls of the next stream forget them.
         c.set_trusted(false);
         let h = c.get(&key("a."), None).unwrap();
         assert_eq!(h.grant_until_ms, None);
-        c.record_grant(&key("a."), h.inserted, h.epoch, None, u64::MAX);
-        assert_eq!(c.get(&key("a."), None).unwrap().grant_until_ms, None);
+        assert_eq!(h.unconfirmed_grant_until_ms, Some(u64::MAX));
+        c.record_grant(&key("a."), h.inserted, h.epoch, None, 7_000);
+        let h = c.get(&key("a."), None).unwrap();
+        assert_eq!(h.grant_until_ms, None);
+        assert_eq!(h.unconfirmed_grant_until_ms, Some(7_000));
+        c.revoke(&"0.0.0.0/0".parse().unwrap());
+        c.revoke(&"::/0".parse().unwrap());
+        c.set_trusted(true);
+        let h = c.get(&key("a."), None).unwrap();
+        assert_eq!(h.grant_until_ms, None);
+        assert_eq!(h.unconfirmed_grant_until_ms, None);
     }
 
     #[test]

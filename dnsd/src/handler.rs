@@ -15,7 +15,7 @@ use hickory_proto::rr::{DNSClass, RecordType};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::answer::{self, Cacheability};
-use crate::authorize::{self, Authorizer, Verdict as GrantVerdict};
+use crate::authorize::{self, AuthorizeError, Authorizer, Verdict as GrantVerdict};
 use crate::cache::{self, Cache, Key};
 use crate::config::{Config, DomainAction, OnFwdError};
 use crate::forward::Forward;
@@ -329,10 +329,28 @@ impl Handler {
                 }
                 msg
             }
-            Err(()) => match self.settings.on_fwd_error {
-                OnFwdError::Servfail => error_msg(ResponseCode::ServFail),
-                OnFwdError::Answer => msg,
-            },
+            Err(e) => {
+                if matches!(e, AuthorizeError::Unavailable { .. })
+                    && !self.cache.is_trusted()
+                    && !cache::needs_authorization(
+                        hit.unconfirmed_grant_until_ms,
+                        authorize::now_unix_ms(),
+                        hit.remaining,
+                        self.settings.refresh_margin,
+                    )
+                {
+                    // fwd cannot be reached and its revocation stream is gone: it is down, so
+                    // nobody can have revoked since the stream broke, and the kernel element it
+                    // committed outlives this TTL on its own timeout.
+                    tracing::warn!(error = %e, "fwd unreachable; serving a cached answer under the grant fwd committed before it went away");
+                    return msg;
+                }
+                self.fwd_failed(&e);
+                match self.settings.on_fwd_error {
+                    OnFwdError::Servfail => error_msg(ResponseCode::ServFail),
+                    OnFwdError::Answer => msg,
+                }
+            }
         }
     }
 
@@ -355,14 +373,27 @@ impl Handler {
         u32::try_from(left / 1000).unwrap_or(u32::MAX)
     }
 
-    /// Calls fwd and sorts its verdicts; `Err` means the call failed as a whole (logged).
+    /// Logs a failed Authorize call, saying what the client gets.
+    fn fwd_failed(&self, e: &AuthorizeError) {
+        match self.settings.on_fwd_error {
+            OnFwdError::Servfail => {
+                tracing::warn!(error = %e, "authorize failed; answering SERVFAIL");
+            }
+            OnFwdError::Answer => {
+                tracing::warn!(error = %e, "authorize failed; releasing the answer anyway (on_fwd_error = answer)");
+            }
+        }
+    }
+
+    /// Calls fwd and sorts its verdicts; `Err` means the call failed as a whole (counted, not
+    /// yet logged: see [`Handler::fwd_failed`]).
     async fn authorize(
         &self,
         grants: &[(IpAddr, u32)],
         q: &ClientQuery,
         client: IpAddr,
         reason: &'static str,
-    ) -> Result<AuthorizeResult, ()> {
+    ) -> Result<AuthorizeResult, AuthorizeError> {
         let qname = q.query.name().to_lowercase().to_ascii();
         let qname = qname.trim_end_matches('.');
         let started = StdInstant::now();
@@ -400,15 +431,7 @@ impl Handler {
             }
             Err(e) => {
                 self.metrics.authorize(started.elapsed(), Some(e.kind()));
-                match self.settings.on_fwd_error {
-                    OnFwdError::Servfail => {
-                        tracing::warn!(error = %e, "authorize failed; answering SERVFAIL");
-                    }
-                    OnFwdError::Answer => {
-                        tracing::warn!(error = %e, "authorize failed; releasing the answer anyway (on_fwd_error = answer)");
-                    }
-                }
-                Err(())
+                Err(e)
             }
         }
     }
@@ -515,10 +538,13 @@ impl Handler {
                             until_ms = Some(until);
                         }
                     }
-                    Err(()) => match s.on_fwd_error {
-                        OnFwdError::Servfail => return error_msg(ResponseCode::ServFail),
-                        OnFwdError::Answer => {}
-                    },
+                    Err(e) => {
+                        self.fwd_failed(&e);
+                        match s.on_fwd_error {
+                            OnFwdError::Servfail => return error_msg(ResponseCode::ServFail),
+                            OnFwdError::Answer => {}
+                        }
+                    }
                 }
             }
         }

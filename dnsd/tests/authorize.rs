@@ -268,6 +268,8 @@ async fn cache_hit_without_grant_reauthorizes_once_fwd_is_back() {
     assert_eq!(addrs(&resp).len(), 2);
     let fwd = FakeFwd::new();
     serve_fake_fwd(s.dnsd.fwd_socket.clone(), fwd.clone());
+    // Grants are trusted only once the revocation watch is back (it backs off meanwhile).
+    wait_watch_up(&s.dnsd).await;
     let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(addrs(&resp).len(), 2);
     let calls = fwd.calls();
@@ -277,6 +279,185 @@ async fn cache_hit_without_grant_reauthorizes_once_fwd_is_back() {
     udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await;
     assert_eq!(fwd.calls().len(), 1);
     assert_eq!(s.upstream.queries.load(Ordering::SeqCst), 1);
+}
+
+// === revocations ===
+
+const WATCH_UP: &str = "dnsd_revocation_watch_up";
+const REVOCATIONS: &str = "dnsd_revocations_total";
+
+async fn wait_watch_up(d: &Dnsd) {
+    wait_metric(d.metrics, WATCH_UP, |v| v == 1.0).await;
+}
+
+async fn wait_watch_down(d: &Dnsd) {
+    wait_metric(d.metrics, WATCH_UP, |v| v == 0.0).await;
+}
+
+/// Pushes revocations through the fake fwd and waits until dnsd has applied them.
+async fn revoke(s: &Setup, cidrs: &[&str]) {
+    let before = metric(s.dnsd.metrics, REVOCATIONS).await.unwrap();
+    for c in cidrs {
+        s.fwd.revoke(c);
+    }
+    let want = before + cidrs.len() as f64;
+    wait_metric(s.dnsd.metrics, REVOCATIONS, |v| v >= want).await;
+}
+
+async fn a_query(s: &Setup) -> hickory_proto::op::Message {
+    udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await
+}
+
+/// Regression test for the bug found by the end-to-end test of the same name: after an admin
+/// revoked an address in fwd, dnsd kept serving the cached answer as if its grant were live.
+#[tokio::test]
+async fn cached_answer_after_revoke_is_reachable() {
+    let s = setup(|_| {}).await;
+    wait_watch_up(&s.dnsd).await;
+    // The catch-alls of the new stream were applied.
+    assert_eq!(metric(s.dnsd.metrics, REVOCATIONS).await, Some(2.0));
+    a_query(&s).await;
+    a_query(&s).await;
+    assert_eq!(
+        s.fwd.calls().len(),
+        1,
+        "a hit with a live grant touched fwd"
+    );
+
+    revoke(&s, &["192.0.2.2/32"]).await;
+    // The next hit goes through fwd before it is answered.
+    *s.fwd.hold.lock() = true;
+    let udp = s.dnsd.udp;
+    let q = query("example.com.", RecordType::A, false);
+    let pending =
+        tokio::spawn(
+            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(5)).await },
+        );
+    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
+        .await
+        .expect("the hit after a revocation was served without Authorize");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!pending.is_finished(), "answered before fwd confirmed");
+    *s.fwd.hold.lock() = false;
+    s.fwd.release.notify_one();
+    let resp = pending.await.unwrap().expect("no answer");
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+    let calls = s.fwd.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].reason, "cache-refresh");
+    assert_eq!(grant_ips(&calls[1]), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+    // The DNS data stayed cached, and the new grant is trusted again.
+    a_query(&s).await;
+    assert_eq!(s.fwd.calls().len(), 2);
+    assert_eq!(s.upstream.queries.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn unrelated_revocation_keeps_cached_grants() {
+    let s = setup(|_| {}).await;
+    wait_watch_up(&s.dnsd).await;
+    a_query(&s).await;
+    revoke(&s, &["192.0.2.3/32", "198.51.100.0/24", "2001:db8::/32"]).await;
+    a_query(&s).await;
+    assert_eq!(
+        s.fwd.calls().len(),
+        1,
+        "an unrelated revocation forced Authorize"
+    );
+    // A covering network does.
+    revoke(&s, &["192.0.2.0/24"]).await;
+    a_query(&s).await;
+    assert_eq!(s.fwd.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn revocation_covers_every_client_in_per_client_mode() {
+    let s = setup(|c| c.authorize.per_client = true).await;
+    wait_watch_up(&s.dnsd).await;
+    let ask = |from: &'static str| {
+        let udp = s.dnsd.udp;
+        async move {
+            udp_query_from(
+                udp,
+                from,
+                &query("example.com.", RecordType::A, false),
+                Duration::from_secs(3),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    ask("127.0.0.1").await;
+    ask("127.0.0.2").await;
+    ask("127.0.0.1").await;
+    ask("127.0.0.2").await;
+    assert_eq!(s.fwd.calls().len(), 2);
+    revoke(&s, &["192.0.2.1/32"]).await;
+    ask("127.0.0.1").await;
+    ask("127.0.0.2").await;
+    let calls = s.fwd.calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    let mut clients: Vec<Vec<u8>> = calls[2..].iter().map(|c| c.client.clone()).collect();
+    clients.sort();
+    assert_eq!(clients, vec![vec![127, 0, 0, 1], vec![127, 0, 0, 2]]);
+    assert!(calls[2..].iter().all(|c| c.reason == "cache-refresh"));
+}
+
+#[tokio::test]
+async fn cache_hits_reauthorize_while_the_revocation_watch_is_down() {
+    let s = setup(|_| {}).await;
+    wait_watch_up(&s.dnsd).await;
+    a_query(&s).await;
+    a_query(&s).await;
+    assert_eq!(s.fwd.calls().len(), 1);
+
+    // The stream ends and fwd refuses to resubscribe: revocations could be missed, so every
+    // A/AAAA hit asks fwd, however fresh its grant.
+    *s.fwd.refuse_watch.lock() = true;
+    s.fwd.cut_watchers();
+    wait_watch_down(&s.dnsd).await;
+    for n in 2..=3 {
+        let resp = a_query(&s).await;
+        assert_eq!(addrs(&resp).len(), 2);
+        assert_eq!(s.fwd.calls().len(), n);
+    }
+    // Non-address answers never need fwd.
+    udp_query(s.dnsd.udp, &query("example.com.", RecordType::TXT, false)).await;
+    udp_query(s.dnsd.udp, &query("example.com.", RecordType::TXT, false)).await;
+    assert_eq!(s.fwd.calls().len(), 3);
+
+    // Reconnected: the catch-alls forget what was learned meanwhile, once.
+    let watchers = s.fwd.watchers.load(Ordering::SeqCst);
+    *s.fwd.refuse_watch.lock() = false;
+    wait_watch_up(&s.dnsd).await;
+    assert_eq!(s.fwd.watchers.load(Ordering::SeqCst), watchers + 1);
+    a_query(&s).await;
+    a_query(&s).await;
+    assert_eq!(s.fwd.calls().len(), 4);
+    assert_eq!(s.upstream.queries.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn cache_hit_fails_closed_when_fwd_goes_away() {
+    let s = setup_with(zone(), false, |_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = serve_fake_fwd_until(s.dnsd.fwd_socket.clone(), s.fwd.clone(), stop.clone());
+    wait_watch_up(&s.dnsd).await;
+    a_query(&s).await;
+    assert_eq!(
+        a_query(&s).await.metadata.response_code,
+        ResponseCode::NoError
+    );
+    assert_eq!(s.fwd.calls().len(), 1);
+    // fwd stops (it might be revoking on its way down, or be replaced by one that has
+    // forgotten the grants): the hit cannot be confirmed, so SERVFAIL.
+    stop.cancel();
+    server.await.unwrap();
+    wait_watch_down(&s.dnsd).await;
+    let resp = a_query(&s).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
+    assert!(resp.answers.is_empty());
 }
 
 #[tokio::test]

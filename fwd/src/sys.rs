@@ -72,6 +72,15 @@ const UDATA_INTERVAL_OPEN: [u8; 6] = {
 };
 
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_STATUS: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_STATE: u16 = 1;
+const IPS_ASSURED: u32 = 1 << 2;
+const IPPROTO_TCP: u8 = 6;
+const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
@@ -1097,7 +1106,30 @@ fn decode_named(
 
 /// Extracts the ORIGINAL-direction (source, destination) of one ctnetlink message.
 fn decode_flow(msg: &Msg<'_>) -> Option<(IpAddr, IpAddr)> {
+    // Only live flows count: the entry must be ASSURED (traffic seen both ways), and a TCP one
+    // must still be ESTABLISHED. Refused, half-open and closing (TIME_WAIT) entries linger in
+    // conntrack for minutes and must not keep a grant alive.
+    let status = msg.nfnl_attrs().find(|a| a.ty == CTA_STATUS)?.be32()?;
+    if status & IPS_ASSURED == 0 {
+        return None;
+    }
     let orig = msg.nfnl_attrs().find(|a| a.ty == CTA_TUPLE_ORIG)?;
+    let proto = orig
+        .nested()
+        .find(|a| a.ty == CTA_TUPLE_PROTO)
+        .and_then(|p| p.nested().find(|a| a.ty == CTA_PROTO_NUM))
+        .and_then(|a| a.payload.first().copied());
+    if proto == Some(IPPROTO_TCP) {
+        let state = msg
+            .nfnl_attrs()
+            .find(|a| a.ty == CTA_PROTOINFO)
+            .and_then(|p| p.nested().find(|a| a.ty == CTA_PROTOINFO_TCP))
+            .and_then(|t| t.nested().find(|a| a.ty == CTA_PROTOINFO_TCP_STATE))
+            .and_then(|a| a.payload.first().copied());
+        if state != Some(TCP_CONNTRACK_ESTABLISHED) {
+            return None;
+        }
+    }
     let ip = orig.nested().find(|a| a.ty == CTA_TUPLE_IP)?;
     let (mut src, mut dst) = (None, None);
     for a in ip.nested() {

@@ -162,6 +162,12 @@ impl Fwd {
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path)
             .context(format!("binding {}", notify_path.display()))?;
+        // Like systemd's own notify socket: writable by a daemon that dropped to another uid.
+        std::fs::set_permissions(
+            &notify_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .context(format!("chmod {}", notify_path.display()))?;
         Ok(Self {
             ns: ns.name().to_owned(),
             bin: bin.to_path_buf(),

@@ -560,7 +560,6 @@ fn cache_hit_without_a_live_grant_reauthorizes() {
 /// only knows the expiry fwd told it at grant time; the revoked address stays unreachable
 /// until that entry expires. Workaround: `guardctl cache flush NAME` after a revoke.
 #[test]
-#[ignore = "BUG(dnsd): a cache hit after `guardctl revoke` serves the revoked address unauthorized (see report)"]
 fn cached_answer_after_revoke_is_reachable() {
     let x = service_v4(11);
     let env = env(UnboundConfig::new().addresses(300, &[("r.test.", x)]));

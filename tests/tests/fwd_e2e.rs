@@ -878,3 +878,92 @@ fn sighup_reloads_allowances_and_keeps_old_config_when_invalid() {
     let st = c.status().or_fail("status");
     assert_eq!(st.mode, "local");
 }
+
+/// Apps that keep reusing an address after its TTL (connection pools, JVM caches) must not be cut
+/// off while their flows live: with `renew_live_flows`, a grant that still carries a conntrack
+/// flow is renewed; one without flows expires as usual.
+#[test]
+fn grants_with_live_flows_are_renewed_and_idle_ones_expire() {
+    let env = local(
+        FwdConfig::local()
+            .set("expiry.renew_live_flows", true)
+            .set("expiry.renew_ttl", "30s"),
+    );
+    let ns = &env.topo.fwd;
+    let mut c = env.fwd.client().or_fail("client");
+    let (busy, idle) = (service_v4(5), service_v4(6));
+    let r = c
+        .authorize(&[(busy, 3), (idle, 3)], "pool.example.")
+        .or_fail("authorize");
+    let first_expiry = r.results[0].expires_unix_ms;
+    let mut flow = probe::tcp_echo(ns, busy, PROBE_TIMEOUT).or_fail("flow to the busy address");
+
+    guard_tests::wait_until("idle grant expires", EXPIRY_DEADLINE, || {
+        Ok(probe::tcp_verdict(ns, idle).is_refused())
+    })
+    .or_fail("idle expiry");
+    guard_tests::wait_until(
+        "past the busy grant's original expiry",
+        EXPIRY_DEADLINE,
+        || Ok(now_unix_ms() > first_expiry + 2_000),
+    )
+    .or_fail("time");
+    let hist = c.history(&busy.to_string()).or_fail("history");
+    assert!(
+        events_of(&hist, EventKind::Renewed, &busy.to_string()) >= 1,
+        "no RENEWED event for {busy}: {hist:#?}"
+    );
+    assert!(
+        in_kernel(&env, busy),
+        "{busy} was not renewed in the kernel"
+    );
+    probe::expect_tcp_open(ns, busy).or_fail("a new connection to the renewed address");
+    probe::roundtrip(&mut flow, b"pooled", PROBE_TIMEOUT).or_fail("the live flow");
+    assert_eq!(events_of(&hist, EventKind::Renewed, &idle.to_string()), 0);
+}
+
+/// Started as root with `user` set, fwd keeps only CAP_NET_ADMIN (also ambient, for the nft it
+/// execs) under the unprivileged uid, with no_new_privs, and still commits grants.
+#[test]
+fn root_start_drops_to_user_with_only_cap_net_admin() {
+    let topo = Topology::local().or_fail("local topology");
+    let _echo = EchoServer::services(&topo.net).or_fail("echo services");
+    let state = guard_tests::fwd::test_dir().or_fail("state dir");
+    nix::unistd::chown(
+        state.path(),
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
+    )
+    .or_fail("chown state dir");
+    let db = state.path().join("fwd.db");
+    let fwd = Fwd::start(
+        &topo.fwd,
+        FwdConfig::local()
+            .set("user", "nobody")
+            .set("database", db.display().to_string()),
+    )
+    .or_fail("start fwd as nobody");
+    let pid = fwd.pid().or_fail("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).or_fail("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("Uid:"),
+        format!("{NOBODY} {NOBODY} {NOBODY} {NOBODY}"),
+        "{status}"
+    );
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(caps), "0000000000001000", "{caps} in {status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    let mut c = fwd.client().or_fail("client");
+    c.authorize(&[(service_v4(7), 60)], "drop.example.")
+        .or_fail("authorize as nobody");
+    probe::expect_tcp_open(&topo.fwd, service_v4(7)).or_fail("granted address");
+    c.status().or_fail("status as nobody (netlink counters)");
+}

@@ -1,4 +1,4 @@
-//! Test harness: dnsd's `run` on ephemeral loopback sockets, a scripted fake upstream on 127.0.0.1, and a fake fwd serving `Firewall` on a Unix socket in a tempdir.
+//! Test harness: dnsd's `run` on ephemeral loopback sockets, a scripted fake upstream on 127.0.0.1, and a fake fwd serving `Firewall` (Authorize and WatchRevocations) on a Unix socket in a tempdir.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -109,6 +109,14 @@ pub struct FakeFwd {
     pub hold: Mutex<bool>,
     pub release: Notify,
     pub entered: Notify,
+    /// Revocations pushed by the test ([`FakeFwd::revoke`]) to every WatchRevocations stream.
+    revocations: tokio::sync::broadcast::Sender<String>,
+    /// Bumped by [`FakeFwd::cut_watchers`]: every open stream ends.
+    cut: tokio::sync::watch::Sender<u64>,
+    /// When set, new WatchRevocations calls are refused with UNAVAILABLE.
+    pub refuse_watch: Mutex<bool>,
+    /// How many WatchRevocations streams were opened.
+    pub watchers: AtomicUsize,
 }
 
 impl FakeFwd {
@@ -121,7 +129,22 @@ impl FakeFwd {
             hold: Mutex::new(false),
             release: Notify::new(),
             entered: Notify::new(),
+            revocations: tokio::sync::broadcast::channel(64).0,
+            cut: tokio::sync::watch::channel(0).0,
+            refuse_watch: Mutex::new(false),
+            watchers: AtomicUsize::new(0),
         })
+    }
+
+    /// Sends a revocation of `cidr` to every open WatchRevocations stream, as fwd does once a
+    /// revocation is committed.
+    pub fn revoke(&self, cidr: &str) {
+        let _ = self.revocations.send(cidr.to_owned());
+    }
+
+    /// Ends every open WatchRevocations stream (fwd keeps serving).
+    pub fn cut_watchers(&self) {
+        self.cut.send_modify(|g| *g += 1);
     }
 
     pub fn calls(&self) -> Vec<AuthorizeRequest> {
@@ -130,7 +153,10 @@ impl FakeFwd {
 }
 
 #[derive(Clone)]
-struct FwdService(Arc<FakeFwd>);
+struct FwdService(Arc<FakeFwd>, CancellationToken);
+
+type RevocationStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Revocation, Status>> + Send>>;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -141,6 +167,50 @@ fn now_ms() -> u64 {
 
 #[tonic::async_trait]
 impl Firewall for FwdService {
+    type WatchRevocationsStream = RevocationStream;
+
+    /// Like fwd: the catch-alls first, then every pushed revocation; ends on `cut_watchers`
+    /// or when the server stops.
+    async fn watch_revocations(
+        &self,
+        _: Request<WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let st = &self.0;
+        if *st.refuse_watch.lock() {
+            return Err(Status::unavailable("fake: watch refused"));
+        }
+        let mut rx = st.revocations.subscribe();
+        let mut cut = st.cut.subscribe();
+        let stop = self.1.clone();
+        st.watchers.fetch_add(1, Ordering::SeqCst);
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<Revocation, Status>>(64);
+        let everything = || ["0.0.0.0/0", "::/0"].map(|c| c.to_owned());
+        tokio::spawn(async move {
+            let mut pending: Vec<String> = everything().into();
+            loop {
+                for cidr in pending.drain(..) {
+                    if tx.send(Ok(Revocation { cidr })).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = cut.changed() => return,
+                    _ = stop.cancelled() => return,
+                    r = rx.recv() => match r {
+                        Ok(cidr) => pending.push(cidr),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            pending.extend(everything())
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
     async fn authorize(
         &self,
         req: Request<AuthorizeRequest>,
@@ -222,7 +292,7 @@ pub fn serve_fake_fwd_until(
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tonic::transport::Server::builder()
-            .add_service(FirewallServer::new(FwdService(state)))
+            .add_service(FirewallServer::new(FwdService(state, stop.clone())))
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .unwrap();
@@ -236,6 +306,8 @@ pub fn serve_fake_fwd_until(
 pub struct Dnsd {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
+    /// The Prometheus endpoint.
+    pub metrics: SocketAddr,
     pub control: PathBuf,
     pub fwd_socket: PathBuf,
     pub shutdown: CancellationToken,
@@ -270,10 +342,13 @@ pub fn start_dnsd(cfg: Config, dir: tempfile::TempDir) -> Dnsd {
     assert!(errors.is_empty(), "{errors:#?}");
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
     let control = cfg.control.socket.clone();
     let sockets = Sockets {
         udp: vec![udp.try_clone().unwrap()],
         tcp: vec![tcp.try_clone().unwrap()],
+        metrics: Some(metrics),
         control: Some(dnsd::listener::bind_control(&control).unwrap()),
         control_path: Some(control.clone()),
         ..Sockets::default()
@@ -284,6 +359,7 @@ pub fn start_dnsd(cfg: Config, dir: tempfile::TempDir) -> Dnsd {
     Dnsd {
         udp: udp.local_addr().unwrap(),
         tcp: tcp.local_addr().unwrap(),
+        metrics: metrics_addr,
         control,
         fwd_socket,
         shutdown,
@@ -377,4 +453,38 @@ pub fn grant_ips(req: &AuthorizeRequest) -> Vec<IpAddr> {
         .iter()
         .map(|g| guard_proto::ip_from_bytes(&g.ip).unwrap())
         .collect()
+}
+
+/// The value of an unlabelled metric (`dnsd_revocations_total`, ...), scraped from `GET /metrics`.
+pub async fn metric(endpoint: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(endpoint).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Waits (up to 10 s) until metric `name` satisfies `ok`; panics otherwise.
+pub async fn wait_metric(endpoint: SocketAddr, name: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(endpoint, name).await;
+        if v.is_some_and(&ok) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached the expected value (last {v:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
