@@ -439,25 +439,51 @@ async fn cache_hits_reauthorize_while_the_revocation_watch_is_down() {
 }
 
 #[tokio::test]
-async fn cache_hit_fails_closed_when_fwd_goes_away() {
+async fn cache_hit_fails_closed_when_fwd_answers_badly_while_the_watch_is_down() {
+    // fwd is there but cannot confirm: it may have revoked the address unseen, so SERVFAIL.
+    let s = setup(|_| {}).await;
+    a_query(&s).await;
+    *s.fwd.refuse_watch.lock() = true;
+    s.fwd.cut_watchers();
+    wait_watch_down(&s.dnsd).await;
+    *s.fwd.mode.lock() = FwdMode::Refuse;
+    let resp = a_query(&s).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
+    assert!(resp.answers.is_empty());
+    *s.fwd.mode.lock() = FwdMode::Delay(Duration::from_secs(2));
+    let resp = a_query(&s).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
+}
+
+#[tokio::test]
+async fn cache_hit_while_fwd_is_dead_is_served_under_its_committed_grant() {
+    // A dead fwd revokes nothing, and the kernel element it committed lives on its own
+    // timeout: the cached answer is still reachable (fresh answers fail closed).
     let s = setup_with(zone(), false, |_| {}).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let server = serve_fake_fwd_until(s.dnsd.fwd_socket.clone(), s.fwd.clone(), stop.clone());
     wait_watch_up(&s.dnsd).await;
     a_query(&s).await;
-    assert_eq!(
-        a_query(&s).await.metadata.response_code,
-        ResponseCode::NoError
-    );
     assert_eq!(s.fwd.calls().len(), 1);
-    // fwd stops (it might be revoking on its way down, or be replaced by one that has
-    // forgotten the grants): the hit cannot be confirmed, so SERVFAIL.
     stop.cancel();
     server.await.unwrap();
     wait_watch_down(&s.dnsd).await;
     let resp = a_query(&s).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&resp).len(), 2);
+    let resp = udp_query(s.dnsd.udp, &query("example.com.", RecordType::AAAA, false)).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
-    assert!(resp.answers.is_empty());
+
+    // fwd is back (it may have revoked on its way down or at start): the catch-alls forget
+    // the old grant, so the next hit asks the new fwd once.
+    let back = FakeFwd::new();
+    serve_fake_fwd(s.dnsd.fwd_socket.clone(), back.clone());
+    wait_watch_up(&s.dnsd).await;
+    a_query(&s).await;
+    a_query(&s).await;
+    let calls = back.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].reason, "cache-refresh");
 }
 
 #[tokio::test]

@@ -45,6 +45,8 @@ fn dump_limit() -> usize {
     DUMP_LIMIT
 }
 
+/// Metadata key of the commit high-water mark: every grant written at or before it is in the kernel.
+const COMMITTED_META: &str = "committed_upto_ms";
 /// Metadata key of the installed ruleset's fingerprint.
 const RULESET_META: &str = "ruleset_fingerprint";
 
@@ -160,9 +162,13 @@ enum Job {
         settings: Arc<Settings>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// Persist the commit mark and end the committer thread.
+    Stop,
 }
 
 struct Shared {
+    /// The committer thread, joined by [`Engine::stop`].
+    committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Committed revocations, for WatchRevocations subscribers (dnsd drops cached grant knowledge).
     revocations: tokio::sync::broadcast::Sender<IpNet>,
     /// Swapped whole on SIGHUP reload; readers take a snapshot.
@@ -452,7 +458,13 @@ impl Engine {
         let mut committed: HashMap<SetKey, u64> = HashMap::new();
         let mut manual: HashMap<IpNet, Option<u64>> = HashMap::new();
         let mut expired: Vec<(GrantKey, &'static str)> = Vec::new();
-        store.for_each_grant(|key, exp, source| match source {
+        // Grants written after this mark may not have reached the kernel before fwd stopped.
+        let committed_upto: u64 = store
+            .meta(COMMITTED_META)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut recent: Vec<SetKey> = Vec::new();
+        store.for_each_grant_since(|key, exp, source, last_ms| match source {
             Source::Dns => {
                 let k = (key.net.prefix_len() == key.net.max_prefix_len())
                     .then(|| set_key(key.net.addr(), key.client))
@@ -464,6 +476,9 @@ impl Engine {
                 match (k, exp) {
                     (Some(k), Some(e)) if e > now => {
                         committed.insert(k, e);
+                        if last_ms >= committed_upto {
+                            recent.push(k);
+                        }
                     }
                     (Some(_), _) => expired.push((key, "expired while fwd was down")),
                     (None, _) => {
@@ -555,12 +570,20 @@ impl Engine {
                 }
             }
         } else {
-            // Too large to dump: add every live grant again (an existing element just gets its
-            // timeout set to the recorded expiry) and delete what was revoked.
-            for (k, e) in &committed {
+            // Too large to dump (set dumps cost quadratic kernel time). If the ruleset was in
+            // place, the kernel holds every grant committed before the high-water mark: add again
+            // only the ones written after it (their commit may not have happened). Otherwise the
+            // sets are new and empty: add everything.
+            let readd: Box<dyn Iterator<Item = (&SetKey, &u64)>> = if in_place {
+                Box::new(recent.iter().filter_map(|k| committed.get_key_value(k)))
+            } else {
+                Box::new(committed.iter())
+            };
+            for (k, e) in readd {
                 ops.push(add_op(*k, e.saturating_sub(now)));
+                report.added += 1;
             }
-            report.added = committed.len();
+            report.kept = committed.len() - report.added;
         }
         for key in tombstones
             .iter()
@@ -655,8 +678,12 @@ impl Engine {
             ),
         ));
         store.apply(&changes, &events)?;
+        // Everything SQLite grants is in the kernel now.
+        let mark = now_ms().max(committed_upto);
+        store.set_meta(COMMITTED_META, &mark.to_string())?;
 
         let shared = Arc::new(Shared {
+            committer: std::sync::Mutex::new(None),
             revocations: tokio::sync::broadcast::channel(1024).0,
             settings: RwLock::new(settings.clone()),
             committed: RwLock::new(committed),
@@ -670,11 +697,19 @@ impl Engine {
             nl,
             table,
             rx,
+            last_now: mark,
+            committed_upto: mark,
+            persisted_upto: mark,
+            mark_frozen: false,
+            stopping: false,
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || committer.run())
             .map_err(StartError::Thread)?;
+        if let Ok(mut h) = shared.committer.lock() {
+            *h = Some(handle);
+        }
         Ok((Engine { shared, tx }, report))
     }
 
@@ -800,6 +835,16 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
+    /// Finishes queued work, records the commit mark and ends the committer thread. Blocking:
+    /// call after the server stopped. Later calls to the engine fail with `Stopped`.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Job::Stop);
+        let handle = self.shared.committer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
     /// Subscribes to committed revocations.
     pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<IpNet> {
         self.shared.revocations.subscribe()
@@ -817,6 +862,17 @@ struct Committer {
     nl: Netlink,
     table: String,
     rx: mpsc::Receiver<Job>,
+    /// Group clock: never goes backwards, so a grant's `last_ms` orders it against the mark.
+    last_now: u64,
+    /// Every grant written at or before this is in the kernel.
+    committed_upto: u64,
+    /// The mark as last persisted.
+    persisted_upto: u64,
+    /// A failure could not be compensated in the store: stop advancing the mark, so the next
+    /// start re-adds everything written since.
+    mark_frozen: bool,
+    /// Stop was requested: finish this batch of jobs, persist the mark, end.
+    stopping: bool,
 }
 
 /// One requested address of a waiting call: (request index, raw bytes, clamped TTL, key or refusal).
@@ -848,9 +904,16 @@ impl Committer {
                         }
                     }
                     self.process(jobs);
+                    if self.stopping {
+                        self.persist_mark();
+                        return;
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.persist_mark();
+                    return;
+                }
             }
             self.shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
             if Instant::now() >= next_sweep {
@@ -874,6 +937,29 @@ impl Committer {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "audit retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "audit prune failed"),
+        }
+    }
+
+    /// Now, for stamping a group: wall clock, but never behind the previous group.
+    fn tick(&mut self) -> u64 {
+        self.last_now = self.last_now.max(now_ms());
+        self.last_now
+    }
+
+    /// Between groups nothing is in flight, so every grant stamped before the next stamp is in
+    /// the kernel: move the mark there and write it (cheap; per sweep and at stop, not per group).
+    fn persist_mark(&mut self) {
+        if !self.mark_frozen {
+            self.committed_upto = self.tick();
+        }
+        if self.committed_upto > self.persisted_upto {
+            match self
+                .store
+                .set_meta(COMMITTED_META, &self.committed_upto.to_string())
+            {
+                Ok(()) => self.persisted_upto = self.committed_upto,
+                Err(e) => tracing::warn!(error = %e, "could not record the commit mark"),
+            }
         }
     }
 
@@ -906,6 +992,10 @@ impl Committer {
                     self.authorize_group(std::mem::take(&mut group));
                     let _ = reply.send(self.reload(settings));
                 }
+                Job::Stop => {
+                    self.authorize_group(std::mem::take(&mut group));
+                    self.stopping = true;
+                }
             }
         }
         self.authorize_group(group);
@@ -916,7 +1006,7 @@ impl Committer {
             return;
         }
         let s = self.shared.settings();
-        let now = now_ms();
+        let now = self.tick();
         let margin = s.raw.ttl.margin.0.as_millis() as u64;
         let max_grants = s.raw.limits.max_grants;
         let mut changes: Vec<Change> = Vec::new();
@@ -1159,6 +1249,10 @@ impl Committer {
             && let Err(e) = self.store.apply(&undo_changes, &undo_events)
         {
             tracing::error!(error = %e, "could not record kernel failure in the store");
+            self.mark_frozen = true;
+        }
+        if !self.mark_frozen {
+            self.committed_upto = now;
         }
         {
             let mut map = match self.shared.committed.write() {
@@ -1446,8 +1540,9 @@ impl Committer {
 
     /// Records kernel expiries, and renews grants that still carry live flows if configured.
     fn sweep(&mut self) {
+        self.persist_mark();
         let s = self.shared.settings();
-        let now = now_ms();
+        let now = self.tick();
         let mut changes = Vec::new();
         let mut events = Vec::new();
         if s.raw.expiry.renew_live_flows {
@@ -1592,19 +1687,33 @@ impl Committer {
         if self.store.apply(&changes, &events).is_err() {
             return;
         }
-        match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
-            Ok(failed) if failed.is_empty() => {
-                if let Ok(mut m) = self.shared.committed.write() {
-                    for (k, e) in renewed {
-                        m.insert(k, e);
-                    }
+        let failed: HashSet<SetKey> =
+            match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
+                Ok(failed) => failed
+                    .iter()
+                    .filter_map(|(i, _)| match &ops[*i] {
+                        ElemOp::Add { key, .. } | ElemOp::Delete { key, .. } => Some(*key),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewal commit failed");
+                    renewed.iter().map(|(k, _)| *k).collect()
                 }
-            }
-            Ok(failed) => tracing::warn!(
+            };
+        if !failed.is_empty() {
+            // The store recorded renewals the kernel does not have: the next start must re-add
+            // what was written since the mark rather than trust it.
+            tracing::warn!(
                 failed = failed.len(),
                 "some renewals were refused by the kernel"
-            ),
-            Err(e) => tracing::warn!(error = %e, "renewal commit failed"),
+            );
+            self.mark_frozen = true;
+        }
+        if let Ok(mut m) = self.shared.committed.write() {
+            for (k, e) in renewed.into_iter().filter(|(k, _)| !failed.contains(k)) {
+                m.insert(k, e);
+            }
         }
     }
 }
@@ -2078,10 +2187,11 @@ mod tests {
         }
     }
 
-    /// Above the dump limit, restart re-adds every grant without reading the sets back; the
-    /// kernel timeout ends up at the recorded expiry.
+    /// Above the dump limit, restart reads no set back: with the ruleset in place it re-adds
+    /// only grants written after the commit mark (a crash may have cut their commit); with the
+    /// table gone it re-adds everything.
     #[test]
-    fn large_restart_readds_without_dump() {
+    fn large_restart_readds_after_the_commit_mark_without_dump() {
         in_netns(|| {
             TEST_DUMP_LIMIT.with(|c| c.set(Some(0)));
             let dir = tempfile::tempdir().unwrap();
@@ -2090,19 +2200,50 @@ mod tests {
                 let (e, _) = start(&s);
                 rt().block_on(e.authorize(cmd(&["192.0.2.1", "2001:db8::1"], 600, &s), root()))
                     .unwrap();
+                e.stop();
             }
+            // A grant whose intent reached SQLite after the mark, but not the kernel (crash).
+            let mut st = Store::open(&s.raw.database).unwrap();
+            let late = GrantKey::host(ip("192.0.2.99"), None);
+            let at = now_ms() + 1_000;
+            st.apply(
+                &[Change::Upsert {
+                    key: late,
+                    name: None,
+                    at_ms: at,
+                    expires_ms: Some(at + 600_000),
+                    source: Source::Dns,
+                    comment: String::new(),
+                }],
+                &[],
+            )
+            .unwrap();
+            drop(st);
+            let (_e, r) = start(&s);
+            assert!(r.setup_skipped, "{r:?}");
+            assert_eq!(
+                (r.added, r.kept),
+                (1, 2),
+                "only the late grant is re-added: {r:?}"
+            );
+            let mut v4: Vec<String> = kernel(AUTH4).into_iter().map(|(a, _)| a).collect();
+            v4.sort();
+            assert_eq!(v4, ["192.0.2.1", "192.0.2.99"]);
+            assert!(kernel(AUTH4).iter().all(|(_, t)| t.unwrap() > 500));
+            drop(_e);
+            // Table gone (a reboot, or an operator): everything is re-added.
             assert!(
                 Command::new("nft")
-                    .arg("flush set inet guard auth4")
+                    .args(["delete", "table", "inet", "guard"])
                     .status()
                     .unwrap()
                     .success()
             );
             let (_e, r) = start(&s);
-            assert_eq!(r.added, 2, "{r:?}");
-            let k = kernel(AUTH4);
-            assert_eq!(k.len(), 1, "{k:?}");
-            assert!(k[0].1.unwrap() > 500, "{k:?}");
+            assert!(!r.setup_skipped, "{r:?}");
+            assert_eq!(r.added, 3, "{r:?}");
+            assert_eq!(kernel(AUTH4).len(), 2);
+            assert_eq!(kernel(AUTH6).len(), 1);
         });
     }
 

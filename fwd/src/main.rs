@@ -132,7 +132,9 @@ fn start(settings: Arc<Settings>, args: Args) -> Result<(), Box<dyn std::error::
         let token = tokio_util::sync::CancellationToken::new();
         let signals = fwd::listener::Signals::install()?;
         tokio::spawn(signals.serve(token.clone(), engine.clone(), move || load(&args)));
-        server::run(engine, reader, sock, token).await?;
+        server::run(engine.clone(), reader, sock, token).await?;
+        // Record the commit mark so the next start need not re-add what is already in the kernel.
+        tokio::task::spawn_blocking(move || engine.stop()).await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     tracing::info!("fwd stopped; the ruleset stays in place (fail closed)");

@@ -483,6 +483,14 @@ impl Store {
         &self,
         mut f: impl FnMut(GrantKey, Option<u64>, Source),
     ) -> Result<(), StoreError> {
+        self.for_each_grant_since(|k, e, s, _| f(k, e, s))
+    }
+
+    /// Like [`Store::for_each_grant`], also passing each grant's `last_ms` (its latest write).
+    pub fn for_each_grant_since(
+        &self,
+        mut f: impl FnMut(GrantKey, Option<u64>, Source, u64),
+    ) -> Result<(), StoreError> {
         let rerr = |source| StoreError::Read {
             path: self.path.clone(),
             op: "scan grants",
@@ -491,7 +499,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, family, addr, prefix, client, expires_ms, source FROM grants",
+                "SELECT id, family, addr, prefix, client, expires_ms, source, last_ms FROM grants",
             )
             .map_err(rerr)?;
         let mut rows = stmt.query([]).map_err(rerr)?;
@@ -506,7 +514,8 @@ impl Store {
                     return Err(corrupt(id, format!("unknown source {other:?}")));
                 }
             };
-            f(key, expires, source);
+            let last = row.get_ref(7).map_err(rerr)?.as_i64().unwrap_or(0).max(0) as u64;
+            f(key, expires, source, last);
         }
         Ok(())
     }

@@ -179,6 +179,18 @@ impl Dnsd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until a line of the log contains every one of `needles` (a log line is a
+    /// readiness signal; ANSI colours are ignored).
+    pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> Result<()> {
+        crate::wait_until(&format!("dnsd to log {needles:?}"), timeout, || {
+            Ok(self.log().lines().any(|l| {
+                let plain = strip_ansi(l);
+                needles.iter().all(|n| plain.contains(n))
+            }))
+        })
+        .map_err(|e| e.context(self.log_tail()))
+    }
+
     /// The last lines of the log, for failure messages.
     pub fn log_tail(&self) -> String {
         let log = self.log();
@@ -361,7 +373,8 @@ impl Dnsd {
             .stdout(log)
             .stderr(log_err);
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
+            // Revocations are logged at debug level, once each: tests wait on them.
+            cmd.env("RUST_LOG", "info,dnsd::revocations=debug");
         }
         let child = cmd
             .spawn()
@@ -386,6 +399,25 @@ impl Drop for Dnsd {
             );
         }
     }
+}
+
+/// `line` without ANSI escape sequences (dnsd colours its text log).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 // === dig and kdig ===
@@ -673,5 +705,64 @@ fn serve_script(sock: &UdpSocket, script: &Parsed, asked: &Mutex<Vec<String>>, s
         if let Ok(wire) = m.to_vec() {
             let _ = sock.send_to(&wire, peer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIG: &str = ";; Got answer:
+;; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 9544
+;; flags: qr aa rd ra; QUERY: 1, ANSWER: 2, AUTHORITY: 0, ADDITIONAL: 1
+
+;; QUESTION SECTION:
+;a.test.\t\t\t\tIN\tA
+
+;; ANSWER SECTION:
+a.test.\t\t\t300\tIN\tCNAME\tb.test.
+b.test.\t\t\t300\tIN\tA\t192.0.2.10
+
+;; Query time: 0 msec
+";
+
+    const KDIG: &str =
+        ";; TLS session (TLS1.3)-(ECDHE-SECP256R1)-(ECDSA-SECP256R1-SHA256)-(AES-256-GCM)
+;; ->>HEADER<<- opcode: QUERY; status: NXDOMAIN; id: 58004
+;; Flags: qr aa rd ra; QUERY: 1; ANSWER: 0; AUTHORITY: 1; ADDITIONAL: 1
+
+;; EDNS PSEUDOSECTION:
+;; Version: 0; flags: ; UDP size: 1232 B; ext-rcode: NOERROR
+
+;; AUTHORITY SECTION:
+test.               \t60\tIN\tSOA\tns.test. hostmaster.test. 1 3600 600 86400 60
+";
+
+    #[test]
+    fn parses_dig_and_kdig_output() {
+        let r = DnsReply::parse(DIG).map_err(|e| e.to_string());
+        let r = r
+            .as_ref()
+            .map(|r| (r.status.as_str(), r.answers.len(), r.addrs()));
+        assert_eq!(
+            r,
+            Ok((
+                "NOERROR",
+                2,
+                vec!["192.0.2.10".parse().unwrap_or(IpAddr::from([0; 4]))]
+            ))
+        );
+        let k = DnsReply::parse(KDIG).map_err(|e| e.to_string());
+        let k = k.as_ref().map(|r| (r.status.as_str(), r.answers.len()));
+        assert_eq!(k, Ok(("NXDOMAIN", 0)));
+        assert!(DnsReply::parse(";; connection timed out; no servers could be reached").is_err());
+    }
+
+    #[test]
+    fn strips_ansi_colours() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mcidr\u{1b}[0m\u{1b}[2m=\u{1b}[0m192.0.2.21/32"),
+            "cidr=192.0.2.21/32"
+        );
     }
 }
