@@ -208,6 +208,20 @@ impl Authorizer {
         self.check(req.grants, resp.results, now_unix_ms())
     }
 
+    /// Whether fwd is certainly down: nothing accepts connections on its socket (refused, or
+    /// the socket file is gone). A slow, hung or refusing fwd is not down. Only asked after a
+    /// call failed as [`AuthorizeError::Unavailable`], which also covers statuses a live fwd
+    /// can send (its cancellation at the deadline, an unavailable state store).
+    pub async fn fwd_is_down(&self) -> bool {
+        match tokio::time::timeout(self.timeout, UnixStream::connect(&self.path)).await {
+            Ok(Err(e)) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ),
+            Ok(Ok(_)) | Err(_) => false,
+        }
+    }
+
     /// Matches fwd's results to the request, failing closed on anything inconsistent.
     fn check(
         &self,
@@ -322,6 +336,24 @@ mod tests {
             a.check(&grants, swapped, 1000),
             Err(AuthorizeError::Malformed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn fwd_is_down_only_when_nothing_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fwd.sock");
+        let a = Authorizer::new(&path, Duration::from_millis(500));
+        assert!(a.fwd_is_down().await, "no socket file");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        assert!(
+            !a.fwd_is_down().await,
+            "listening (even if it never answers)"
+        );
+        drop(listener);
+        assert!(
+            a.fwd_is_down().await,
+            "stale socket file: connection refused"
+        );
     }
 
     #[tokio::test]

@@ -2,8 +2,10 @@
 //!
 //! Every path that releases an A/AAAA answer naming a grantable address goes through fwd's
 //! Authorize first (or through a cache entry whose committed grant outlives the TTL told to
-//! the client, and which no revocation has touched since: see [`crate::revocations`]). The answer is encoded only after fwd's reply; when fwd fails, the client gets
-//! SERVFAIL (fail closed) unless `on_fwd_error = "answer"`.
+//! the client, and which no revocation has touched since: see [`crate::revocations`]). The
+//! answer is encoded only after fwd's reply; when fwd fails, the client gets SERVFAIL (fail
+//! closed) unless `on_fwd_error = "answer"`, or, for a cache hit, unless fwd is down for sure
+//! and the grant it committed before still covers the answer.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -338,6 +340,7 @@ impl Handler {
                         hit.remaining,
                         self.settings.refresh_margin,
                     )
+                    && self.authorizer.fwd_is_down().await
                 {
                     // fwd cannot be reached and its revocation stream is gone: it is down, so
                     // nobody can have revoked since the stream broke, and the kernel element it

@@ -10,8 +10,13 @@
 //! was away), and a subscriber that lags gets them again. dnsd therefore believes cached grants
 //! only while a stream is up *and* both of that stream's catch-alls have been applied: before
 //! that, and whenever the stream is down, the cache is untrusted and every A/AAAA hit goes
-//! through fwd (which fails closed when fwd is down as well). Reconnects back off from
-//! [`INITIAL_BACKOFF`], doubling up to [`MAX_BACKOFF`].
+//! through fwd. If that call fails, the hit gets SERVFAIL, with one exception: when fwd cannot
+//! be reached at all (connection refused, socket gone) the hit is served under the grant fwd
+//! committed before, if it outlives the TTL. A dead fwd revokes nothing and the kernel expires
+//! its elements on their own timeouts, so that address is still reachable; the one revocation
+//! this can miss is one committed in the instant before fwd died, before it was streamed.
+//! Reconnects back off from [`INITIAL_BACKOFF`], doubling up to [`MAX_BACKOFF`]; the end-to-end
+//! tests wait for the debug line `cached grants forgotten` with `cidr=...` (keep its wording).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};

@@ -311,7 +311,7 @@ async fn a_query(s: &Setup) -> hickory_proto::op::Message {
 /// Regression test for the bug found by the end-to-end test of the same name: after an admin
 /// revoked an address in fwd, dnsd kept serving the cached answer as if its grant were live.
 #[tokio::test]
-async fn cached_answer_after_revoke_is_reachable() {
+async fn cache_hit_after_revoke_handed_out_a_refused_address() {
     let s = setup(|_| {}).await;
     wait_watch_up(&s.dnsd).await;
     // The catch-alls of the new stream were applied.

@@ -969,3 +969,17 @@ fn dot_listener_resolves_and_grants() {
     assert_eq!(r.addrs(), vec![x], "{}", r.output);
     probe::expect_tcp_open(env.ns(), x).or_fail("granted through the DoT listener");
 }
+
+#[test]
+fn scratch_cname_after_target() {
+    let x = service_v4(0);
+    let env = env(UnboundConfig::new()
+        .addresses(300, &[("www.test.", x)])
+        .record("shop.test. 300 IN CNAME www.test."));
+    env.resolve("www.test", "A", &[x]);
+    let r = env.dig("shop.test", "A");
+    eprintln!("{}", r.output);
+    eprintln!("{}", env.dnsd.log());
+    eprintln!("{}", env.fwd.log());
+    panic!("show");
+}
