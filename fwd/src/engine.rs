@@ -455,7 +455,9 @@ impl Engine {
         let table = s.raw.table.clone();
         let now = now_ms();
         let mut report = ReconcileReport::default();
-        let mut committed: HashMap<SetKey, u64> = HashMap::new();
+        // Sized once: growing by doubling would briefly hold two tables (a 1M-grant peak).
+        let mut committed: HashMap<SetKey, u64> =
+            HashMap::with_capacity(store.grant_count()? as usize);
         let mut manual: HashMap<IpNet, Option<u64>> = HashMap::new();
         let mut expired: Vec<(GrantKey, &'static str)> = Vec::new();
         // Grants written after this mark may not have reached the kernel before fwd stopped.
@@ -678,6 +680,8 @@ impl Engine {
             ),
         ));
         store.apply(&changes, &events)?;
+        drop(ops);
+        crate::sys::release_free_memory();
         // Everything SQLite grants is in the kernel now.
         let mark = now_ms().max(committed_upto);
         store.set_meta(COMMITTED_META, &mark.to_string())?;

@@ -520,6 +520,18 @@ impl Store {
         Ok(())
     }
 
+    /// How many grants the table holds (to size in-memory maps before loading them).
+    pub fn grant_count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM grants", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(|source| StoreError::Read {
+                path: self.path.clone(),
+                op: "count grants",
+                source,
+            })
+    }
+
     /// The value stored under `key` in the metadata table.
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn

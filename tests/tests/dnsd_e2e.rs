@@ -263,6 +263,45 @@ fn cname_chain_from_unbound_authorizes_only_the_chain() {
     );
 }
 
+/// Every name whose answer an address was released under is on record: `guardctl list
+/// --name` finds the grant and the history names it. Here a CNAME alias is resolved right
+/// after its target, so the alias's Authorize asks for an address fwd already covers.
+///
+/// Fails today: fwd's Authorize fast path ("everything already committed long enough and
+/// nothing to audit") answers UNCHANGED without recording the new query name, so
+/// `guardctl list --name shop.test` finds nothing and no event names shop.test.
+#[test]
+#[ignore = "BUG(fwd): Authorize fast path drops the query name of an already-covered address (see report)"]
+fn alias_answer_under_an_existing_grant_is_recorded_under_its_name() {
+    let x = service_v4(3);
+    let env = env(UnboundConfig::new()
+        .addresses(300, &[("www.test.", x)])
+        .record("shop.test. 300 IN CNAME www.test."));
+    env.resolve("www.test", "A", &[x]);
+    env.resolve("shop.test", "A", &[x]);
+    let listed = guard_tests::cmd::run_ok(
+        &mut env
+            .fwd
+            .guardctl(&["--json", "list", "--name", "shop.test"])
+            .or_fail("guardctl"),
+    )
+    .or_fail("guardctl list --name");
+    assert!(
+        listed.contains(&x.to_string()),
+        "the grant {x} released under shop.test is not listed under that name: {listed}"
+    );
+    let hist = env
+        .fwd
+        .client()
+        .or_fail("client")
+        .history(&x.to_string())
+        .or_fail("history");
+    assert!(
+        hist.iter().any(|e| e.name.contains("shop.test")),
+        "no event names shop.test: {hist:?}"
+    );
+}
+
 /// An upstream that puts off-chain A records in the answer and additional sections: only
 /// the chain's address is granted and served.
 #[test]
@@ -968,18 +1007,4 @@ fn dot_listener_resolves_and_grants() {
     r.expect_status("NOERROR").or_fail("DoT");
     assert_eq!(r.addrs(), vec![x], "{}", r.output);
     probe::expect_tcp_open(env.ns(), x).or_fail("granted through the DoT listener");
-}
-
-#[test]
-fn scratch_cname_after_target() {
-    let x = service_v4(0);
-    let env = env(UnboundConfig::new()
-        .addresses(300, &[("www.test.", x)])
-        .record("shop.test. 300 IN CNAME www.test."));
-    env.resolve("www.test", "A", &[x]);
-    let r = env.dig("shop.test", "A");
-    eprintln!("{}", r.output);
-    eprintln!("{}", env.dnsd.log());
-    eprintln!("{}", env.fwd.log());
-    panic!("show");
 }
