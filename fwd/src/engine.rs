@@ -750,8 +750,12 @@ impl Engine {
         cmd: Authorize,
         caller: Caller,
     ) -> Result<Vec<pb::GrantResult>, EngineError> {
-        // Fast path: everything already committed long enough and nothing to audit.
-        if let Some(results) = self.fast_path(&cmd) {
+        // Fast path: everything already committed long enough, and no name to record. A call
+        // that names the grant goes through the committer even when the kernel needs nothing, so
+        // that the reply comes after its audit record (an alias of a granted address is recorded).
+        if cmd.qname.is_none()
+            && let Some(results) = self.fast_path(&cmd)
+        {
             return Ok(results);
         }
         let (reply, rx) = oneshot::channel();
@@ -1116,14 +1120,33 @@ impl Committer {
             }
         }
         // Final expiries into the upserts; drop upserts of unchanged grants (nothing to record).
+        let mut named: Vec<AuditEvent> = Vec::new();
         changes.retain_mut(|c| {
             if let Change::Upsert {
-                key, expires_ms, ..
+                key,
+                expires_ms,
+                name,
+                ..
             } = c
             {
                 match set_key(key.net.addr(), key.client).and_then(|k| pending.get(&k)) {
                     Some(p) if p.had != Some(p.expiry) => {
                         *expires_ms = Some(p.expiry);
+                        true
+                    }
+                    // Unchanged in the kernel, but named by this answer: record the name.
+                    Some(p) if name.is_some() && expires_ms.is_none() => {
+                        *expires_ms = Some(p.expiry);
+                        let mut ev = event(
+                            EventKind::Named,
+                            Some(key.net.addr().to_string()),
+                            Caller::default(),
+                            "answer",
+                        );
+                        ev.client = key.client;
+                        ev.name = name.clone();
+                        ev.expires_ms = Some(p.expiry);
+                        named.push(ev);
                         true
                     }
                     _ => false,
@@ -1132,6 +1155,7 @@ impl Committer {
                 true
             }
         });
+        events.extend(named);
         // One event per changed key, with the first name and caller that asked for it.
         let mut ops: Vec<ElemOp> = Vec::new();
         let mut op_key: Vec<SetKey> = Vec::new();

@@ -92,6 +92,8 @@ pub enum EventKind {
     Renewed,
     /// fwd started and reconciled (reason carries the summary).
     Started,
+    /// An existing grant was named by another answer; nothing changed in the kernel.
+    Named,
 }
 
 impl EventKind {
@@ -107,6 +109,7 @@ impl EventKind {
             EventKind::Denied => "denied",
             EventKind::Renewed => "renewed",
             EventKind::Started => "started",
+            EventKind::Named => "named",
         }
     }
 
@@ -122,6 +125,7 @@ impl EventKind {
             "denied" => EventKind::Denied,
             "renewed" => EventKind::Renewed,
             "started" => EventKind::Started,
+            "named" => EventKind::Named,
             _ => return None,
         })
     }

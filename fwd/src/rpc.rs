@@ -353,6 +353,7 @@ impl Firewall for FirewallService {
                     EventKind::Denied => pb::EventKind::Denied,
                     EventKind::Renewed => pb::EventKind::Renewed,
                     EventKind::Started => pb::EventKind::Started,
+                    EventKind::Named => pb::EventKind::Named,
                 } as i32,
                 ip: e.target.unwrap_or_default(),
                 client: e.client.map(|c| c.to_string()).unwrap_or_default(),

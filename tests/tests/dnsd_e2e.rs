@@ -267,11 +267,10 @@ fn cname_chain_from_unbound_authorizes_only_the_chain() {
 /// --name` finds the grant and the history names it. Here a CNAME alias is resolved right
 /// after its target, so the alias's Authorize asks for an address fwd already covers.
 ///
-/// Fails today: fwd's Authorize fast path ("everything already committed long enough and
-/// nothing to audit") answers UNCHANGED without recording the new query name, so
-/// `guardctl list --name shop.test` finds nothing and no event names shop.test.
+/// Regression (fixed): fwd's Authorize fast path ("everything already committed long enough and
+/// nothing to audit") answered UNCHANGED without recording the new query name, so
+/// `guardctl list --name shop.test` found nothing and no event named shop.test.
 #[test]
-#[ignore = "BUG(fwd): Authorize fast path drops the query name of an already-covered address (see report)"]
 fn alias_answer_under_an_existing_grant_is_recorded_under_its_name() {
     let x = service_v4(3);
     let env = env(UnboundConfig::new()

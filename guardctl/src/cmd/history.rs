@@ -59,6 +59,7 @@ fn kind_name(e: &Event) -> &'static str {
         EventKind::Denied => "denied",
         EventKind::Renewed => "renewed",
         EventKind::Started => "started",
+        EventKind::Named => "named",
         EventKind::Unspecified => "unknown",
     }
 }
