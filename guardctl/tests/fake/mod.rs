@@ -241,6 +241,17 @@ pub fn grants(now: u64) -> Vec<GrantEntry> {
 
 #[tonic::async_trait]
 impl Firewall for FakeFwd {
+    type WatchRevocationsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<Revocation, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_revocations(
+        &self,
+        _: Request<WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
     async fn authorize(
         &self,
         _: Request<AuthorizeRequest>,
