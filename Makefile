@@ -20,6 +20,7 @@ deps:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust >= 1.88 (rustup)"; exit 1; }
+	@command -v cargo-deb >/dev/null || { echo "installing cargo-deb (packaging test and make deb)"; $(CARGO) install cargo-deb --locked --quiet; }
 
 build: deps
 	$(CARGO) build --workspace --bins
@@ -28,8 +29,9 @@ release: deps
 	$(CARGO) build --release --workspace --bins
 
 ## test: every test, unit and end-to-end (network namespaces, real nftables, SQLite, unbound). Needs root.
-test: build
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+## One release build serves the tests, the end-to-end binaries and the package check.
+test: release
+	$(CARGO) test --release --workspace --no-fail-fast -- --test-threads=2
 
 lint: deps
 	$(CARGO) fmt --all -- --check
