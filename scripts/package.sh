@@ -3,8 +3,8 @@
 # the packaged configurations, and runs `cargo deb` (installed once if missing). Prints the path
 # of the .deb on the last line of stdout. Extra arguments go to `cargo deb` (e.g. --fast).
 #
-# fwd and dnsd have no man page generator yet (that needs code in those crates); only
-# guardctl(1) is packaged.
+# Man pages: guardctl(1) from `guardctl man`, fwd(8) and dnsd(8) from their hidden `--man` flag
+# (all clap_mangen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
@@ -28,6 +28,8 @@ log "generating completions and guardctl(1) into $OUT"
 "$REL/guardctl" completions zsh >"$OUT/_guardctl"
 "$REL/guardctl" completions fish >"$OUT/guardctl.fish"
 "$REL/guardctl" man | gzip -9n >"$OUT/guardctl.1.gz"
+"$REL/fwd" --man | gzip -9n >"$OUT/fwd.8.gz"
+"$REL/dnsd" --man | gzip -9n >"$OUT/dnsd.8.gz"
 
 # 3. The packaged configurations: the examples, adapted to the units in systemd/. Each edit
 # must apply exactly once, so a changed example fails here instead of shipping unadapted.

@@ -16,8 +16,16 @@ const EX_USAGE: u8 = 64;
 #[command(name = "dnsd", version)]
 struct Args {
     /// The TOML configuration file.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "man"
+    )]
+    config: Option<PathBuf>,
+    /// Print the man page (roff) and exit; used to build the package.
+    #[arg(long, hide = true)]
+    man: bool,
     /// Check the configuration, print every problem, and exit (0 valid, 64 invalid).
     #[arg(long)]
     validate: bool,
@@ -40,6 +48,23 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
+    if args.man {
+        use clap::CommandFactory;
+        return match clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut std::io::stdout())
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dnsd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(config_path) = args.config.clone() else {
+        eprintln!("dnsd: --config FILE is required");
+        return ExitCode::from(EX_USAGE);
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -49,7 +74,7 @@ fn main() -> ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("dnsd: {e}");
@@ -57,7 +82,7 @@ fn main() -> ExitCode {
         }
     };
     if args.validate {
-        println!("{}: configuration is valid", args.config.display());
+        println!("{}: configuration is valid", config_path.display());
         return ExitCode::SUCCESS;
     }
     // Before any thread exists: socket activation consumes the LISTEN_* variables.
@@ -81,7 +106,7 @@ fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
         dnsd::server::cancel_on_signals(&shutdown)?;
-        dnsd::run(config, sockets, shutdown, Some(args.config)).await
+        dnsd::run(config, sockets, shutdown, Some(config_path)).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

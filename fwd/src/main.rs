@@ -30,6 +30,9 @@ struct Args {
     /// Delete the nftables table (removes guard's filtering) and exit.
     #[arg(long)]
     remove_table: bool,
+    /// Print the man page (roff) and exit; used to build the package.
+    #[arg(long, hide = true)]
+    man: bool,
     /// Log format: text or json (structured, for the journal).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -49,6 +52,19 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if args.man {
+        use clap::CommandFactory;
+        return match clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut std::io::stdout())
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     fwd::logging::init(&args.log_format);
     let path = args
         .config

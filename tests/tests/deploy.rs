@@ -462,6 +462,8 @@ const PACKAGE_FILES: &[(&str, u32)] = &[
     ("usr/share/doc/guard/examples/fwd.example.toml", 0o644),
     ("usr/share/fish/vendor_completions.d/guardctl.fish", 0o644),
     ("usr/share/man/man1/guardctl.1.gz", 0o644),
+    ("usr/share/man/man8/dnsd.8.gz", 0o644),
+    ("usr/share/man/man8/fwd.8.gz", 0o644),
     ("usr/share/zsh/vendor-completions/_guardctl", 0o644),
 ];
 
