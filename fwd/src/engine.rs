@@ -758,11 +758,8 @@ impl Engine {
         {
             return Ok(results);
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Authorize { cmd, caller, reply })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        self.call(|reply| Job::Authorize { cmd, caller, reply })
+            .await
     }
 
     fn fast_path(&self, cmd: &Authorize) -> Option<Vec<pb::GrantResult>> {
@@ -788,6 +785,16 @@ impl Engine {
             .collect()
     }
 
+    /// Sends a job carrying a reply channel to the committer and waits for its answer.
+    async fn call<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Job,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(job(reply)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
     /// Manually allows a network.
     pub async fn allow(
         &self,
@@ -796,17 +803,14 @@ impl Engine {
         comment: String,
         caller: Caller,
     ) -> Result<Allowed, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Allow {
-                net,
-                ttl,
-                comment,
-                caller,
-                reply,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        self.call(|reply| Job::Allow {
+            net,
+            ttl,
+            comment,
+            caller,
+            reply,
+        })
+        .await
     }
 
     /// Revokes every grant and allowance inside `net`.
@@ -816,16 +820,13 @@ impl Engine {
         comment: String,
         caller: Caller,
     ) -> Result<u64, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Revoke {
-                net,
-                comment,
-                caller,
-                reply,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        self.call(|reply| Job::Revoke {
+            net,
+            comment,
+            caller,
+            reply,
+        })
+        .await
     }
 
     /// Applies a new, validated configuration: refreshes the ruleset (static allowances, policy,
@@ -836,11 +837,7 @@ impl Engine {
                 "changing `{key}` needs a restart of fwd"
             )));
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Reload { settings, reply })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        self.call(|reply| Job::Reload { settings, reply }).await
     }
 
     /// Finishes queued work, records the commit mark and ends the committer thread. Blocking:
