@@ -4,7 +4,8 @@
 # network namespace (ip netns, loopback only; the host ruleset is never touched).
 #
 # Usage: bench/dnsd.sh [--quick]      (run as root; --quick is a smoke run of about 2 minutes,
-#                                      the full run takes about 15-20 minutes)
+#                                      the full run takes about 15-20 minutes, build included)
+#        bench/dnsd.sh --report DIR   (re-render the report of a previous run from DIR/runs.csv)
 #
 # What runs (all on 127.0.0.1 inside the namespace):
 #   5300 / 8530  nsd 4.6 backend (plain / DNS over TLS), zone bench.test.: 100,000 names, each with
@@ -14,6 +15,8 @@
 #   5309         nsd "direct" on the measured core (the load generator's ceiling)
 #   5320 / 5321  dnsd, upstream udp://nsd:5300 / tls://nsd:8530 (CA verified), fwd's socket for
 #                authorization; fwd (local mode, ttl.min 1h) runs on the same core as dnsd.
+#   5322 / 5323  the same dnsd without authorization (never_authorize = 0.0.0.0/0, ::/0): what the
+#                forwarder itself costs, fwd never called
 #   5301 / 5311  unbound (forwarder, plain / forward-tls-upstream)
 #   5302 / 5312  dnsdist (packet cache / backend with tls="openssl")
 #   5304 / 5314  kresd (policy.FORWARD / policy.TLS_FORWARD)
@@ -24,7 +27,8 @@
 #         restarted; for dnsd fwd also restarted with an empty database and no table, so every
 #         answer is a first-sight authorization of a new address).
 #   dot   = miss, with the upstream reached over DNS over TLS. "TCP connects" counts every TCP
-#         connection opened in the namespace during the run (= TLS handshakes to nsd:8530).
+#         connection opened in the namespace from the system's start through the saturation run
+#         (= TLS handshakes to nsd:8530).
 #   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s, one pass over the file)
 #   for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for p50/p99 latency.
 #   First-sight authorization cost (miss names, fixed rates LAT_QPS and LOW_QPS = 1000, the latter far
@@ -47,15 +51,151 @@
 #   foreign load does not inflate. Tables show medians of REPS runs.
 # Output: a markdown report on stdout and in $OUT/report.md, raw rows in $OUT/runs.csv.
 # Knobs (env): REPS DUR LAT_DUR LAT_QPS SUT_CPU GEN_CPU QUIET_MAX QUIET_WAIT FOREIGN_MAX RETRIES BUDGET
-#   OUT SKIP_BUILD=1 (use the binaries in target/release as they are) PROFILE=1 (perf record dnsd
+#   DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT SKIP_BUILD=1 (use the binaries in target/release as they are) PROFILE=1 (perf record dnsd
 #   during the first hit and miss saturation runs; reports in $OUT/perf-*.txt)
 #   ONLY="dnsd unbound ..." (restrict the systems).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 QUICK=0
+LAT_QPS=${LAT_QPS:-5000}
+LOW_QPS=${LOW_QPS:-1000}   # a second fixed rate for the first-sight cost, far from saturation
+
+# ---------------------------------------------------------------- report
+# report DIR: the markdown report from DIR/runs.csv (medians), on stdout and in DIR/report.md
+report() {
+python3 - "$1" "$(cat "$1/cmdline" 2>/dev/null || echo bench/dnsd.sh)" "$LAT_QPS" "$LOW_QPS" <<'PY' | tee "$1/report.md"
+import csv, sys, statistics as st
+out, cmdline, lat_qps, low_qps = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+rows = list(csv.DictReader(open(f"{out}/runs.csv")))
+env = open(f"{out}/env.txt").read().strip().splitlines()
+skipped = [l.strip().split(",")[:2] for l in open(f"{out}/skipped.csv") if l.strip()]
+
+def sel(sys_, wl, kind):
+    rs = [r for r in rows if r["system"] == sys_ and r["workload"] == wl and r["kind"] == kind]
+    good = [r for r in rs if r["ok"] == "1"]
+    # the last attempt of each rep (a flagged one only when no clean attempt exists)
+    byrep = {}
+    for r in rs:
+        cur = byrep.get(r["rep"])
+        if cur is None or (r["ok"] == "1" and cur["ok"] != "1"):
+            byrep[r["rep"]] = r
+    return list(byrep.values()), len(rs), len(good)
+
+def med(rs, k):
+    v = [float(r[k]) for r in rs if r.get(k) not in ("", None)]
+    return st.median(v) if v else None
+
+def f(v, fmt="{:,.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+SYSTEMS = {
+    "hit": ["nsd-direct", "dnsd", "unbound", "dnsdist", "kresd"],
+    "miss": ["dnsd", "dnsd-noauth", "unbound", "dnsdist", "kresd"],
+    "dot": ["dnsd-dot", "dnsd-dot-noauth", "unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"],
+}
+DNSD = {"hit": "dnsd", "miss": "dnsd", "dot": "dnsd-dot"}
+L = []
+L.append("| workload | system | qps, 1 core (dnsd/peer) | CPU µs/query (dnsd/peer) | fwd µs/query | p50 / p99 ms @ %d qps | lost | TCP connects | load1 | foreign CPU %% | run-queue wait %% (sat / lat) |" % lat_qps)
+L.append("|---|---|---:|---:|---:|---|---:|---:|---|---:|---|")
+summary = {}
+for wl, systems in SYSTEMS.items():
+    d_sat, _, _ = sel(DNSD[wl], wl, "sat")
+    d_qps, d_us = med(d_sat, "qps"), med(d_sat, "us_per_q")
+    for s in systems:
+        sat, n_s, g_s = sel(s, wl, "sat"); lat, n_l, g_l = sel(s, wl, "lat")
+        if not sat and not lat:
+            continue
+        qps, us, fus = med(sat, "qps"), med(sat, "us_per_q"), med(sat, "fwd_us_per_q")
+        p50, p99 = med(lat, "p50_ms"), med(lat, "p99_ms")
+        summary[(s, wl)] = dict(qps=qps, us=us, fus=fus, p50=p50, p99=p99, opens=med(sat, "tcp_opens"),
+                                lat_qps=med(lat, "qps"))
+        ratio_q = f" ({d_qps / qps:.2f})" if s != DNSD[wl] and qps and d_qps else ""
+        ratio_u = f" ({d_us / us:.2f})" if s != DNSD[wl] and us and d_us else ""
+        sent = sum(int(r["completed"] or 0) + int(r["lost"] or 0) for r in sat + lat)
+        lost = sum(int(r["lost"] or 0) for r in sat + lat)
+        loads = [float(r["load1"]) for r in sat + lat if r["load1"]]
+        sat_note = ""
+        lq = med(lat, "qps")
+        if lq is not None and lq < 0.95 * lat_qps:
+            sat_note = " (saturated)"
+        fus_s = f(fus, "{:.1f}") if s in ("dnsd", "dnsd-dot") else ""
+        L.append(f"| {wl} | {s} | {f(qps)}{ratio_q} | {f(us, '{:.1f}')}{ratio_u} | {fus_s} | "
+                 f"{f(p50, '{:.3f}')} / {f(p99, '{:.3f}')}{sat_note} | {100 * lost / max(sent, 1):.2f}% | "
+                 f"{f(med(sat, 'tcp_opens')) if wl == 'dot' else ''} | "
+                 f"{f(min(loads), '{:.1f}') if loads else '-'}–{f(max(loads), '{:.1f}') if loads else '-'} | "
+                 f"{f(med(sat + lat, 'foreign_pct'))} | {f(med(sat, 'runq_wait_pct'), '{:.1f}')} / {f(med(lat, 'runq_wait_pct'), '{:.1f}')} |")
+
+# first-sight authorization (fixed rates, miss names)
+A = []
+base = {}
+for s in ["dnsd", "dnsd-granted", "dnsd-extend", "dnsd-noauth"]:
+    lat, n, g = sel(s, "miss", "lat"); low, n2, g2 = sel(s, "miss", "low")
+    if lat or low:
+        base[s] = dict(p50=med(lat, "p50_ms"), p99=med(lat, "p99_ms"), lp50=med(low, "p50_ms"), lp99=med(low, "p99_ms"),
+                       us=med(lat or low, "us_per_q"), fus=med(lat or low, "fwd_us_per_q"), runs=f"{g + g2}/{n + n2}")
+def added(s, ref, k):
+    a, b = base.get(s, {}).get(k), base.get(ref, {}).get(k)
+    return None if a is None or b is None or s == ref else (a - b) * 1000
+if base:
+    A.append(f"| dnsd cache miss | p50 / p99 ms @ {lat_qps:.0f} qps | p50 / p99 ms @ {low_qps:.0f} qps | p50 added vs already granted @ {lat_qps:.0f} / {low_qps:.0f} | p50 added vs no authorization @ {lat_qps:.0f} / {low_qps:.0f} | dnsd + fwd CPU µs/query (@ {lat_qps:.0f}, else @ {low_qps:.0f}) | clean runs |")
+    A.append("|---|---:|---:|---:|---:|---:|---|")
+    desc = {"dnsd": "new address each (first sight)", "dnsd-granted": "addresses already granted (kernel unchanged)",
+            "dnsd-extend": "addresses granted > ttl.margin/2 ago (fwd extends)", "dnsd-noauth": "no authorization (never_authorize = all)"}
+    us_ = lambda v: "" if v is None else f"{v:+.0f} µs"
+    for s, b in base.items():
+        A.append(f"| {desc[s]} | {f(b['p50'], '{:.3f}')} / {f(b['p99'], '{:.3f}')} | {f(b['lp50'], '{:.3f}')} / {f(b['lp99'], '{:.3f}')} | "
+                 f"{us_(added(s, 'dnsd-granted', 'p50'))} / {us_(added(s, 'dnsd-granted', 'lp50'))} | "
+                 f"{us_(added(s, 'dnsd-noauth', 'p50'))} / {us_(added(s, 'dnsd-noauth', 'lp50'))} | "
+                 f"{f(b['us'], '{:.0f}')} + {f(b['fus'], '{:.0f}')} | {b['runs']} |")
+
+# targets
+T = ["| target | dnsd | peer | ratio | met |", "|---|---:|---:|---:|---|"]
+def tgt(name, dv, pv, fmt, better):
+    if dv is None or pv is None:
+        T.append(f"| {name} | {f(dv, fmt)} | {f(pv, fmt)} | - | not measured |"); return
+    ok = dv <= pv if better == "low" else dv >= pv
+    T.append(f"| {name} | {f(dv, fmt)} | {f(pv, fmt)} | {dv / pv:.2f} | {'yes' if ok else '**no**'} |")
+g = lambda s, wl, k: summary.get((s, wl), {}).get(k)
+tgt("cache hit CPU µs/query ≤ unbound's", g("dnsd", "hit", "us"), g("unbound", "hit", "us"), "{:.1f}", "low")
+tgt("cache miss qps over UDP ≥ dnsdist's", g("dnsd", "miss", "qps"), g("dnsdist", "miss", "qps"), "{:,.0f}", "high")
+tgt("cache miss qps over DoT ≥ kresd's", g("dnsd-dot", "dot", "qps"), g("kresd-dot", "dot", "qps"), "{:,.0f}", "high")
+for wl, peers in (("hit", ["unbound", "dnsdist", "kresd"]), ("miss", ["unbound", "dnsdist", "kresd"]),
+                  ("dot", ["unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"])):
+    pv = [(g(p, wl, "p99"), p) for p in peers if g(p, wl, "p99") is not None]
+    best = min(pv) if pv else (None, "-")
+    tgt(f"p99 at {lat_qps:.0f} qps, {wl} ≤ best peer's ({best[1]})", g(DNSD[wl], wl, "p99"), best[0], "{:.3f} ms", "low")
+for ref, what in (("dnsd-granted", "vs the same names already granted"), ("dnsd-noauth", "vs no authorization")):
+    for k, rate in (("p50", lat_qps), ("lp50", low_qps)):
+        a = added("dnsd", ref, k)
+        if a is not None:
+            T.append(f"| first-sight authorization adds ≤ 250 µs at p50 ({rate:.0f} qps; {what}) | {a:+.0f} µs | | | {'yes' if a <= 250 else '**no**'} |")
+T.append(f"| a handful of TLS handshakes: connections opened to nsd:8530, from start through a DoT saturation run | {f(g('dnsd-dot', 'dot', 'opens'))} | kresd {f(g('kresd-dot', 'dot', 'opens'))} | | {'yes' if (g('dnsd-dot', 'dot', 'opens') or 99) <= 5 else '**no**'} |")
+
+print(f"Command: `{cmdline}` (as root)  ")
+print("Machine: " + "; ".join(l for l in env if not l.startswith(("dnsd:", "nsd ", "unbound ", "dnsdist ", "knot", "stubby ", "dnsperf "))) + "  ")
+print("Versions: " + "; ".join(l for l in env if l.startswith(("dnsd:", "nsd ", "unbound ", "dnsdist ", "knot", "stubby ", "dnsperf "))))
+if skipped:
+    print("\nSkipped (not installed): " + ", ".join(f"{s} ({w})" for s, w in skipped))
+print("\n### Targets\n")
+print("\n".join(T))
+print("\n### All systems (medians)\n")
+print("\n".join(L))
+if A:
+    print("\n### First-sight authorization cost\n")
+    print("\n".join(A))
+print("\nqps: saturation run (dnsperf -c 4 -q 100, one pass at most), system pinned to one core; ratios in parentheses are dnsd/peer. "
+      "CPU µs/query: the system's own utime+stime per completed query (dnsd: dnsd only; fwd's share in its own column). "
+      "p50/p99: fixed-rate run with dnsperf -v. TCP connects: TCP connections opened in the namespace from the system's start through its DoT saturation run (each one a TLS handshake to nsd:8530). "
+      "foreign CPU: busy time on the two CPUs not spent by the measured processes, nsd or dnsperf (other people's builds), in % of one CPU. "
+      "Run-queue wait: time the measured process's threads were runnable but waited for the CPU (/proc/PID/task/*/schedstat), in % of the run: "
+      "how much other load actually delayed it (for dnsd this includes waiting for fwd, which shares its core).")
+PY
+}
+
 case "${1:-}" in
   --quick) QUICK=1 ;;
+  --report) [ -f "${2:-}/runs.csv" ] || { echo "usage: $0 --report DIR (a previous run's OUT)" >&2; exit 2; }; report "$2"; exit 0 ;;
   "") ;;
   *) sed -n '2,9p' "$0"; exit 2 ;;
 esac
@@ -64,8 +204,6 @@ if [ "$QUICK" = 1 ]; then
 else
   REPS=${REPS:-3}; DUR=${DUR:-8}; LAT_DUR=${LAT_DUR:-6}; QUIET_WAIT=${QUIET_WAIT:-0}; RETRIES=${RETRIES:-1}; BUDGET=${BUDGET:-900}
 fi
-LAT_QPS=${LAT_QPS:-5000}
-LOW_QPS=${LOW_QPS:-1000}   # a second fixed rate for the first-sight cost, far from saturation
 SUT_CPU=${SUT_CPU:-1}
 GEN_CPU=${GEN_CPU:-0}
 QUIET_MAX=${QUIET_MAX:-20}
@@ -74,7 +212,7 @@ QUIET_MAX=${QUIET_MAX:-20}
 # only lose what the benchmark uses).
 NICE=${NICE:--15}
 FOREIGN_MAX=${FOREIGN_MAX:-15}
-PERF_OPTS=(-c 4 -q 100 -t 2)
+read -r -a PERF_OPTS <<<"${DNSPERF_OPTS:--c 4 -q 100 -t 2}"   # dnsperf load options (peers.sh: -c 4 -q 100)
 OUT=${OUT:-/tmp/guard-dnsd-bench-results}
 ONLY=${ONLY:-}
 CMDLINE="bench/dnsd.sh${1:+ $1}"
@@ -335,7 +473,8 @@ EOF
 dnsd_conf dnsd 5320 "udp://127.0.0.1:5300"
 dnsd_conf dnsd-dot 5321 "tls://127.0.0.1:8530#dot.bench.test"
 dnsd_conf dnsd-noauth 5322 "udp://127.0.0.1:5300" 'never_authorize = ["0.0.0.0/0", "::/0"]'
-for c in dnsd dnsd-dot dnsd-noauth; do
+dnsd_conf dnsd-dot-noauth 5323 "tls://127.0.0.1:8530#dot.bench.test" 'never_authorize = ["0.0.0.0/0", "::/0"]'
+for c in dnsd dnsd-dot dnsd-noauth dnsd-dot-noauth; do
   "$BIN/dnsd" --validate --config "$W/conf/$c.toml" >/dev/null || { echo "dnsd config $c invalid" >&2; exit 1; }
 done
 "$BIN/fwd" --validate --config "$W/conf/fwd.toml" >/dev/null
@@ -345,7 +484,7 @@ port_of() {
   case $1 in
     nsd-direct) echo 5309 ;; unbound) echo 5301 ;; dnsdist) echo 5302 ;; kresd) echo 5304 ;;
     unbound-dot) echo 5311 ;; dnsdist-dot) echo 5312 ;; kresd-dot) echo 5314 ;; stubby-dot) echo 5318 ;;
-    dnsd|dnsd-granted|dnsd-extend) echo 5320 ;; dnsd-dot) echo 5321 ;; dnsd-noauth) echo 5322 ;;
+    dnsd|dnsd-granted|dnsd-extend) echo 5320 ;; dnsd-dot) echo 5321 ;; dnsd-noauth) echo 5322 ;; dnsd-dot-noauth) echo 5323 ;;
   esac
 }
 proc_of() { case $1 in dnsd-granted|dnsd-extend) echo dnsd ;; *) echo "$1" ;; esac; }  # which process is measured
@@ -356,7 +495,7 @@ cmd_of() {
     dnsdist|dnsdist-dot) echo "dnsdist --supervised --disable-syslog -C $W/conf/$1.lua" ;;
     kresd|kresd-dot) echo "kresd -n -q -c $W/conf/$1.lua $W/$1" ;;
     stubby-dot) echo "stubby -C $W/conf/stubby.yml" ;;
-    dnsd|dnsd-dot|dnsd-noauth) echo "$BIN/dnsd --config $W/conf/$1.toml" ;;
+    dnsd|dnsd-dot|dnsd-noauth|dnsd-dot-noauth) echo "$BIN/dnsd --config $W/conf/$1.toml" ;;
     fwd) echo "$BIN/fwd --config $W/conf/fwd.toml" ;;
   esac
 }
@@ -532,6 +671,7 @@ measure() { # system workload kind rep
           # (granted: ttl.margin 10m, so its "unchanged" fast path holds for 5 min; extend:
           # ttl.margin 2s, so a second sight 1 s later is an extension, as it is 15 s later with
           # the default 30s margin)
+          stop dnsd   # first: fwd's graceful shutdown waits for dnsd's open channel to close
           if [ "$sys" = dnsd-granted ]; then fresh_fwd 10m || return 1; else fresh_fwd 2s || return 1; fi
           start dnsd "$SUT_CPU" || return 1
           inns nice -n "$NICE" taskset -c "$GEN_CPU" dnsperf -s 127.0.0.1 -p 5320 -d "$W/q-pre.txt" -n 1 "${PERF_OPTS[@]}" >/dev/null 2>&1 || true
@@ -543,7 +683,7 @@ measure() { # system workload kind rep
         ;;
       *)
         if [ "$wl" != hit ]; then   # cold cache (and, for dnsd, a fwd that has never seen the addresses)
-          case $sys in dnsd|dnsd-dot) fresh_fwd || return 1 ;; esac
+          case $sys in dnsd|dnsd-dot) stop "$sys"; fresh_fwd || return 1 ;; esac
           # connections the system opens from its start on (a pool may connect at start-up)
           OPENS_BASE=$(tcp_opens)
           start "$sys" "$SUT_CPU" || return 1
@@ -565,7 +705,7 @@ bench() { # system workload kinds...
   have "$sys" || { log "skip $sys: not installed"; echo "$sys,$wl,skipped" >>"$OUT/skipped.csv"; return 0; }
   log "== $sys $wl"
   if [ "$wl" = hit ]; then
-    case $sys in dnsd) fresh_fwd || return 0 ;; esac
+    case $sys in dnsd) stop dnsd; fresh_fwd || return 0 ;; esac
     start "$sys" "$SUT_CPU" || return 0
     inns nice -n "$NICE" taskset -c "$GEN_CPU" dnsperf -s 127.0.0.1 -p "$(port_of "$sys")" -d "$W/q-hit.txt" -n 2 -q 20 >/dev/null 2>&1 || true
   fi
@@ -598,136 +738,14 @@ for s in dnsd unbound dnsdist kresd; do bench "$s" miss sat lat; done
 bench dnsd miss low
 bench dnsd-noauth miss sat lat low
 bench dnsd-granted miss lat low
-bench dnsd-extend miss low
-for s in dnsd-dot unbound-dot dnsdist-dot kresd-dot stubby-dot; do bench "$s" dot sat lat; done
+if [ "$QUICK" = 0 ]; then bench dnsd-extend miss low; fi
+for s in dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot; do
+  if [ "$QUICK" = 1 ] && [ "$s" = dnsd-dot-noauth ]; then continue; fi
+  bench "$s" dot sat lat
+done
 stop fwd
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 echo "duration: $(( $(date +%s) - T_START )) s" >>"$OUT/env.txt"
 
-# ---------------------------------------------------------------- report
-python3 - "$OUT" "$CMDLINE" "$LAT_QPS" "$LOW_QPS" <<'PY' | tee "$OUT/report.md"
-import csv, sys, statistics as st
-out, cmdline, lat_qps, low_qps = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-rows = list(csv.DictReader(open(f"{out}/runs.csv")))
-env = open(f"{out}/env.txt").read().strip().splitlines()
-skipped = [l.strip().split(",")[:2] for l in open(f"{out}/skipped.csv") if l.strip()]
-
-def sel(sys_, wl, kind):
-    rs = [r for r in rows if r["system"] == sys_ and r["workload"] == wl and r["kind"] == kind]
-    good = [r for r in rs if r["ok"] == "1"]
-    # the last attempt of each rep (a flagged one only when no clean attempt exists)
-    byrep = {}
-    for r in rs:
-        cur = byrep.get(r["rep"])
-        if cur is None or (r["ok"] == "1" and cur["ok"] != "1"):
-            byrep[r["rep"]] = r
-    return list(byrep.values()), len(rs), len(good)
-
-def med(rs, k):
-    v = [float(r[k]) for r in rs if r.get(k) not in ("", None)]
-    return st.median(v) if v else None
-
-def f(v, fmt="{:,.0f}"):
-    return "-" if v is None else fmt.format(v)
-
-SYSTEMS = {
-    "hit": ["nsd-direct", "dnsd", "unbound", "dnsdist", "kresd"],
-    "miss": ["dnsd", "dnsd-noauth", "unbound", "dnsdist", "kresd"],
-    "dot": ["dnsd-dot", "unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"],
-}
-DNSD = {"hit": "dnsd", "miss": "dnsd", "dot": "dnsd-dot"}
-L = []
-L.append("| workload | system | qps, 1 core (dnsd/peer) | CPU µs/query (dnsd/peer) | fwd µs/query | p50 / p99 ms @ %d qps | lost | TCP connects | load1 | foreign CPU %% | run-queue wait %% (sat / lat) |" % lat_qps)
-L.append("|---|---|---:|---:|---:|---|---:|---:|---|---:|---|")
-summary = {}
-for wl, systems in SYSTEMS.items():
-    d_sat, _, _ = sel(DNSD[wl], wl, "sat")
-    d_qps, d_us = med(d_sat, "qps"), med(d_sat, "us_per_q")
-    for s in systems:
-        sat, n_s, g_s = sel(s, wl, "sat"); lat, n_l, g_l = sel(s, wl, "lat")
-        if not sat and not lat:
-            continue
-        qps, us, fus = med(sat, "qps"), med(sat, "us_per_q"), med(sat, "fwd_us_per_q")
-        p50, p99 = med(lat, "p50_ms"), med(lat, "p99_ms")
-        summary[(s, wl)] = dict(qps=qps, us=us, fus=fus, p50=p50, p99=p99, opens=med(sat, "tcp_opens"),
-                                lat_qps=med(lat, "qps"))
-        ratio_q = f" ({d_qps / qps:.2f})" if s != DNSD[wl] and qps and d_qps else ""
-        ratio_u = f" ({d_us / us:.2f})" if s != DNSD[wl] and us and d_us else ""
-        sent = sum(int(r["completed"] or 0) + int(r["lost"] or 0) for r in sat + lat)
-        lost = sum(int(r["lost"] or 0) for r in sat + lat)
-        loads = [float(r["load1"]) for r in sat + lat if r["load1"]]
-        sat_note = ""
-        lq = med(lat, "qps")
-        if lq is not None and lq < 0.95 * lat_qps:
-            sat_note = " (saturated)"
-        fus_s = f(fus, "{:.1f}") if s in ("dnsd", "dnsd-dot") else ""
-        L.append(f"| {wl} | {s} | {f(qps)}{ratio_q} | {f(us, '{:.1f}')}{ratio_u} | {fus_s} | "
-                 f"{f(p50, '{:.3f}')} / {f(p99, '{:.3f}')}{sat_note} | {100 * lost / max(sent, 1):.2f}% | "
-                 f"{f(med(sat, 'tcp_opens')) if wl == 'dot' else ''} | "
-                 f"{f(min(loads), '{:.1f}') if loads else '-'}–{f(max(loads), '{:.1f}') if loads else '-'} | "
-                 f"{f(med(sat + lat, 'foreign_pct'))} | {f(med(sat, 'runq_wait_pct'), '{:.1f}')} / {f(med(lat, 'runq_wait_pct'), '{:.1f}')} |")
-
-# first-sight authorization (fixed rates, miss names)
-A = []
-base = {}
-for s in ["dnsd", "dnsd-granted", "dnsd-extend", "dnsd-noauth"]:
-    lat, n, g = sel(s, "miss", "lat"); low, n2, g2 = sel(s, "miss", "low")
-    if lat or low:
-        base[s] = dict(p50=med(lat, "p50_ms"), p99=med(lat, "p99_ms"), lp50=med(low, "p50_ms"), lp99=med(low, "p99_ms"),
-                       us=med(lat or low, "us_per_q"), fus=med(lat or low, "fwd_us_per_q"), runs=f"{g + g2}/{n + n2}")
-def added(s, ref, k):
-    a, b = base.get(s, {}).get(k), base.get(ref, {}).get(k)
-    return None if a is None or b is None or s == ref else (a - b) * 1000
-if base:
-    A.append(f"| dnsd cache miss | p50 / p99 ms @ {lat_qps:.0f} qps | p50 / p99 ms @ {low_qps:.0f} qps | p50 added vs already granted @ {lat_qps:.0f} / {low_qps:.0f} | p50 added vs no authorization @ {lat_qps:.0f} / {low_qps:.0f} | dnsd + fwd CPU µs/query (@ {lat_qps:.0f}, else @ {low_qps:.0f}) | clean runs |")
-    A.append("|---|---:|---:|---:|---:|---:|---|")
-    desc = {"dnsd": "new address each (first sight)", "dnsd-granted": "addresses already granted (fwd fast path)",
-            "dnsd-extend": "addresses granted > ttl.margin/2 ago (fwd extends)", "dnsd-noauth": "no authorization (never_authorize = all)"}
-    us_ = lambda v: "" if v is None else f"{v:+.0f} µs"
-    for s, b in base.items():
-        A.append(f"| {desc[s]} | {f(b['p50'], '{:.3f}')} / {f(b['p99'], '{:.3f}')} | {f(b['lp50'], '{:.3f}')} / {f(b['lp99'], '{:.3f}')} | "
-                 f"{us_(added(s, 'dnsd-granted', 'p50'))} / {us_(added(s, 'dnsd-granted', 'lp50'))} | "
-                 f"{us_(added(s, 'dnsd-noauth', 'p50'))} / {us_(added(s, 'dnsd-noauth', 'lp50'))} | "
-                 f"{f(b['us'], '{:.0f}')} + {f(b['fus'], '{:.0f}')} | {b['runs']} |")
-
-# targets
-T = ["| target | dnsd | peer | ratio | met |", "|---|---:|---:|---:|---|"]
-def tgt(name, dv, pv, fmt, better):
-    if dv is None or pv is None:
-        T.append(f"| {name} | {f(dv, fmt)} | {f(pv, fmt)} | - | not measured |"); return
-    ok = dv <= pv if better == "low" else dv >= pv
-    T.append(f"| {name} | {f(dv, fmt)} | {f(pv, fmt)} | {dv / pv:.2f} | {'yes' if ok else '**no**'} |")
-g = lambda s, wl, k: summary.get((s, wl), {}).get(k)
-tgt("cache hit CPU µs/query ≤ unbound's", g("dnsd", "hit", "us"), g("unbound", "hit", "us"), "{:.1f}", "low")
-tgt("cache miss qps over UDP ≥ dnsdist's", g("dnsd", "miss", "qps"), g("dnsdist", "miss", "qps"), "{:,.0f}", "high")
-tgt("cache miss qps over DoT ≥ kresd's", g("dnsd-dot", "dot", "qps"), g("kresd-dot", "dot", "qps"), "{:,.0f}", "high")
-for wl, peers in (("hit", ["unbound", "dnsdist", "kresd"]), ("miss", ["unbound", "dnsdist", "kresd"]),
-                  ("dot", ["unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"])):
-    pv = [(g(p, wl, "p99"), p) for p in peers if g(p, wl, "p99") is not None]
-    best = min(pv) if pv else (None, "-")
-    tgt(f"p99 at {lat_qps:.0f} qps, {wl} ≤ best peer's ({best[1]})", g(DNSD[wl], wl, "p99"), best[0], "{:.3f} ms", "low")
-for k, rate in (("p50", lat_qps), ("lp50", low_qps)):
-    a = added("dnsd", "dnsd-granted", k)
-    if a is not None:
-        T.append(f"| first-sight authorization adds ≤ 250 µs at p50 ({rate:.0f} qps; vs already granted) | {a:+.0f} µs | | | {'yes' if a <= 250 else '**no**'} |")
-T.append(f"| TLS handshakes (TCP connects to nsd:8530) during a DoT saturation run | {f(g('dnsd-dot', 'dot', 'opens'))} | kresd {f(g('kresd-dot', 'dot', 'opens'))} | | |")
-
-print(f"Command: `{cmdline}` (as root)  ")
-print("Machine: " + "; ".join(l for l in env if not l.startswith(("dnsd:", "nsd ", "unbound ", "dnsdist ", "knot", "stubby ", "dnsperf "))) + "  ")
-print("Versions: " + "; ".join(l for l in env if l.startswith(("dnsd:", "nsd ", "unbound ", "dnsdist ", "knot", "stubby ", "dnsperf "))))
-if skipped:
-    print("\nSkipped (not installed): " + ", ".join(f"{s} ({w})" for s, w in skipped))
-print("\n### Targets\n")
-print("\n".join(T))
-print("\n### All systems (medians)\n")
-print("\n".join(L))
-if A:
-    print("\n### First-sight authorization cost\n")
-    print("\n".join(A))
-print("\nqps: saturation run (dnsperf -c 4 -q 100, one pass at most), system pinned to one core; ratios in parentheses are dnsd/peer. "
-      "CPU µs/query: the system's own utime+stime per completed query (dnsd: dnsd only; fwd's share in its own column). "
-      "p50/p99: fixed-rate run with dnsperf -v. TCP connects: connections opened in the namespace during a DoT saturation run. "
-      "foreign CPU: busy time on the two CPUs not spent by the measured processes, nsd or dnsperf (other people's builds), in % of one CPU. "
-      "Run-queue wait: time the measured process's threads were runnable but waited for the CPU (/proc/PID/task/*/schedstat), in % of the run: "
-      "how much other load actually delayed it (for dnsd this includes waiting for fwd, which shares its core).")
-PY
+echo "$CMDLINE" >"$OUT/cmdline"
+report "$OUT"

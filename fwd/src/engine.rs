@@ -683,7 +683,7 @@ impl Engine {
         drop(ops);
         crate::sys::release_free_memory();
         // Everything SQLite grants is in the kernel now.
-        let mark = now_ms().max(committed_upto);
+        let mark = now_ms().max(committed_upto) + 1;
         store.set_meta(COMMITTED_META, &mark.to_string())?;
 
         let shared = Arc::new(Shared {
@@ -955,7 +955,11 @@ impl Committer {
     /// the kernel: move the mark there and write it (cheap; per sweep and at stop, not per group).
     fn persist_mark(&mut self) {
         if !self.mark_frozen {
-            self.committed_upto = self.tick();
+            // Everything stamped so far is committed. Later groups stamp at or after the new
+            // mark, so "written at or after the mark" is exactly what may be uncommitted.
+            let mark = self.tick() + 1;
+            self.last_now = mark;
+            self.committed_upto = mark;
         }
         if self.committed_upto > self.persisted_upto {
             match self
