@@ -29,31 +29,37 @@
 #   dot   = miss, with the upstream reached over DNS over TLS. "TCP connects" counts every TCP
 #         connection opened in the namespace from the system's start through the saturation run
 #         (= TLS handshakes to nsd:8530).
-#   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s, one pass over the file)
-#   for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for p50/p99 latency.
-#   First-sight authorization cost (miss names, fixed rates LAT_QPS and LOW_QPS = 1000, the latter far
-#   from saturation so that queueing does not hide the per-query cost):
+#   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s; miss/dot: one pass over
+#   the file at most) for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for
+#   p50/p99 latency (from the per-query latencies dnsperf -v prints, as peers.sh does).
+#   First-sight authorization cost (miss names, fixed rates LAT_QPS and LOW_QPS = 1000, the
+#   latter far from saturation so that queueing does not hide the per-query cost):
 #     dnsd          every answer names a new address (fwd: SQLite + netlink commit)
-#     dnsd-granted  the same names after a first pass (dnsd restarted: cold cache, but fwd
-#                   already holds every address: its lock-free fast path answers "unchanged")
-#     dnsd-extend   the same, but fwd runs with ttl.margin 2s and the run starts > 1 s after the
-#                   grants: fwd's fast path only covers grants younger than ttl.margin/2 (15 s by
-#                   default), older ones are extended (SQLite + netlink delete+add) on every sight
+#     dnsd-granted  the same names after a first pass (dnsd restarted: cold cache, but fwd already
+#                   holds every address; fwd ttl.margin 10m so no grant is due for extension)
+#     dnsd-extend   the same with fwd ttl.margin 2s, run > 1 s after the grants: every sight is an
+#                   extension (as it is 15 s = ttl.margin/2 after a grant with the default margin)
 #     dnsd-noauth   authorize.never_authorize = 0.0.0.0/0, ::/0: fwd is never called
+# fwd's ruleset stays loaded in the namespace for the whole run (conntrack on loopback), so every
+#   system, peers included, pays the same netfilter cost.
 # Pinning (2-core box): the system under test (and fwd) on SUT_CPU (1), dnsperf and the nsd
 #   backend on GEN_CPU (0); dnsd runs one tokio worker; the peers are configured single-threaded.
-# Noise: the box is shared. Before every run the script waits (at most QUIET_WAIT s) until the
-#   whole machine is at most QUIET_MAX % busy and records the 1-minute load; after the run it
-#   computes "foreign" CPU (busy time not spent by our processes). Runs with more than
-#   FOREIGN_MAX % of a core foreign are redone (at most RETRIES attempts) and, if still noisy,
-#   kept but flagged; once the run has lasted BUDGET s it stops waiting and redoing (so it ends in
-#   time on a box that never gets quiet). CPU per query comes from /proc/PID/stat (utime+stime) deltas, which
-#   foreign load does not inflate. Tables show medians of REPS runs.
-# Output: a markdown report on stdout and in $OUT/report.md, raw rows in $OUT/runs.csv.
-# Knobs (env): REPS DUR LAT_DUR LAT_QPS SUT_CPU GEN_CPU QUIET_MAX QUIET_WAIT FOREIGN_MAX RETRIES BUDGET
-#   DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT SKIP_BUILD=1 (use the binaries in target/release as they are) PROFILE=1 (perf record dnsd
-#   during the first hit and miss saturation runs; reports in $OUT/perf-*.txt)
-#   ONLY="dnsd unbound ..." (restrict the systems).
+# Noise: the box is shared (other people build and test on it). Every process the benchmark starts
+#   runs at nice NICE (-15), and the session's autogroup gets the same nice for the duration (with
+#   sched_autogroup, nice alone only ranks processes within one session). Before every run the
+#   script records the 1-minute load (and waits at most QUIET_WAIT s for a quiet box); after the
+#   run it computes "foreign" CPU (busy time not spent by our processes) and the measured
+#   process's run-queue wait (/proc/PID/task/*/schedstat: how much other load actually delayed
+#   it). Runs with more than FOREIGN_MAX % of a core foreign can be redone (RETRIES > 1) until
+#   the run has lasted BUDGET s. CPU per query comes from /proc/PID/stat (utime+stime) deltas,
+#   which foreign load disturbs much less than qps. Tables show medians of REPS runs.
+# Output: a markdown report on stdout and in $OUT/report.md, raw rows in $OUT/runs.csv, dnsperf
+#   outputs of the last run of each kind in $OUT/last-*.txt, guardctl status in $OUT/dnsd-status.txt.
+# Knobs (env): REPS DUR LAT_DUR LAT_QPS LOW_QPS SUT_CPU GEN_CPU NICE QUIET_MAX QUIET_WAIT
+#   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
+#   SKIP_BUILD=1 (use target/release as it is) ONLY="dnsd unbound ..." (restrict the systems)
+#   PROFILE=1 (perf record, DWARF call graphs, of dnsd and fwd during the first hit and miss
+#   saturation runs; $OUT/perf-dnsd-*.txt and .data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -219,8 +225,8 @@ CMDLINE="bench/dnsd.sh${1:+ $1}"
 
 [ "$(id -u)" = 0 ] || { echo "bench/dnsd.sh must run as root (network namespaces, nftables)" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (SUT on one, load generator on the other)" >&2; exit 1; }
-for c in nsd dnsperf dig openssl python3 taskset ip; do
-  command -v "$c" >/dev/null || { echo "missing $c (apt-get install nsd dnsperf bind9-dnsutils openssl python3 util-linux iproute2)" >&2; exit 1; }
+for c in nsd dnsperf dig openssl python3 taskset ip /usr/bin/time; do
+  command -v "$c" >/dev/null || { echo "missing $c (apt-get install nsd dnsperf bind9-dnsutils openssl python3 util-linux iproute2 time; peers: unbound dnsdist knot-resolver stubby)" >&2; exit 1; }
 done
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }

@@ -1904,6 +1904,23 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let s = settings(dir.path(), "");
             let (e, _) = start(&s);
+            // The check below dumps the set, and a set dump can miss elements while the kernel
+            // resizes the set's hash table (it grows as elements arrive). 1,000 filler grants
+            // (198.18.0.0/15, the benchmarking range) size the table so that the 200 addresses
+            // of the race never trigger a resize: a missing element is then a real one.
+            {
+                let fill = rt();
+                for chunk in 0..5u32 {
+                    let ips: Vec<String> = (0..200u32)
+                        .map(|i| {
+                            std::net::Ipv4Addr::from(0xC612_0000 + chunk * 256 + i).to_string()
+                        })
+                        .collect();
+                    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+                    fill.block_on(e.authorize(cmd(&refs, 300, &s), root()))
+                        .unwrap();
+                }
+            }
             // Worker threads are spawned from this thread, so they share its network namespace.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(4)
@@ -1924,16 +1941,18 @@ mod tests {
                             if (r + t) % 7 == 0 {
                                 tokio::task::yield_now().await;
                             }
-                            let res = e
-                                .authorize(cmd(&[&addr.to_string()], 300, &s), root())
-                                .await
-                                .unwrap();
+                            // Nameless, so the lock-free fast path (answers without the committer)
+                            // is in play: that is where an early "granted" would come from.
+                            let mut c = cmd(&[&addr.to_string()], 300, &s);
+                            c.qname = None;
+                            let res = e.authorize(c, root()).await.unwrap();
                             assert_ne!(outcome(&res[0]), pb::Outcome::Rejected);
-                            let present = nl
-                                .list("guard", AUTH4, KeyType::V4)
-                                .unwrap()
-                                .iter()
-                                .any(|(k, _)| *k == SetKey::V4(addr));
+                            // A dump the kernel could not make consistent (concurrent commits)
+                            // observed nothing: dump again. Absence from a consistent dump fails.
+                            let listed = (0..20)
+                                .find_map(|_| nl.list("guard", AUTH4, KeyType::V4).ok())
+                                .expect("no consistent dump of auth4 in 20 tries");
+                            let present = listed.iter().any(|(k, _)| *k == SetKey::V4(addr));
                             assert!(
                                 present,
                                 "{addr} was answered {:?} before it was in the kernel",
