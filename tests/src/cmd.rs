@@ -101,6 +101,24 @@ pub fn kill_pid(pid: u32, sig: nix::sys::signal::Signal) {
     }
 }
 
+/// SIGTERMs a daemon we started and waits up to `timeout` for it to exit. Returns its exit
+/// status, or `None` when it outlived the timeout (it is then SIGKILLed and reaped).
+pub fn terminate(child: &mut std::process::Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    kill_pid(child.id(), nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The directory holding the workspace's binaries (`fwd`, `guardctl`, `dnsd`, ...).
 ///
 /// `GUARD_BIN_DIR` wins; otherwise the profile directory of the running test executable

@@ -228,22 +228,12 @@ impl Dnsd {
             .child
             .take()
             .ok_or_else(|| Error::msg("dnsd is not running"))?;
-        cmd::kill_pid(child.id(), Signal::SIGTERM);
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::msg(format!(
-                    "dnsd did not exit within {READY_DEADLINE:?} of SIGTERM; killed it\n{}",
-                    self.log_tail()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cmd::terminate(&mut child, READY_DEADLINE)?.ok_or_else(|| {
+            Error::msg(format!(
+                "dnsd did not exit within {READY_DEADLINE:?} of SIGTERM; killed it\n{}",
+                self.log_tail()
+            ))
+        })
     }
 
     /// Replaces the config file with `cfg` (the control socket kept), sends SIGHUP, waits for

@@ -14,7 +14,6 @@ use guard_proto::v1::{
     AllowRequest, AllowResponse, AuthorizeRequest, AuthorizeResponse, Event, Grant, GrantEntry,
     HistoryRequest, ListRequest, RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
 };
-use nix::sys::signal::Signal;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
@@ -261,22 +260,12 @@ impl Fwd {
             .child
             .take()
             .ok_or_else(|| Error::msg("fwd is not running"))?;
-        cmd::kill_pid(child.id(), Signal::SIGTERM);
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::msg(format!(
-                    "fwd did not exit within {READY_DEADLINE:?} of SIGTERM; killed it\n{}",
-                    self.log_tail()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cmd::terminate(&mut child, READY_DEADLINE)?.ok_or_else(|| {
+            Error::msg(format!(
+                "fwd did not exit within {READY_DEADLINE:?} of SIGTERM; killed it\n{}",
+                self.log_tail()
+            ))
+        })
     }
 
     /// The sd_notify messages received since the last start, e.g. to look for STOPPING=1.
