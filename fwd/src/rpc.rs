@@ -152,6 +152,27 @@ impl FirewallService {
         )))
     }
 
+    /// Validates one Authorize request; a refusal of the whole request is audited here.
+    fn parse_authorize(
+        &self,
+        r: &pb::AuthorizeRequest,
+        caller: &Caller,
+    ) -> Result<Authorize, CallError> {
+        Authorize::parse(r, &self.engine.settings()).inspect_err(|e| {
+            self.engine.audit(vec![AuditEvent {
+                id: 0,
+                at_ms: now_ms(),
+                kind: EventKind::Rejected,
+                target: None,
+                client: guard_proto::ip_from_bytes(&r.client),
+                name: command::normalize_name(&r.qname),
+                caller: *caller,
+                reason: format!("Authorize refused: {e}"),
+                expires_ms: None,
+            }]);
+        })
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Reader) -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -219,35 +240,71 @@ impl Firewall for FirewallService {
         req: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let caller = self.require(&req, Role::Authorizer, "Authorize")?;
-        let cmd = match Authorize::parse(req.get_ref(), &self.engine.settings()) {
-            Ok(c) => c,
-            Err(e) => {
-                // The whole call is refused: audit it, explain it, commit nothing.
-                let r = req.get_ref();
-                self.engine.audit(vec![AuditEvent {
-                    id: 0,
-                    at_ms: now_ms(),
-                    kind: EventKind::Rejected,
-                    target: None,
-                    client: guard_proto::ip_from_bytes(&r.client),
-                    name: command::normalize_name(&r.qname),
-                    caller,
-                    reason: format!("Authorize refused: {e}"),
-                    expires_ms: None,
-                }]);
-                return Err(match e {
-                    CallError::BatchTooLarge { .. }
-                    | CallError::Empty
-                    | CallError::ClientRequired => Status::invalid_argument(e.to_string()),
-                });
-            }
-        };
+        let cmd = self
+            .parse_authorize(req.get_ref(), &caller)
+            .map_err(|e| match e {
+                CallError::BatchTooLarge { .. } | CallError::Empty | CallError::ClientRequired => {
+                    Status::invalid_argument(e.to_string())
+                }
+            })?;
         let results = self
             .engine
             .authorize(cmd, caller)
             .await
             .map_err(engine_status)?;
         Ok(Response::new(pb::AuthorizeResponse { results }))
+    }
+
+    async fn authorize_many(
+        &self,
+        req: Request<pb::AuthorizeManyRequest>,
+    ) -> Result<Response<pb::AuthorizeManyResponse>, Status> {
+        let caller = self.require(&req, Role::Authorizer, "AuthorizeMany")?;
+        let max = self.engine.settings().raw.limits.max_batch;
+        let reqs = &req.get_ref().requests;
+        let total: usize = reqs.iter().map(|r| r.grants.len()).sum();
+        if reqs.len() > max || total > max {
+            let reason = format!(
+                "AuthorizeMany refused: {} requests with {total} grants exceed limits.max_batch = {max}",
+                reqs.len()
+            );
+            self.engine.audit(vec![AuditEvent {
+                id: 0,
+                at_ms: now_ms(),
+                kind: EventKind::Rejected,
+                target: None,
+                client: None,
+                name: None,
+                caller,
+                reason: reason.clone(),
+                expires_ms: None,
+            }]);
+            return Err(Status::invalid_argument(reason));
+        }
+        // Parse everything first, then submit every job before awaiting any, so that the
+        // committer sees them together and commits them as one group.
+        let calls =
+            reqs.iter().map(|r| {
+                let parsed = self.parse_authorize(r, &caller);
+                async move {
+                    match parsed {
+                        Err(e) => Ok(pb::AuthorizeOne {
+                            results: Vec::new(),
+                            error: e.to_string(),
+                        }),
+                        Ok(cmd) => self.engine.authorize(cmd, caller).await.map(|results| {
+                            pb::AuthorizeOne {
+                                results,
+                                error: String::new(),
+                            }
+                        }),
+                    }
+                }
+            });
+        let responses = futures_util::future::try_join_all(calls)
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::AuthorizeManyResponse { responses }))
     }
 
     async fn allow(

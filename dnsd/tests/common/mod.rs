@@ -211,6 +211,24 @@ impl Firewall for FwdService {
         )))
     }
 
+    /// Like fwd: each request handled as if sent alone (the fake records each one).
+    async fn authorize_many(
+        &self,
+        req: Request<guard_proto::v1::AuthorizeManyRequest>,
+    ) -> Result<Response<guard_proto::v1::AuthorizeManyResponse>, Status> {
+        let mut responses = Vec::new();
+        for r in req.into_inner().requests {
+            let results = self.authorize(Request::new(r)).await?.into_inner().results;
+            responses.push(guard_proto::v1::AuthorizeOne {
+                results,
+                error: String::new(),
+            });
+        }
+        Ok(Response::new(guard_proto::v1::AuthorizeManyResponse {
+            responses,
+        }))
+    }
+
     async fn authorize(
         &self,
         req: Request<AuthorizeRequest>,

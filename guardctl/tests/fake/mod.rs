@@ -259,6 +259,13 @@ impl Firewall for FakeFwd {
         Err(Status::unimplemented("not in the fake"))
     }
 
+    async fn authorize_many(
+        &self,
+        _: Request<guard_proto::v1::AuthorizeManyRequest>,
+    ) -> Result<Response<guard_proto::v1::AuthorizeManyResponse>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
     async fn allow(&self, req: Request<AllowRequest>) -> Result<Response<AllowResponse>, Status> {
         let req = req.into_inner();
         self.enter()?.allow.push(req.clone());
