@@ -32,6 +32,8 @@ pub struct FirewallService {
     engine: Engine,
     reader: Arc<Mutex<Reader>>,
     started: Instant,
+    /// Cancelled at shutdown: ends the revocation streams, which graceful shutdown waits for.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for FirewallService {
@@ -101,11 +103,16 @@ fn opt_cidr(s: &str) -> Result<Option<IpNet>, Status> {
 
 impl FirewallService {
     /// Builds the service.
-    pub fn new(engine: Engine, reader: Reader) -> Self {
+    pub fn new(
+        engine: Engine,
+        reader: Reader,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         FirewallService {
             engine,
             reader: Arc::new(Mutex::new(reader)),
             started: Instant::now(),
+            shutdown,
         }
     }
 
@@ -209,6 +216,7 @@ impl Firewall for FirewallService {
         let mut rx = self.engine.revocations();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::Revocation, Status>>(64);
         let everything = || ["0.0.0.0/0", "::/0"].map(|c| pb::Revocation { cidr: c.into() });
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             // A new subscriber may have missed anything: forget everything first.
             let mut pending: Vec<pb::Revocation> = everything().into();
@@ -218,7 +226,12 @@ impl Firewall for FirewallService {
                         return; // the subscriber went away
                     }
                 }
-                match rx.recv().await {
+                let next = tokio::select! {
+                    // fwd is stopping: end the stream so graceful shutdown is not held open.
+                    _ = shutdown.cancelled() => return,
+                    next = rx.recv() => next,
+                };
+                match next {
                     Ok(net) => pending.push(pb::Revocation {
                         cidr: net.to_string(),
                     }),

@@ -33,7 +33,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     listener.set_nonblocking(true).map_err(RunError::Socket)?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(RunError::Socket)?;
-    let svc = FirewallService::new(engine.clone(), reader);
+    let svc = FirewallService::new(engine.clone(), reader, shutdown.clone());
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) {
         let engine = engine.clone();

@@ -751,7 +751,105 @@ fn sigterm_keeps_the_table_and_remove_table_drops_it() {
     probe::expect_tcp_open(ns, service_v4(0)).or_fail("unfiltered after removal");
 }
 
+/// tonic's graceful shutdown waits for open streams; dnsd keeps a WatchRevocations stream
+/// open for as long as it runs, so fwd must end those streams itself or SIGTERM would hang
+/// until systemd's stop timeout. The subscriber sees its stream end.
+#[test]
+fn sigterm_exits_while_a_revocation_watcher_is_connected() {
+    let mut env = local(FwdConfig::local());
+    let c = env.fwd.client().or_fail("client");
+    let mut stream = c
+        .block_on(
+            c.raw()
+                .watch_revocations(guard_proto::v1::WatchRevocationsRequest {}),
+        )
+        .or_fail("watch")
+        .into_inner();
+    // Subscribed: the catch-all first message has arrived.
+    let first = c.block_on(stream.message()).or_fail("first message");
+    assert_eq!(first.or_fail("a first message").cidr, "0.0.0.0/0");
+    // stop() gives up (and kills fwd) after READY_DEADLINE: a hang fails here.
+    let status = env.fwd.stop().or_fail("SIGTERM with a watcher connected");
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    // The watcher is told: its stream ends (cleanly or with an error), it does not hang.
+    loop {
+        match c.block_on(stream.message()) {
+            Ok(Some(r)) => assert!(r.cidr == "::/0", "only the catch-alls were sent: {r:?}"),
+            Err(_) | Ok(None) => break,
+        }
+    }
+}
+
 // === 10. concurrency ===
+
+/// AuthorizeMany: each request is judged as if sent alone (a request refused whole does not
+/// sink the others), every accepted grant is in the kernel when the call returns, and a call
+/// over limits.max_batch is refused whole and audited.
+#[test]
+fn authorize_many_commits_each_request_and_bounds_the_call() {
+    use guard_proto::v1::AuthorizeManyRequest;
+    let env = local(FwdConfig::local().set("limits.max_batch", 4));
+    let ns = &env.topo.fwd;
+    let c = env.fwd.client().or_fail("client");
+    let (a, b) = (service_v4(2), service_v6(2));
+    let req = |grants: Vec<IpAddr>, qname: &str| AuthorizeRequest {
+        grants: grants.into_iter().map(|ip| grant(ip, 300)).collect(),
+        qname: qname.to_owned(),
+        client: Vec::new(),
+        reason: "answer".to_owned(),
+    };
+    let resp = c
+        .block_on(c.raw().authorize_many(AuthorizeManyRequest {
+            requests: vec![
+                req(vec![a], "a.example."),
+                req(vec![], "empty.example."),
+                req(vec![b, "224.0.0.1".parse().or_fail("ip")], "b.example."),
+            ],
+        }))
+        .or_fail("authorize_many")
+        .into_inner();
+    assert_eq!(resp.responses.len(), 3, "{resp:?}");
+    let one = &resp.responses[0];
+    assert!(one.error.is_empty(), "{one:?}");
+    assert_eq!(one.results.len(), 1);
+    assert_eq!(one.results[0].outcome, Outcome::Granted as i32, "{one:?}");
+    let empty = &resp.responses[1];
+    assert!(
+        empty.results.is_empty() && !empty.error.is_empty(),
+        "{empty:?}"
+    );
+    let two = &resp.responses[2];
+    assert!(two.error.is_empty(), "{two:?}");
+    assert_eq!(two.results[0].outcome, Outcome::Granted as i32, "{two:?}");
+    assert_eq!(two.results[1].outcome, Outcome::Rejected as i32, "{two:?}");
+    // Committed when the call returned.
+    for ip in [a, b] {
+        assert!(in_kernel(&env, ip), "{ip} in the kernel set");
+        probe::expect_tcp_open(ns, ip).or_fail("granted through AuthorizeMany");
+    }
+    // More grants in total than limits.max_batch: refused whole, nothing committed, audited.
+    let c3 = service_v4(3);
+    let err = c
+        .block_on(c.raw().authorize_many(AuthorizeManyRequest {
+            requests: vec![
+                req(vec![c3, service_v6(3)], "x."),
+                req(vec![a, b, c3], "y."),
+            ],
+        }))
+        .expect_err("over max_batch");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_batch"), "{err:?}");
+    assert!(!in_kernel(&env, c3));
+    probe::expect_tcp_refused(ns, c3).or_fail("nothing from a refused call");
+    let mut c2 = env.fwd.client().or_fail("client");
+    let history = c2.history("").or_fail("history");
+    assert!(
+        history
+            .iter()
+            .any(|e| e.kind == EventKind::Rejected as i32 && e.reason.contains("AuthorizeMany")),
+        "audited: {history:?}"
+    );
+}
 
 /// nettrust answered the DNS client before the kernel set held the address, so the client's
 /// first connection raced the firewall and was refused. fwd must reply only after commit:
