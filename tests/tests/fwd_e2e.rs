@@ -772,11 +772,8 @@ fn sigterm_exits_while_a_revocation_watcher_is_connected() {
     let status = env.fwd.stop().or_fail("SIGTERM with a watcher connected");
     assert!(status.success(), "SIGTERM exits 0: {status}");
     // The watcher is told: its stream ends (cleanly or with an error), it does not hang.
-    loop {
-        match c.block_on(stream.message()) {
-            Ok(Some(r)) => assert!(r.cidr == "::/0", "only the catch-alls were sent: {r:?}"),
-            Err(_) | Ok(None) => break,
-        }
+    while let Ok(Some(r)) = c.block_on(stream.message()) {
+        assert!(r.cidr == "::/0", "only the catch-alls were sent: {r:?}");
     }
 }
 
