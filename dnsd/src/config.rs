@@ -372,11 +372,16 @@ pub struct AuthorizeConfig {
     /// and a cache hit for a new client is authorized for that client.
     #[serde(default)]
     pub per_client: bool,
-    /// Most addresses sent in one Authorize; keep it at or below fwd's `max_batch`.
-    /// Addresses beyond it are removed from the answer.
+    /// Most requests, and most addresses in total, sent to fwd in one `AuthorizeMany` call
+    /// (the answers of concurrent queries are coalesced). Must be ≤ fwd's
+    /// `limits.max_batch`, or fwd refuses the larger calls whole. Also the most addresses one
+    /// answer may name: addresses beyond it are removed from the answer.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
 }
+
+/// The largest `authorize.max_batch` accepted (fwd's own bound is usually far lower).
+const MAX_BATCH_LIMIT: usize = 4096;
 
 fn default_fwd_socket() -> PathBuf {
     PathBuf::from("/run/guard/fwd.sock")
@@ -398,7 +403,7 @@ fn default_refresh_margin() -> Duration {
 }
 
 fn default_max_batch() -> usize {
-    64
+    crate::authorize::DEFAULT_MAX_BATCH
 }
 
 impl Default for AuthorizeConfig {
@@ -624,9 +629,9 @@ impl Config {
         if a.timeout > Duration::from_secs(30) {
             e.push("authorize.timeout: longer than 30s; clients give up well before".into());
         }
-        if !(1..=4096).contains(&a.max_batch) {
+        if !(1..=MAX_BATCH_LIMIT).contains(&a.max_batch) {
             e.push(format!(
-                "authorize.max_batch: {} is outside 1..=4096",
+                "authorize.max_batch: {} is outside 1..={MAX_BATCH_LIMIT} (and must be at most fwd's limits.max_batch)",
                 a.max_batch
             ));
         }
@@ -694,6 +699,7 @@ mod tests {
         assert_eq!(c.acl.allow[0].to_string(), "127.0.0.0/8");
         assert_eq!(c.authorize.on_fwd_error, OnFwdError::Servfail);
         assert_eq!(c.authorize.socket, PathBuf::from("/run/guard/fwd.sock"));
+        assert_eq!(c.authorize.max_batch, 256, "fwd's default limits.max_batch");
         assert_eq!(c.cache.size, 10_000);
         assert!(c.metrics.listen.is_none());
         assert!(c.control.enabled);

@@ -138,7 +138,12 @@ impl Handler {
         Handler {
             live,
             cache: Cache::new(cfg.cache.size),
-            authorizer: Authorizer::new(&cfg.authorize.socket, cfg.authorize.timeout),
+            authorizer: Authorizer::with_options(
+                &cfg.authorize.socket,
+                cfg.authorize.timeout,
+                cfg.authorize.max_batch,
+                metrics.clone(),
+            ),
             metrics,
             slots: Arc::new(Semaphore::new(cfg.listen.max_in_flight)),
             settings: Settings {
@@ -159,6 +164,11 @@ impl Handler {
     /// The answer cache (for the control service).
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// The Authorize client of fwd (for the revocation watch, which clears its memory).
+    pub fn authorizer(&self) -> &Authorizer {
+        &self.authorizer
     }
 
     /// The metrics.

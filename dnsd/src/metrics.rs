@@ -67,6 +67,9 @@ pub struct Metrics {
     dropped: Family<ReasonLabels, Counter>,
     revocations: Counter,
     revocation_watch_up: Gauge,
+    authorize_batch_size: Histogram,
+    memory_hits: Counter,
+    alias_dropped: Counter,
     totals: Totals,
 }
 
@@ -163,6 +166,10 @@ impl Metrics {
         let dropped = Family::<ReasonLabels, Counter>::default();
         let revocations = Counter::default();
         let revocation_watch_up = Gauge::default();
+        // 1 .. 256 requests (fwd's default max_batch), one bucket per power of two.
+        let authorize_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        let memory_hits = Counter::default();
+        let alias_dropped = Counter::default();
         registry.register(
             "dnsd_queries",
             "Queries answered, by query type and response code",
@@ -218,6 +225,21 @@ impl Metrics {
             "1 while the revocation watch is connected and cached grants are trusted; 0 while every A/AAAA cache hit re-authorizes",
             revocation_watch_up.clone(),
         );
+        registry.register(
+            "dnsd_authorize_batch_size",
+            "Requests per AuthorizeMany call to fwd (answers of concurrent queries coalesced, alias records included)",
+            authorize_batch_size.clone(),
+        );
+        registry.register(
+            "dnsd_authorize_memory_hits",
+            "Answers released at once because fwd had already confirmed every grant until past their TTL",
+            memory_hits.clone(),
+        );
+        registry.register(
+            "dnsd_authorize_alias_dropped",
+            "Audit records of answers released from memory dropped because the queue to fwd was full (no grant is affected)",
+            alias_dropped.clone(),
+        );
         Metrics {
             registry,
             queries,
@@ -231,6 +253,9 @@ impl Metrics {
             dropped,
             revocations,
             revocation_watch_up,
+            authorize_batch_size,
+            memory_hits,
+            alias_dropped,
             totals: Totals::default(),
         }
     }
@@ -313,6 +338,21 @@ impl Metrics {
     /// Records whether the revocation watch is up (cached grants trusted).
     pub fn revocation_watch_up(&self, up: bool) {
         self.revocation_watch_up.set(i64::from(up));
+    }
+
+    /// Records the number of requests carried by one AuthorizeMany call.
+    pub fn authorize_batch(&self, requests: usize) {
+        self.authorize_batch_size.observe(requests as f64);
+    }
+
+    /// Counts one answer released from the memory of confirmed grants.
+    pub fn released_from_memory(&self) {
+        self.memory_hits.inc();
+    }
+
+    /// Counts one alias audit record dropped because its queue was full.
+    pub fn alias_dropped(&self) {
+        self.alias_dropped.inc();
     }
 
     /// Marks a query as started; the guard marks it finished when dropped.
@@ -438,6 +478,9 @@ mod tests {
         m.authorize(Duration::from_millis(1), Some("unavailable"));
         m.revocation();
         m.revocation_watch_up(true);
+        m.authorize_batch(3);
+        m.released_from_memory();
+        m.alias_dropped();
         {
             let _q = m.start_query();
             assert_eq!(m.snapshot().in_flight, 1);
@@ -467,6 +510,10 @@ mod tests {
             "dnsd_authorize_latency_seconds_count 2",
             "dnsd_revocations_total 1",
             "dnsd_revocation_watch_up 1",
+            "dnsd_authorize_batch_size_count 1",
+            "dnsd_authorize_batch_size_bucket{le=\"4.0\"} 1",
+            "dnsd_authorize_memory_hits_total 1",
+            "dnsd_authorize_alias_dropped_total 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

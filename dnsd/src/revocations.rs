@@ -1,4 +1,4 @@
-//! The revocation watch: follows fwd's `WatchRevocations` stream and makes the cache forget the grants of every answer naming a revoked address, so that its next hit re-authorizes.
+//! The revocation watch: follows fwd's `WatchRevocations` stream and makes the cache and the authorizer's memory forget the grants of every revoked address, so that the next answer naming it re-authorizes.
 //!
 //! A cache hit is served without fwd while the grant fwd reported at authorization time
 //! outlives the TTL told to the client. An admin's `guardctl revoke` ends that grant early, in
@@ -15,6 +15,10 @@
 //! committed before, if it outlives the TTL. A dead fwd revokes nothing and the kernel expires
 //! its elements on their own timeouts, so that address is still reachable; the one revocation
 //! this can miss is one committed in the instant before fwd died, before it was streamed.
+//! The authorizer's memory of confirmed grants ([`crate::authorize`]) follows the same rule:
+//! each revocation forgets the addresses it covers (the catch-alls everything), it is believed
+//! only once both catch-alls of a stream are applied, and it is forgotten whenever the stream
+//! ends.
 //! Reconnects back off from [`INITIAL_BACKOFF`], doubling up to [`MAX_BACKOFF`]; the end-to-end
 //! tests wait for the debug line `cached grants forgotten` with `cidr=...` (keep its wording).
 
@@ -157,6 +161,7 @@ async fn session(
         Err(e) => return e,
     };
     let cache = handler.cache();
+    let authorizer = handler.authorizer();
     let metrics = handler.metrics();
     let (mut v4_reset, mut v6_reset) = (false, false);
     loop {
@@ -177,18 +182,20 @@ async fn session(
         metrics.revocation();
         for net in revoked_nets(&revocation.cidr) {
             let entries = cache.revoke(&net);
+            let remembered = authorizer.revoked(&net);
             if net.prefix_len() == 0 {
                 match net {
                     IpNet::V4(_) => v4_reset = true,
                     IpNet::V6(_) => v6_reset = true,
                 }
             }
-            tracing::debug!(cidr = %net, entries, "revocation from fwd: cached grants forgotten");
+            tracing::debug!(cidr = %net, entries, remembered, "revocation from fwd: cached grants forgotten");
         }
         if !*trusted && v4_reset && v6_reset {
             // Everything granted before this stream began is forgotten; from here on every
             // revocation arrives on it.
             cache.set_trusted(true);
+            authorizer.set_trusted(true);
             metrics.revocation_watch_up(true);
             *trusted = true;
             tracing::info!(fwd = %path.display(), "revocation watch connected; cached grants trusted");
@@ -225,6 +232,8 @@ pub async fn watch(
             let _ = tx.send(());
         }
         cache.set_trusted(false);
+        // Forgets every remembered grant: revocations may be missed until the next stream.
+        handler.authorizer().set_trusted(false);
         metrics.revocation_watch_up(false);
         if trusted {
             backoff = INITIAL_BACKOFF;
@@ -243,6 +252,7 @@ pub async fn watch(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     cache.set_trusted(false);
+    handler.authorizer().set_trusted(false);
     metrics.revocation_watch_up(false);
 }
 

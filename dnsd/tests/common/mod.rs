@@ -1,4 +1,4 @@
-//! Test harness: dnsd's `run` on ephemeral loopback sockets, a scripted fake upstream on 127.0.0.1, and a fake fwd serving `Firewall` (Authorize and WatchRevocations) on a Unix socket in a tempdir.
+//! Test harness: dnsd's `run` on ephemeral loopback sockets, a scripted fake upstream on 127.0.0.1, and a fake fwd serving `Firewall` (AuthorizeMany, Authorize and WatchRevocations) on a Unix socket in a tempdir.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -101,7 +101,10 @@ pub enum FwdMode {
 
 /// The fake fwd's state, shared with the test.
 pub struct FakeFwd {
+    /// Every request, in arrival order (each request of an AuthorizeMany call separately).
     pub calls: Mutex<Vec<AuthorizeRequest>>,
+    /// The requests of each AuthorizeMany call, one entry per call.
+    pub batches: Mutex<Vec<Vec<AuthorizeRequest>>>,
     pub mode: Mutex<FwdMode>,
     pub reject: Mutex<HashSet<IpAddr>>,
     pub margin_ms: u64,
@@ -123,6 +126,7 @@ impl FakeFwd {
     pub fn new() -> Arc<FakeFwd> {
         Arc::new(FakeFwd {
             calls: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
             mode: Mutex::new(FwdMode::Grant),
             reject: Mutex::new(HashSet::new()),
             margin_ms: 5_000,
@@ -150,6 +154,22 @@ impl FakeFwd {
     pub fn calls(&self) -> Vec<AuthorizeRequest> {
         self.calls.lock().clone()
     }
+
+    /// The calls answering queries (alias records, sent after an answer released from
+    /// memory, left out).
+    pub fn answer_calls(&self) -> Vec<AuthorizeRequest> {
+        self.calls
+            .lock()
+            .iter()
+            .filter(|c| c.reason != "alias")
+            .cloned()
+            .collect()
+    }
+
+    /// How many requests each AuthorizeMany call carried.
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        self.batches.lock().iter().map(Vec::len).collect()
+    }
 }
 
 #[derive(Clone)]
@@ -163,6 +183,47 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+impl FwdService {
+    /// fwd's answer to one request, by the fake's mode.
+    async fn answer(&self, req: &AuthorizeRequest) -> Result<Vec<GrantResult>, Status> {
+        let st = &self.0;
+        let mode = st.mode.lock().clone();
+        match mode {
+            FwdMode::Refuse => return Err(Status::permission_denied("not an authorizer")),
+            FwdMode::Delay(d) => tokio::time::sleep(d).await,
+            FwdMode::Grant => {}
+        }
+        if req.grants.is_empty() {
+            return Err(Status::invalid_argument("empty request"));
+        }
+        let reject = st.reject.lock().clone();
+        Ok(req
+            .grants
+            .iter()
+            .map(|g| {
+                let ip = guard_proto::ip_from_bytes(&g.ip).unwrap();
+                if reject.contains(&ip) {
+                    GrantResult {
+                        ip: g.ip.clone(),
+                        outcome: Outcome::Rejected as i32,
+                        expires_unix_ms: 0,
+                        effective_ttl_s: 0,
+                        error: "never-authorize".into(),
+                    }
+                } else {
+                    GrantResult {
+                        ip: g.ip.clone(),
+                        outcome: Outcome::Granted as i32,
+                        expires_unix_ms: now_ms() + u64::from(g.ttl_s) * 1000 + st.margin_ms,
+                        effective_ttl_s: g.ttl_s,
+                        error: String::new(),
+                    }
+                }
+            })
+            .collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -211,18 +272,37 @@ impl Firewall for FwdService {
         )))
     }
 
-    /// Like fwd: each request handled as if sent alone (the fake records each one).
+    /// Like fwd: each request handled as if sent alone, all answered together. The call is
+    /// recorded in `batches` and each request in `calls`; `hold` holds the whole call.
     async fn authorize_many(
         &self,
         req: Request<guard_proto::v1::AuthorizeManyRequest>,
     ) -> Result<Response<guard_proto::v1::AuthorizeManyResponse>, Status> {
+        let requests = req.into_inner().requests;
+        let st = &self.0;
+        st.batches.lock().push(requests.clone());
+        st.calls.lock().extend(requests.iter().cloned());
+        st.entered.notify_one();
+        if *st.hold.lock() {
+            st.release.notified().await;
+        }
         let mut responses = Vec::new();
-        for r in req.into_inner().requests {
-            let results = self.authorize(Request::new(r)).await?.into_inner().results;
-            responses.push(guard_proto::v1::AuthorizeOne {
-                results,
-                error: String::new(),
-            });
+        for r in requests {
+            let slot = match self.answer(&r).await {
+                Ok(results) => guard_proto::v1::AuthorizeOne {
+                    results,
+                    error: String::new(),
+                },
+                // A request refused alone is refused in its slot by AuthorizeMany.
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    guard_proto::v1::AuthorizeOne {
+                        results: Vec::new(),
+                        error: status.message().to_owned(),
+                    }
+                }
+                Err(status) => return Err(status),
+            };
+            responses.push(slot);
         }
         Ok(Response::new(guard_proto::v1::AuthorizeManyResponse {
             responses,
@@ -237,41 +317,10 @@ impl Firewall for FwdService {
         let st = &self.0;
         st.calls.lock().push(req.clone());
         st.entered.notify_one();
-        let hold = *st.hold.lock();
-        if hold {
+        if *st.hold.lock() {
             st.release.notified().await;
         }
-        let mode = st.mode.lock().clone();
-        match mode {
-            FwdMode::Refuse => return Err(Status::permission_denied("not an authorizer")),
-            FwdMode::Delay(d) => tokio::time::sleep(d).await,
-            FwdMode::Grant => {}
-        }
-        let reject = st.reject.lock().clone();
-        let results = req
-            .grants
-            .iter()
-            .map(|g| {
-                let ip = guard_proto::ip_from_bytes(&g.ip).unwrap();
-                if reject.contains(&ip) {
-                    GrantResult {
-                        ip: g.ip.clone(),
-                        outcome: Outcome::Rejected as i32,
-                        expires_unix_ms: 0,
-                        effective_ttl_s: 0,
-                        error: "never-authorize".into(),
-                    }
-                } else {
-                    GrantResult {
-                        ip: g.ip.clone(),
-                        outcome: Outcome::Granted as i32,
-                        expires_unix_ms: now_ms() + u64::from(g.ttl_s) * 1000 + st.margin_ms,
-                        effective_ttl_s: g.ttl_s,
-                        error: String::new(),
-                    }
-                }
-            })
-            .collect();
+        let results = self.answer(&req).await?;
         Ok(Response::new(AuthorizeResponse { results }))
     }
     async fn allow(&self, _: Request<AllowRequest>) -> Result<Response<AllowResponse>, Status> {
