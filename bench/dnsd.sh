@@ -10,8 +10,9 @@
 # What runs (all on 127.0.0.1 inside the namespace):
 #   5300 / 8530  nsd 4.6 backend (plain / DNS over TLS), zone bench.test.: 100,000 names, each with
 #                an A in 198.18.0.0/15 (RFC 2544 benchmarking range) and an AAAA in 2001:db8::/32,
-#                all distinct, so that every first sight of a name makes fwd add a new set element.
-#                RRL off (nsd's default rate limit would drop the benchmark's answers).
+#                all distinct, so that every first sight of a name makes fwd add a new set element;
+#                and, as in peers.sh, the wildcard *.w.bench.test A 192.0.2.1 (unique names, one
+#                address). RRL off (nsd's default rate limit would drop the benchmark's answers).
 #   5309         nsd "direct" on the measured core (the load generator's ceiling)
 #   5320 / 5321  dnsd, upstream udp://nsd:5300 / tls://nsd:8530 (CA verified), fwd's socket for
 #                authorization; fwd (local mode, ttl.min 1h) runs on the same core as dnsd.
@@ -23,16 +24,21 @@
 #   5318         stubby (DoT only, it has no cache)
 # Workloads (dnsperf, UDP from dnsperf to the system under test):
 #   hit   1,000 names (A) repeated, cache warmed by one pass first: CPU per query, qps.
-#   miss  200,000 distinct queries (100k names x A/AAAA, shuffled), each run starts cold (system
-#         restarted; for dnsd fwd also restarted with an empty database and no table, so every
-#         answer is a first-sight authorization of a new address).
+#   miss  peers.sh's miss workload: unique names u<N>.w.bench.test A (never repeated in a run), all
+#         answered by the wildcard with the same address; each run starts cold (system restarted;
+#         for dnsd fwd also restarted empty, so the first answer is a first-sight authorization of
+#         192.0.2.1 and every later one asks fwd about an address it already holds). This is
+#         the forwarder's own cost, comparable with the peers' figures.
+#   first 200,000 distinct queries (100k names x A/AAAA, shuffled), every answer a *different*
+#         address: each is a first-sight authorization (fwd: SQLite + netlink commit). dnsd only;
+#         this measures the authorization path (fwd), not the forwarder.
 #   dot   = miss, with the upstream reached over DNS over TLS. "TCP connects" counts every TCP
 #         connection opened in the namespace from the system's start through the saturation run
 #         (= TLS handshakes to nsd:8530).
-#   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s; miss/dot: one pass over
-#   the file at most) for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for
+#   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s; miss/first/dot: one pass
+#   over the file at most) for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for
 #   p50/p99 latency (from the per-query latencies dnsperf -v prints, as peers.sh does).
-#   First-sight authorization cost (miss names, fixed rates LAT_QPS and LOW_QPS = 1000, the
+#   First-sight authorization cost ("first" names, fixed rates LAT_QPS and LOW_QPS = 1000, the
 #   latter far from saturation so that queueing does not hide the per-query cost):
 #     dnsd          every answer names a new address (fwd: SQLite + netlink commit)
 #     dnsd-granted  the same names after a first pass (dnsd restarted: cold cache, but fwd already
@@ -57,7 +63,7 @@
 #   outputs of the last run of each kind in $OUT/last-*.txt, guardctl status in $OUT/dnsd-status.txt.
 # Knobs (env): REPS DUR LAT_DUR LAT_QPS LOW_QPS SUT_CPU GEN_CPU NICE QUIET_MAX QUIET_WAIT
 #   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
-#   SKIP_BUILD=1 (use target/release as it is) ONLY="dnsd unbound ..." (restrict the systems)
+#   SKIP_BUILD=1 (use the release binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
 #   PROFILE=1 (perf record, DWARF call graphs, of dnsd and fwd during the first hit and miss
 #   saturation runs; $OUT/perf-dnsd-*.txt and .data)
 set -euo pipefail
@@ -98,9 +104,10 @@ def f(v, fmt="{:,.0f}"):
 SYSTEMS = {
     "hit": ["nsd-direct", "dnsd", "unbound", "dnsdist", "kresd"],
     "miss": ["dnsd", "dnsd-noauth", "unbound", "dnsdist", "kresd"],
+    "first": ["dnsd"],
     "dot": ["dnsd-dot", "dnsd-dot-noauth", "unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"],
 }
-DNSD = {"hit": "dnsd", "miss": "dnsd", "dot": "dnsd-dot"}
+DNSD = {"hit": "dnsd", "miss": "dnsd", "first": "dnsd", "dot": "dnsd-dot"}
 L = []
 L.append("| workload | system | qps, 1 core (dnsd/peer) | CPU µs/query (dnsd/peer) | fwd µs/query | p50 / p99 ms @ %d qps | lost | TCP connects | load1 | foreign CPU %% | run-queue wait %% (sat / lat) |" % lat_qps)
 L.append("|---|---|---:|---:|---:|---|---:|---:|---|---:|---|")
@@ -132,11 +139,11 @@ for wl, systems in SYSTEMS.items():
                  f"{f(min(loads), '{:.1f}') if loads else '-'}–{f(max(loads), '{:.1f}') if loads else '-'} | "
                  f"{f(med(sat + lat, 'foreign_pct'))} | {f(med(sat, 'runq_wait_pct'), '{:.1f}')} / {f(med(lat, 'runq_wait_pct'), '{:.1f}')} |")
 
-# first-sight authorization (fixed rates, miss names)
+# first-sight authorization (fixed rates, "first" names: a new address each)
 A = []
 base = {}
 for s in ["dnsd", "dnsd-granted", "dnsd-extend", "dnsd-noauth"]:
-    lat, n, g = sel(s, "miss", "lat"); low, n2, g2 = sel(s, "miss", "low")
+    lat, n, g = sel(s, "first", "lat"); low, n2, g2 = sel(s, "first", "low")
     if lat or low:
         base[s] = dict(p50=med(lat, "p50_ms"), p99=med(lat, "p99_ms"), lp50=med(low, "p50_ms"), lp99=med(low, "p99_ms"),
                        us=med(lat or low, "us_per_q"), fus=med(lat or low, "fwd_us_per_q"), runs=f"{g + g2}/{n + n2}")
@@ -165,7 +172,9 @@ def tgt(name, dv, pv, fmt, better):
 g = lambda s, wl, k: summary.get((s, wl), {}).get(k)
 tgt("cache hit CPU µs/query ≤ unbound's", g("dnsd", "hit", "us"), g("unbound", "hit", "us"), "{:.1f}", "low")
 tgt("cache miss qps over UDP ≥ dnsdist's", g("dnsd", "miss", "qps"), g("dnsdist", "miss", "qps"), "{:,.0f}", "high")
+tgt("cache miss qps over UDP without authorization ≥ dnsdist's", g("dnsd-noauth", "miss", "qps"), g("dnsdist", "miss", "qps"), "{:,.0f}", "high")
 tgt("cache miss qps over DoT ≥ kresd's", g("dnsd-dot", "dot", "qps"), g("kresd-dot", "dot", "qps"), "{:,.0f}", "high")
+tgt("cache miss qps over DoT without authorization ≥ kresd's", g("dnsd-dot-noauth", "dot", "qps"), g("kresd-dot", "dot", "qps"), "{:,.0f}", "high")
 for wl, peers in (("hit", ["unbound", "dnsdist", "kresd"]), ("miss", ["unbound", "dnsdist", "kresd"]),
                   ("dot", ["unbound-dot", "dnsdist-dot", "kresd-dot", "stubby-dot"])):
     pv = [(g(p, wl, "p99"), p) for p in peers if g(p, wl, "p99") is not None]
@@ -236,13 +245,14 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building (cargo build --release -p dnsd -p fwd -p guardctl)"
   cargo build --release -q -p dnsd -p fwd -p guardctl
 fi
-for b in dnsd fwd guardctl; do [ -x "$ROOT/target/release/$b" ] || { echo "missing target/release/$b" >&2; exit 1; }; done
+REL=${CARGO_TARGET_DIR:-$ROOT/target}/release
+for b in dnsd fwd guardctl; do [ -x "$REL/$b" ] || { echo "missing $REL/$b" >&2; exit 1; }; done
 
 NS="guard-dnsd-bench-$$"
 W=$(mktemp -d /tmp/guard-dnsd-bench.XXXXXX)
 mkdir -p "$W"/{pids,log,run,conf,out,kresd,kresd-dot,stubby,bin} "$OUT"
 # A snapshot of the binaries: others may rebuild target/release while the benchmark runs.
-cp -p "$ROOT"/target/release/{dnsd,fwd,guardctl} "$W/bin/"
+cp -p "$REL"/{dnsd,fwd,guardctl} "$W/bin/"
 BIN=$W/bin
 INNS=(ip netns exec "$NS")
 inns() { "${INNS[@]}" "$@"; }
@@ -305,19 +315,25 @@ with open(f"{w}/bench.test.zone", "w") as f:
     for i in range(N):
         f.write(f"name{i} A 198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}\n")
         f.write(f"name{i} AAAA 2001:db8::{i >> 16:x}:{i & 0xffff:x}\n")
+    # peers.sh's miss workload: unlimited unique names, one address
+    f.write("*.w A 192.0.2.1\n")
 r = random.Random(42)
 hit = [f"name{i}.bench.test A" for i in range(1000)]
 r.shuffle(hit)
 open(f"{w}/q-hit.txt", "w").write("\n".join(hit) + "\n")
-miss = [f"name{i}.bench.test {t}" for i in range(N) for t in ("A", "AAAA")]
-r.shuffle(miss)
-open(f"{w}/q-miss.txt", "w").write("\n".join(miss) + "\n")
+first = [f"name{i}.bench.test {t}" for i in range(N) for t in ("A", "AAAA")]
+r.shuffle(first)
+open(f"{w}/q-first.txt", "w").write("\n".join(first) + "\n")
+# unique names (as peers.sh): enough for a saturation run at the load generator's ceiling
+open(f"{w}/q-miss.txt", "w").write("".join(f"u{i}.w.bench.test A\n" for i in range(1200000)))
 PY
-# fixed-rate runs use the first names (q-lat) or the next ones (q-low); "granted" runs pre-pass both
+# fixed-rate runs use the first names (q-*-lat) or the next ones (q-first-low); "granted" runs
+# pre-pass both
 NLAT=$((LAT_QPS * (LAT_DUR + 1))); NLOW=$((LOW_QPS * (LAT_DUR + 1)))
-head -n "$NLAT" "$W/q-miss.txt" >"$W/q-lat.txt"
-sed -n "$((NLAT + 1)),$((NLAT + NLOW))p" "$W/q-miss.txt" >"$W/q-low.txt"
-cat "$W/q-lat.txt" "$W/q-low.txt" >"$W/q-pre.txt"
+head -n "$NLAT" "$W/q-miss.txt" >"$W/q-miss-lat.txt"
+head -n "$NLAT" "$W/q-first.txt" >"$W/q-first-lat.txt"
+sed -n "$((NLAT + 1)),$((NLAT + NLOW))p" "$W/q-first.txt" >"$W/q-first-low.txt"
+cat "$W/q-first-lat.txt" "$W/q-first-low.txt" >"$W/q-pre.txt"
 # A throw-away CA and a leaf for dot.bench.test (webpki rejects a CA:TRUE certificate as a leaf).
 openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=bench-test-ca -keyout "$W/ca.key" -out "$W/ca.pem" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj /CN=dot.bench.test -keyout "$W/key.pem" -out "$W/leaf.csr" 2>/dev/null
@@ -591,7 +607,7 @@ echo "system,workload,kind,rep,attempt,ok,qps,completed,lost,avg_ms,p50_ms,p99_m
 run_dnsperf() { # system workload kind rep attempt file
   local sys=$1 wl=$2 kind=$3 rep=$4 att=$5 file=$6 port extra out pids fpids bpids
   port=$(port_of "$sys")
-  # miss/dot: one pass at most (every query distinct); hit: the 1,000 names over and over
+  # miss/first/dot: one pass at most (every query distinct); hit: the 1,000 names over and over
   local once=(-n 1); [ "$wl" = hit ] && once=()
   case $kind in
     sat) extra=("${once[@]}" -l "$DUR" "${PERF_OPTS[@]}") ;;
@@ -666,9 +682,9 @@ PY
 # when the run was contaminated by foreign load.
 measure() { # system workload kind rep
   local sys=$1 wl=$2 kind=$3 rep=$4 att file
-  case $wl in hit) file=$W/q-hit.txt ;; *) file=$W/q-miss.txt ;; esac
-  [ "$kind" = lat ] && [ "$wl" != hit ] && file=$W/q-lat.txt
-  [ "$kind" = low ] && file=$W/q-low.txt
+  case $wl in hit) file=$W/q-hit.txt ;; first) file=$W/q-first.txt ;; *) file=$W/q-miss.txt ;; esac
+  [ "$kind" = lat ] && [ "$wl" != hit ] && { [ "$wl" = first ] && file=$W/q-first-lat.txt || file=$W/q-miss-lat.txt; }
+  [ "$kind" = low ] && file=$W/q-first-low.txt
   for att in $(seq "$RETRIES"); do
     case $sys in
       dnsd-granted|dnsd-extend)
@@ -740,15 +756,13 @@ fresh_fwd
 
 if [ "$QUICK" = 0 ]; then REPS=1 bench nsd-direct hit sat; fi
 for s in dnsd unbound dnsdist kresd; do bench "$s" hit sat lat; done
-for s in dnsd unbound dnsdist kresd; do bench "$s" miss sat lat; done
-bench dnsd miss low
-bench dnsd-noauth miss sat lat low
-bench dnsd-granted miss lat low
-if [ "$QUICK" = 0 ]; then bench dnsd-extend miss low; fi
-for s in dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot; do
-  if [ "$QUICK" = 1 ] && [ "$s" = dnsd-dot-noauth ]; then continue; fi
-  bench "$s" dot sat lat
-done
+for s in dnsd dnsd-noauth unbound dnsdist kresd; do bench "$s" miss sat lat; done
+# first-sight authorization: every answer a new address (the authorization path, dnsd only)
+bench dnsd first sat lat low
+bench dnsd-noauth first lat low
+bench dnsd-granted first lat low
+if [ "$QUICK" = 0 ]; then bench dnsd-extend first low; fi
+for s in dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot; do bench "$s" dot sat lat; done
 stop fwd
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 echo "duration: $(( $(date +%s) - T_START )) s" >>"$OUT/env.txt"
