@@ -18,7 +18,7 @@
 //! **Memory.** For each (client, address) the authorizer remembers the `expires_unix_ms` fwd
 //! last confirmed. A request whose every grant is already committed until at least
 //! `now + ttl + MEMORY_SAFETY` is answered from memory at once; its name still reaches fwd's
-//! audit as a non-blocking "alias" request through the same queue. That queue is bounded
+//! audit as a non-blocking "alias" request sent by the same task. Their queue is bounded
 //! ([`ALIAS_QUEUE`]): when fwd falls behind, alias records are dropped and counted
 //! (`dnsd_authorize_alias_dropped_total`). Grants are never affected, only the audit record of
 //! a name whose addresses were already granted under another name.
@@ -386,9 +386,9 @@ impl Authorizer {
 // === the coalescing task ===
 
 /// Forms calls from the queues until the Authorizer is dropped. Answer requests take one of
-/// [`MAX_CALLS_IN_FLIGHT`] slots; alias records ride along in their spare room, and otherwise
-/// go in calls of their own through a separate single slot, so that they never hold up an
-/// answer.
+/// [`MAX_CALLS_IN_FLIGHT`] slots. Alias records go in calls of their own through a separate
+/// single slot: they never wait for an answer's slot, and never make an answer's call larger
+/// (fwd's time per call grows with its requests).
 async fn coalesce(
     shared: Arc<Shared>,
     max_batch: usize,
@@ -448,9 +448,6 @@ async fn coalesce(
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             batch.push(job);
         }
-        if carry.is_none() {
-            batch.fill(&mut aliases, &mut alias_carry);
-        }
         tokio::spawn(call(shared.clone(), batch.jobs, permit));
     }
 }
@@ -496,7 +493,7 @@ impl Batch {
         self.jobs.push(job);
     }
 
-    /// Adds the alias records waiting, as far as they fit.
+    /// Adds the alias records waiting, as far as they fit (an alias-only call).
     fn fill(&mut self, aliases: &mut mpsc::Receiver<Job>, carry: &mut Option<Job>) {
         while let Some(job) = carry.take().or_else(|| aliases.try_recv().ok()) {
             if !self.fits(&job) {
@@ -1329,6 +1326,47 @@ mod tests {
         r.fake.hold.send_replace(false);
         assert!(granted(&longer.await.unwrap()));
         assert!(granted(&other.await.unwrap()));
+    }
+
+    /// When fwd falls behind, alias records are dropped and counted; the answers are not
+    /// affected. (The test runtime is single-threaded and a release from memory never yields,
+    /// so the coalescing task takes nothing from the queue during the loop.)
+    #[tokio::test]
+    async fn alias_records_beyond_the_queue_are_dropped_and_counted() {
+        let r = rig(256, Duration::from_secs(10));
+        r.authorizer.set_trusted(true);
+        ask(&r.authorizer, "www.test", "192.0.2.1", 60)
+            .await
+            .unwrap()
+            .unwrap();
+        let extra = 10;
+        let grants = [(ip("192.0.2.1"), 60)];
+        for i in 0..ALIAS_QUEUE + extra {
+            let v = r
+                .authorizer
+                .authorize(Request {
+                    grants: &grants,
+                    qname: &format!("n{i}.test"),
+                    client: ip("127.0.0.1"),
+                    reason: "answer",
+                })
+                .await;
+            assert!(granted(&v), "answer {i}");
+        }
+        let text = r.metrics.encode();
+        assert!(
+            text.contains(&format!("dnsd_authorize_alias_dropped_total {extra}")),
+            "{text}"
+        );
+        until("every queued alias record sent", || {
+            r.fake.requests().len() == 1 + ALIAS_QUEUE
+        })
+        .await;
+        assert!(
+            r.fake.sizes()[1..].iter().all(|&n| n <= 256),
+            "{:?}",
+            r.fake.sizes()
+        );
     }
 
     #[tokio::test]

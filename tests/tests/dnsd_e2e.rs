@@ -278,6 +278,13 @@ fn alias_answer_under_an_existing_grant_is_recorded_under_its_name() {
         .record("shop.test. 300 IN CNAME www.test."));
     env.resolve("www.test", "A", &[x]);
     env.resolve("shop.test", "A", &[x]);
+    // shop.test may have been released from dnsd's memory of fwd's confirmation for www.test;
+    // its name then reaches fwd as an alias record, after the answer.
+    let hist = wait_history(&env, x, "shop.test");
+    assert!(
+        hist.iter().any(|e| e.name.contains("shop.test")),
+        "no event names shop.test: {hist:?}"
+    );
     let listed = guard_tests::cmd::run_ok(
         &mut env
             .fwd
@@ -289,16 +296,97 @@ fn alias_answer_under_an_existing_grant_is_recorded_under_its_name() {
         listed.contains(&x.to_string()),
         "the grant {x} released under shop.test is not listed under that name: {listed}"
     );
-    let hist = env
-        .fwd
-        .client()
-        .or_fail("client")
-        .history(&x.to_string())
-        .or_fail("history");
-    assert!(
-        hist.iter().any(|e| e.name.contains("shop.test")),
-        "no event names shop.test: {hist:?}"
+}
+
+/// fwd's history of `ip` once an event names `name` (within 30 s; the caller asserts).
+fn wait_history(env: &Env, ip: IpAddr, name: &str) -> Vec<guard_proto::v1::Event> {
+    let mut hist = Vec::new();
+    let _ = guard_tests::wait_until(
+        &format!("fwd's history of {ip} to name {name}"),
+        Duration::from_secs(30),
+        || {
+            hist = env.fwd.client()?.history(&ip.to_string())?;
+            Ok(hist.iter().any(|e| e.name.contains(name)))
+        },
     );
+    hist
+}
+
+/// fwd frozen (SIGSTOP) while this lives: its socket accepts, nothing answers, and its
+/// revocation stream stays open. Continued (SIGCONT) on drop, whatever happens.
+struct Frozen(u32);
+
+impl Frozen {
+    fn stop(fwd: &Fwd) -> Frozen {
+        let pid = fwd.pid().or_fail("fwd running");
+        guard_tests::cmd::kill_pid(pid, nix::sys::signal::Signal::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        guard_tests::cmd::kill_pid(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// dnsd remembers fwd's confirmations: a second name for an address fwd committed long enough
+/// is released without waiting for fwd (frozen here), and the connection works at once; the
+/// name still reaches fwd's audit (an alias record). A revocation makes dnsd forget: the next
+/// name for that address waits for fwd again, and with fwd frozen it fails closed.
+#[test]
+fn second_name_for_a_granted_address_is_released_from_memory_and_audited() {
+    let x = service_v4(12);
+    let env = env_with(
+        UnboundConfig::new().addresses(
+            300,
+            &[("www.test.", x), ("mirror.test.", x), ("third.test.", x)],
+        ),
+        FwdConfig::local(),
+        &[],
+        // Long enough for the alias record, sent while fwd is frozen, to outlive the freeze.
+        |c, _| c.set("authorize.timeout", "5s"),
+    );
+    env.dnsd
+        .wait_log(&["cached grants trusted"], Duration::from_secs(30))
+        .or_fail("revocation watch up");
+    env.resolve("www.test", "A", &[x]);
+    {
+        let _frozen = Frozen::stop(&env.fwd);
+        env.resolve("mirror.test", "A", &[x]);
+        probe::expect_tcp_open(env.ns(), x).or_fail("released from memory, reachable");
+    }
+    let hist = wait_history(&env, x, "mirror.test");
+    assert!(
+        hist.iter().any(|e| e.name.contains("mirror.test")),
+        "the name released from memory is not in fwd's audit: {hist:?}"
+    );
+
+    let out = guard_tests::cmd::run_ok(
+        &mut env
+            .fwd
+            .guardctl(&["revoke", &x.to_string()])
+            .or_fail("guardctl"),
+    )
+    .or_fail("revoke");
+    assert!(out.contains("revoked"), "{out}");
+    env.dnsd
+        .wait_log(
+            &["cached grants forgotten", &format!("cidr={x}/32")],
+            Duration::from_secs(30),
+        )
+        .or_fail("dnsd applies the revocation");
+    probe::expect_tcp_refused(env.ns(), x).or_fail("revoked");
+    {
+        let _frozen = Frozen::stop(&env.fwd);
+        env.dig("third.test", "A")
+            .expect_status("SERVFAIL")
+            .or_fail("revoked: waits for fwd, which does not answer");
+    }
+    // (fwd may still commit that abandoned request once it runs again; either way the next
+    // answer is released only after fwd's confirmation.)
+    env.resolve("third.test", "A", &[x]);
+    probe::expect_tcp_open(env.ns(), x).or_fail("re-granted by fwd");
 }
 
 /// An upstream that puts off-chain A records in the answer and additional sections: only
