@@ -20,9 +20,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::Message;
+use hickory_proto::op::{Message, MessageType, OpCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use ipnet::IpNet;
 use parking_lot::Mutex;
@@ -87,7 +88,10 @@ impl Grants {
 /// One cached answer.
 #[derive(Debug, Clone)]
 struct Entry {
-    msg: Message,
+    msg: Arc<Message>,
+    /// The answer encoded once, built on the first hit (`Some(None)`: it cannot be served
+    /// from the wire).
+    wire: Option<Option<Arc<WireAnswer>>>,
     inserted: Instant,
     ttl: u32,
     negative: bool,
@@ -120,11 +124,15 @@ fn answer_addrs(msg: &Message) -> Vec<IpAddr> {
         .collect()
 }
 
-/// A cache hit, with TTLs already decremented by the time spent in cache.
+/// A cache hit.
 #[derive(Debug, Clone)]
 pub struct Hit {
-    /// The answer to serve (header ID and flags are the handler's business).
-    pub msg: Message,
+    /// The answer as stored (TTLs not decremented: see [`Hit::msg`]).
+    pub stored: Arc<Message>,
+    /// Whole seconds spent in cache.
+    pub elapsed: u32,
+    /// The stored answer in wire form, when it can be served that way.
+    pub wire: Option<Arc<WireAnswer>>,
     /// Seconds of TTL left.
     pub remaining: u32,
     /// Whether the answer names addresses that need a live grant.
@@ -143,6 +151,143 @@ pub struct Hit {
     /// The invalidation epoch at the time of the hit, for [`Cache::record_grant`].
     pub epoch: u64,
 }
+
+impl Hit {
+    /// The answer to serve, TTLs decremented by the time spent in cache (header ID and flags
+    /// are the handler's business).
+    pub fn msg(&self) -> Message {
+        let mut msg = (*self.stored).clone();
+        answer::age_ttls(&mut msg, self.elapsed);
+        msg
+    }
+}
+
+/// A cached answer encoded once, so that a hit is served by patching bytes rather than by
+/// cloning and re-encoding a `Message`: the ID, the flags the client chose, the question in
+/// the client's letter case, every record's TTL (at offsets recorded here), and an OPT
+/// record of dnsd's own for a client that sent EDNS. The stored form never carries an OPT
+/// record, so nothing of the upstream's EDNS (padding included) reaches the client.
+#[derive(Debug)]
+pub struct WireAnswer {
+    /// Header (ID 0, flags to be set), question, records.
+    bytes: Vec<u8>,
+    /// Length of the question (name, type, class) after the header.
+    question_len: usize,
+    /// Where each record's TTL starts.
+    ttl_offsets: Vec<usize>,
+    /// The response code (only those that fit the header's four bits are stored this way).
+    rcode: u8,
+    /// The upstream's AD bit.
+    authentic_data: bool,
+}
+
+/// How a client asked, for [`WireAnswer::render`].
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    /// The client's ID.
+    pub id: u16,
+    /// RD as the client set it.
+    pub rd: bool,
+    /// CD as the client set it.
+    pub cd: bool,
+    /// The client's question (uncompressed name, type, class) as it is on the wire.
+    pub question: &'a [u8],
+    /// `Some((payload size dnsd advertises, DO))` when the client sent EDNS.
+    pub edns: Option<(u16, bool)>,
+}
+
+impl WireAnswer {
+    /// Encodes `msg` as the handler's `finalize` would for a client without EDNS, and
+    /// records where its TTLs are. `None` when the answer cannot be served from the wire.
+    fn build(msg: &Message) -> Option<WireAnswer> {
+        let rcode = u16::from(msg.metadata.response_code);
+        if rcode > 0x0f || msg.queries.len() != 1 {
+            return None;
+        }
+        let mut m = msg.clone();
+        m.metadata.id = 0;
+        m.metadata.message_type = MessageType::Response;
+        m.metadata.op_code = OpCode::Query;
+        m.metadata.authoritative = false;
+        m.metadata.truncation = false;
+        m.metadata.recursion_desired = false;
+        m.metadata.recursion_available = false;
+        m.metadata.checking_disabled = false;
+        m.metadata.authentic_data = false;
+        m.edns = None;
+        m.signature = None;
+        let bytes = m.to_vec().ok()?;
+        let (question_len, ttl_offsets) = crate::upstream::ttl_offsets(&bytes)?;
+        Some(WireAnswer {
+            bytes,
+            question_len,
+            ttl_offsets,
+            rcode: u8::try_from(rcode).ok()?,
+            authentic_data: msg.metadata.authentic_data,
+        })
+    }
+
+    /// The answer for one client, TTLs decremented by `elapsed`; `None` when the client's
+    /// question is not this answer's (it always is for a cache key's entry, but the bytes
+    /// are checked rather than trusted) or the result would exceed `limit` (the caller then
+    /// truncates the long way).
+    pub fn render(&self, asked: &Asked<'_>, elapsed: u32, limit: usize) -> Option<Vec<u8>> {
+        let qend = HEADER_LEN + self.question_len;
+        let stored_q = self.bytes.get(HEADER_LEN..qend)?;
+        if !stored_q.eq_ignore_ascii_case(asked.question) {
+            return None;
+        }
+        let opt_len = if asked.edns.is_some() { OPT_LEN } else { 0 };
+        if self.bytes.len() + opt_len > limit {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.bytes.len() + opt_len);
+        out.extend_from_slice(&self.bytes);
+        out[0..2].copy_from_slice(&asked.id.to_be_bytes());
+        // QR, opcode QUERY, RD as asked; RA, AD only for a DO client, CD as asked.
+        out[2] = 0x80 | u8::from(asked.rd);
+        let dnssec_ok = asked.edns.is_some_and(|(_, d)| d);
+        out[3] =
+            0x80 | if self.authentic_data && dnssec_ok {
+                0x20
+            } else {
+                0
+            } | if asked.cd { 0x10 } else { 0 }
+                | self.rcode;
+        out[HEADER_LEN..qend].copy_from_slice(asked.question);
+        for &at in &self.ttl_offsets {
+            let field = out.get_mut(at..at + 4)?;
+            let ttl = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+            field.copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
+        }
+        if let Some((payload, dnssec_ok)) = asked.edns {
+            let arcount = u16::from_be_bytes([out[10], out[11]]).checked_add(1)?;
+            out[10..12].copy_from_slice(&arcount.to_be_bytes());
+            let [p0, p1] = payload.to_be_bytes();
+            // Root name, type OPT, class = payload size, extended RCODE 0, version 0, DO, no
+            // options.
+            out.extend_from_slice(&[
+                0,
+                0,
+                41,
+                p0,
+                p1,
+                0,
+                0,
+                if dnssec_ok { 0x80 } else { 0 },
+                0,
+                0,
+                0,
+            ]);
+        }
+        Some(out)
+    }
+}
+
+/// DNS header length.
+const HEADER_LEN: usize = 12;
+/// An OPT record without options.
+const OPT_LEN: usize = 11;
 
 /// What to store.
 #[derive(Debug, Clone)]
@@ -183,6 +328,17 @@ impl Inner {
             *t = tick;
             self.lru.insert(tick, key.clone());
         }
+    }
+
+    /// Marks `key` as used, unless it is among the most recently used quarter already: an
+    /// approximate LRU that leaves the order alone on most hits of a hot entry.
+    fn touch(&mut self, key: &Key, capacity: usize) {
+        if let Some((_, t)) = self.map.get(key)
+            && self.tick.saturating_sub(*t) < (capacity / 4) as u64
+        {
+            return;
+        }
+        self.bump(key);
     }
 
     fn remove(&mut self, key: &Key) -> bool {
@@ -237,18 +393,24 @@ impl Cache {
     /// Looks up `key`; expired entries are removed and count as misses.
     pub fn get(&self, key: &Key, scope: Option<IpAddr>) -> Option<Hit> {
         let now = Instant::now();
-        let mut inner = self.inner.lock();
-        let (entry, _) = inner.map.get(key)?;
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let (entry, _) = inner.map.get_mut(key)?;
         let age = now.saturating_duration_since(entry.inserted);
         if age >= Duration::from_secs(u64::from(entry.ttl)) {
             inner.remove(key);
             return None;
         }
         let elapsed = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
-        let mut msg = entry.msg.clone();
-        answer::age_ttls(&mut msg, elapsed);
+        // Encoded on the first hit, not at insertion: most misses are never asked again.
+        let wire = entry
+            .wire
+            .get_or_insert_with(|| WireAnswer::build(&entry.msg).map(Arc::new))
+            .clone();
         let hit = Hit {
-            msg,
+            stored: entry.msg.clone(),
+            elapsed,
+            wire,
             remaining: entry.ttl.saturating_sub(elapsed),
             needs_grant: entry.needs_grant,
             grant_until_ms: if inner.trusted {
@@ -261,7 +423,7 @@ impl Cache {
             inserted: entry.inserted,
             epoch: inner.epoch,
         };
-        inner.bump(key);
+        inner.touch(key, self.capacity);
         Some(hit)
     }
 
@@ -279,7 +441,8 @@ impl Cache {
             grants.set(scope, until);
         }
         let entry = Entry {
-            msg: item.msg,
+            msg: Arc::new(item.msg),
+            wire: None,
             inserted: Instant::now(),
             ttl: item.ttl,
             negative: item.negative,
@@ -452,11 +615,11 @@ mod tests {
         c.insert(key("example.com."), item("example.com.", 300, Some(1)));
         let h = c.get(&key("EXAMPLE.com."), None).unwrap();
         assert_eq!(h.remaining, 300);
-        assert_eq!(h.msg.answers[0].ttl, 300);
+        assert_eq!(h.msg().answers[0].ttl, 300);
         tokio::time::advance(Duration::from_secs(100)).await;
         let h = c.get(&key("example.com."), None).unwrap();
         assert_eq!(h.remaining, 200);
-        assert_eq!(h.msg.answers[0].ttl, 200);
+        assert_eq!(h.msg().answers[0].ttl, 200);
         tokio::time::advance(Duration::from_millis(199_500)).await;
         let h = c.get(&key("example.com."), None).unwrap();
         assert_eq!(h.remaining, 1);
@@ -606,7 +769,7 @@ mod tests {
         assert!(!granted("a.", None));
         assert!(!granted("a.", Some(client)));
         assert!(granted("b.", None));
-        assert_eq!(c.get(&key("a."), None).unwrap().msg.answers.len(), 2);
+        assert_eq!(c.get(&key("a."), None).unwrap().msg().answers.len(), 2);
 
         // IPv6 and the catch-alls.
         assert_eq!(c.revoke(&net("2001:db8:1::/48")), 1);
@@ -709,5 +872,101 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c.flush(None), 2);
         assert!(c.is_empty());
+    }
+
+    /// The client's question on the wire: header-less, uncompressed name, type A, class IN.
+    fn question_wire(name: &str) -> Vec<u8> {
+        let mut m = Message::new(1, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()[HEADER_LEN..].to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hits_are_served_from_the_wire_with_the_clients_id_case_ttl_and_edns() {
+        use hickory_proto::op::Edns;
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+        let c = trusted(10);
+        let mut msg = answer("Example.COM.", 300);
+        msg.metadata.authentic_data = true;
+        // The upstream's EDNS, padding included, must never reach a client.
+        let mut e = Edns::new();
+        e.options_mut()
+            .insert(EdnsOption::Unknown(EdnsCode::Padding.into(), vec![0; 40]));
+        msg.set_edns(e);
+        c.insert(
+            key("example.com."),
+            Insert {
+                msg,
+                ..item("example.com.", 300, Some(u64::MAX))
+            },
+        );
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let h = c.get(&key("example.com."), None).unwrap();
+        let w = h.wire.clone().expect("served from the wire");
+        let question = question_wire("eXaMple.com.");
+        for (edns, dnssec_ok) in [(None, false), (Some(1232), false), (Some(1232), true)] {
+            let asked = Asked {
+                id: 0xBEEF,
+                rd: true,
+                cd: dnssec_ok,
+                question: &question,
+                edns: edns.map(|p| (p, dnssec_ok)),
+            };
+            let out = Message::from_vec(&w.render(&asked, h.elapsed, 512).unwrap()).unwrap();
+            assert_eq!(out.metadata.id, 0xBEEF);
+            assert_eq!(out.metadata.message_type, MessageType::Response);
+            assert!(out.metadata.recursion_desired && out.metadata.recursion_available);
+            assert!(!out.metadata.authoritative && !out.metadata.truncation);
+            assert_eq!(out.metadata.checking_disabled, dnssec_ok);
+            assert_eq!(
+                out.metadata.authentic_data, dnssec_ok,
+                "AD only for DO clients"
+            );
+            assert_eq!(out.queries[0].name().to_ascii(), "eXaMple.com.");
+            assert_eq!(out.answers.len(), 1);
+            assert_eq!(out.answers[0].ttl, 200);
+            match (&out.edns, edns) {
+                (None, None) => {}
+                (Some(e), Some(p)) => {
+                    assert_eq!(e.max_payload(), p);
+                    assert_eq!(e.flags().dnssec_ok, dnssec_ok);
+                    assert!(e.option(EdnsCode::Padding).is_none());
+                }
+                other => panic!("EDNS {other:?}"),
+            }
+            // The long way gives the same TTLs.
+            assert_eq!(h.msg().answers[0].ttl, 200);
+        }
+        // Too big for the client: the caller truncates the long way.
+        let asked = Asked {
+            id: 1,
+            rd: false,
+            cd: false,
+            question: &question,
+            edns: None,
+        };
+        let len = w.render(&asked, 0, 512).unwrap().len();
+        assert!(w.render(&asked, 0, len - 1).is_none());
+        // Another question is never answered from these bytes.
+        let other = question_wire("example.net.");
+        let asked = Asked {
+            question: &other,
+            ..asked
+        };
+        assert!(w.render(&asked, 0, 512).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hot_entry_survives_eviction_without_being_bumped_on_every_hit() {
+        let c = Cache::new(8);
+        c.insert(key("hot."), item("hot.", 300, None));
+        for i in 0..20 {
+            assert!(c.get(&key("hot."), None).is_some(), "round {i}");
+            let name = format!("cold{i}.");
+            c.insert(key(&name), item(&name, 300, None));
+        }
+        assert_eq!(c.len(), 8);
+        assert!(c.get(&key("hot."), None).is_some(), "the hot entry was evicted");
+        assert!(c.get(&key("cold0."), None).is_none(), "the oldest cold one was not");
     }
 }

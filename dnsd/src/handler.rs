@@ -110,6 +110,19 @@ struct ClientQuery {
     /// The client's EDNS payload size, if it sent EDNS.
     edns_payload: Option<u16>,
     dnssec_ok: bool,
+    /// The length of the question after the header, when it is a single uncompressed one
+    /// (what a cached answer in wire form can echo).
+    question_len: Option<usize>,
+}
+
+/// What [`Handler::resolve`] produced.
+#[derive(Debug)]
+enum Resolved {
+    /// A response still to be finalized for the client.
+    Message(Message),
+    /// The client's answer, ready to send, and its response code (a cache hit served from
+    /// its wire form).
+    Wire(Vec<u8>, ResponseCode),
 }
 
 /// What to do with bytes that are not a usable query.
@@ -227,8 +240,14 @@ impl Handler {
             Err(Reject::Reply(rcode)) => return self.header_only(wire, rcode),
         };
         let started = StdInstant::now();
-        let (msg, source) = self.resolve(&q, client, &live).await;
-        let out = self.finalize(msg, &q, transport);
+        let (resolved, source) = self.resolve(&q, wire, client, &live, transport).await;
+        let out = match resolved {
+            Resolved::Message(msg) => self.finalize(msg, &q, transport),
+            Resolved::Wire(bytes, rcode) => {
+                self.metrics.answered(Some(q.query.query_type()), rcode);
+                (bytes, rcode)
+            }
+        };
         if self.settings.log_queries {
             tracing::info!(
                 client = %client,
@@ -266,16 +285,18 @@ impl Handler {
     async fn resolve(
         &self,
         q: &ClientQuery,
+        wire: &[u8],
         client: IpAddr,
         live: &Live,
-    ) -> (Message, &'static str) {
+        transport: Transport,
+    ) -> (Resolved, &'static str) {
         let qname = q.query.name();
         if !live.domains.permits(qname) {
             let rcode = match live.domains.action() {
                 DomainAction::Nxdomain => ResponseCode::NXDomain,
                 DomainAction::Refused => ResponseCode::Refused,
             };
-            return (error_msg(rcode), "policy");
+            return (Resolved::Message(error_msg(rcode)), "policy");
         }
         let key = Key {
             name: qname.to_lowercase(),
@@ -286,13 +307,63 @@ impl Handler {
         let scope = self.settings.per_client.then_some(client);
         if let Some(hit) = self.cache.get(&key, scope) {
             self.metrics.cache_hit();
-            return (self.serve_hit(q, client, &key, scope, hit).await, "cache");
+            if let Some(out) = self.serve_hit_wire(q, wire, &hit, transport) {
+                return (out, "cache");
+            }
+            let msg = self.serve_hit(q, client, &key, scope, hit).await;
+            return (Resolved::Message(msg), "cache");
         }
         self.metrics.cache_miss();
         (
-            self.resolve_upstream(q, client, &key, scope, live).await,
+            Resolved::Message(self.resolve_upstream(q, client, &key, scope, live).await),
             "upstream",
         )
+    }
+
+    /// Serves a cache hit straight from its wire form when it needs no authorization first
+    /// and fits the client's limit; `None` means "take the long way".
+    fn serve_hit_wire(
+        &self,
+        q: &ClientQuery,
+        wire: &[u8],
+        hit: &cache::Hit,
+        transport: Transport,
+    ) -> Option<Resolved> {
+        let stored = hit.wire.as_ref()?;
+        if hit.needs_grant
+            && cache::needs_authorization(
+                hit.grant_until_ms,
+                authorize::now_unix_ms(),
+                hit.remaining,
+                self.settings.refresh_margin,
+            )
+        {
+            return None;
+        }
+        let question = wire.get(HEADER_LEN..HEADER_LEN + q.question_len?)?;
+        let asked = cache::Asked {
+            id: q.id,
+            rd: q.rd,
+            cd: q.cd,
+            question,
+            edns: q
+                .edns_payload
+                .map(|_| (self.settings.udp_payload, q.dnssec_ok)),
+        };
+        let bytes = stored.render(&asked, hit.elapsed, self.answer_limit(q, transport))?;
+        Some(Resolved::Wire(bytes, hit.stored.metadata.response_code))
+    }
+
+    /// The largest answer the client takes: its EDNS payload size (at most ours) over UDP,
+    /// 512 octets without EDNS, the whole message over streams.
+    fn answer_limit(&self, q: &ClientQuery, transport: Transport) -> usize {
+        match transport {
+            Transport::Udp => match q.edns_payload {
+                Some(p) => usize::from(p.clamp(512, self.settings.udp_payload)),
+                None => 512,
+            },
+            Transport::Tcp | Transport::Tls => usize::from(u16::MAX),
+        }
     }
 
     /// Serves a cache hit, re-authorizing first when the committed grant would not outlive
@@ -305,7 +376,7 @@ impl Handler {
         scope: Option<IpAddr>,
         hit: cache::Hit,
     ) -> Message {
-        let mut msg = hit.msg;
+        let mut msg = hit.msg();
         let now_ms = authorize::now_unix_ms();
         if !hit.needs_grant
             || !cache::needs_authorization(
@@ -603,13 +674,7 @@ impl Handler {
             e.set_dnssec_ok(q.dnssec_ok);
             e
         });
-        let limit = match transport {
-            Transport::Udp => match q.edns_payload {
-                Some(p) => usize::from(p.clamp(512, self.settings.udp_payload)),
-                None => 512,
-            },
-            Transport::Tcp | Transport::Tls => usize::from(u16::MAX),
-        };
+        let limit = self.answer_limit(q, transport);
         let bytes = match msg.to_vec() {
             Ok(b) if b.len() <= limit => b,
             Ok(_) => {
@@ -720,6 +785,7 @@ fn parse_query(wire: &[u8]) -> Result<ClientQuery, Reject> {
         cd: msg.metadata.checking_disabled,
         edns_payload,
         dnssec_ok,
+        question_len: crate::upstream::plain_question_len(wire),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::op::{Edns, Message, MessageType, Query};
 use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 
 use super::UpstreamError;
@@ -18,19 +18,25 @@ const PADDING_EDNS_PAYLOAD: u16 = 1232;
 pub(crate) const HEADER_LEN: usize = 12;
 
 /// A client query, parsed once and reused for every attempt on every upstream.
+///
+/// The common query (one plain question, at most an OPT record) is checked on the wire
+/// without building a `Message`: the parsed form is only needed to pad a query for a TLS
+/// upstream and to judge an answer that the wire checks cannot accept as is.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     /// The client's ID, restored in the answer.
     client_id: u16,
-    op_code: OpCode,
-    /// The question every response must echo.
-    queries: Vec<Query>,
+    /// The opcode bits of the header's third octet.
+    op_bits: u8,
+    /// Where the question (uncompressed name, type, class) lies in `wire`, when the wire
+    /// checks apply.
+    question: Option<std::ops::Range<usize>>,
     /// The largest UDP response the client accepts (512 without EDNS).
     udp_payload: usize,
     /// The client's bytes; transports overwrite the ID.
     wire: Vec<u8>,
-    /// The parsed query, kept to build the padded form.
-    message: Message,
+    /// The parsed query, built on first use (or at once when the wire checks do not apply).
+    message: OnceLock<Result<Message, UpstreamError>>,
     /// The padded form for TLS upstreams, built on first use, and whether we added EDNS to it.
     padded: OnceLock<Result<(Vec<u8>, bool), UpstreamError>>,
 }
@@ -38,6 +44,9 @@ pub(crate) struct Prepared {
 impl Prepared {
     /// Parses a client query. It must be a query (QR=0) with exactly one question.
     pub(crate) fn parse(wire: &[u8]) -> Result<Self, UpstreamError> {
+        if let Some(p) = Self::parse_wire(wire) {
+            return Ok(p);
+        }
         let message = Message::from_vec(wire)
             .map_err(|e| UpstreamError::MalformedQuery(format!("cannot parse: {e}")))?;
         if message.metadata.message_type != MessageType::Query {
@@ -53,13 +62,59 @@ impl Prepared {
         }
         Ok(Self {
             client_id: message.metadata.id,
-            op_code: message.metadata.op_code,
-            queries: message.queries.clone(),
+            op_bits: wire.get(2).map_or(0, |b| b & OPCODE_MASK),
+            question: None,
             udp_payload: usize::from(message.max_payload().max(512)),
             wire: wire.to_vec(),
-            message,
+            message: OnceLock::from(Ok(message)),
             padded: OnceLock::new(),
         })
+    }
+
+    /// The wire-only form of [`Prepared::parse`]: a query with one uncompressed question and
+    /// well-framed records. `None` sends the query through the full parser.
+    fn parse_wire(wire: &[u8]) -> Option<Self> {
+        let head = wire.get(..HEADER_LEN)?;
+        if head[2] & 0x80 != 0 || count(wire, 4)? != 1 {
+            return None;
+        }
+        let qend = plain_name_end(wire, HEADER_LEN)?.checked_add(4)?;
+        if qend > wire.len() {
+            return None;
+        }
+        let opt = walk_records(wire, qend)?;
+        let udp_payload = match opt {
+            Some(o) => usize::from(o.class.max(512)),
+            None => 512,
+        };
+        Some(Self {
+            client_id: u16::from_be_bytes([head[0], head[1]]),
+            op_bits: head[2] & OPCODE_MASK,
+            question: Some(HEADER_LEN..qend),
+            udp_payload,
+            wire: wire.to_vec(),
+            message: OnceLock::new(),
+            padded: OnceLock::new(),
+        })
+    }
+
+    /// The parsed query.
+    fn message(&self) -> Result<&Message, UpstreamError> {
+        self.message
+            .get_or_init(|| {
+                Message::from_vec(&self.wire)
+                    .map_err(|e| UpstreamError::MalformedQuery(format!("cannot parse: {e}")))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The question, parsed.
+    #[cfg(test)]
+    pub(crate) fn queries(&self) -> Vec<Query> {
+        self.message()
+            .map(|m| m.queries.clone())
+            .unwrap_or_default()
     }
 
     /// The largest UDP response the client advertised it accepts.
@@ -72,9 +127,15 @@ impl Prepared {
         &self.wire
     }
 
+    /// The question's bytes (name as the client wrote it, type, class), when the query has a
+    /// single uncompressed question: what a matching response echoes, up to letter case.
+    pub(crate) fn question_wire(&self) -> Option<&[u8]> {
+        self.question.clone().and_then(|r| self.wire.get(r))
+    }
+
     /// The query padded to a multiple of [`QUERY_BLOCK_LEN`] (any ID).
     pub(crate) fn padded_wire(&self) -> Result<&[u8], UpstreamError> {
-        match self.padded.get_or_init(|| pad(&self.message)) {
+        match self.padded.get_or_init(|| pad(self.message()?)) {
             Ok((wire, _)) => Ok(wire),
             Err(e) => Err(e.clone()),
         }
@@ -89,6 +150,12 @@ impl Prepared {
     /// ID restored, EDNS padding removed, and an OPT record we added ourselves removed again.
     /// The response ID is the transport's business and is not checked here.
     pub(crate) fn accept(&self, resp: &[u8], was_padded: bool) -> Result<Vec<u8>, String> {
+        if !was_padded && self.answers_on_the_wire(resp) {
+            // Nothing to remove: pass it on byte for byte, apart from the ID.
+            let mut out = resp.to_vec();
+            set_id(&mut out, self.client_id);
+            return Ok(out);
+        }
         if resp.len() < HEADER_LEN {
             return Err(format!("{} bytes is shorter than a DNS header", resp.len()));
         }
@@ -96,17 +163,18 @@ impl Prepared {
         if msg.metadata.message_type != MessageType::Response {
             return Err("QR bit clear: not a response".to_owned());
         }
-        if msg.metadata.op_code != self.op_code {
+        let query = self.message().map_err(|e| e.to_string())?;
+        if msg.metadata.op_code != query.metadata.op_code {
             return Err(format!(
                 "opcode {:?} does not match the query's {:?}",
-                msg.metadata.op_code, self.op_code
+                msg.metadata.op_code, query.metadata.op_code
             ));
         }
-        if !same_questions(&msg.queries, &self.queries) {
+        if !same_questions(&msg.queries, &query.queries) {
             return Err(format!(
                 "question {:?} does not match the query's {:?}",
                 msg.queries.first().map(ToString::to_string),
-                self.queries.first().map(ToString::to_string)
+                query.queries.first().map(ToString::to_string)
             ));
         }
         let drop_edns = was_padded && self.added_edns() && msg.edns.is_some();
@@ -121,6 +189,170 @@ impl Prepared {
         set_id(&mut out, self.client_id);
         Ok(out)
     }
+
+    /// Whether `resp` is, on the wire alone, a response to this query (QR, opcode, the same
+    /// single question up to letter case, records well framed) that carries no EDNS padding.
+    /// False means "look closer", not "reject".
+    fn answers_on_the_wire(&self, resp: &[u8]) -> bool {
+        let Some(question) = self.question_wire() else {
+            return false;
+        };
+        response_matches(resp, self.op_bits, question)
+            && matches!(walk_records(resp, HEADER_LEN + question.len()), Some(opt)
+                if !opt.is_some_and(|o| o.has_padding))
+    }
+}
+
+/// The opcode bits of the header's third octet.
+const OPCODE_MASK: u8 = 0x78;
+
+/// The EDNS option code of padding (RFC 7830).
+const PADDING_OPTION: u16 = 12;
+
+/// A 16-bit count of the header at `at`.
+fn count(wire: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes([
+        *wire.get(at)?,
+        *wire.get(at + 1)?,
+    ])))
+}
+
+/// Whether `resp` is a response with `op_bits` whose only question is `question` (compared
+/// ignoring ASCII case, as names are; length octets are below 64 and so never letters).
+pub(crate) fn response_matches(resp: &[u8], op_bits: u8, question: &[u8]) -> bool {
+    resp.len() >= HEADER_LEN + question.len()
+        && resp[2] & 0x80 != 0
+        && resp[2] & OPCODE_MASK == op_bits
+        && count(resp, 4) == Some(1)
+        && resp[HEADER_LEN..HEADER_LEN + question.len()].eq_ignore_ascii_case(question)
+}
+
+/// Whether the records after `resp`'s question of `question_len` octets are well framed:
+/// what a datagram needs, beyond [`response_matches`], to be worth handing to its query.
+pub(crate) fn records_framed(resp: &[u8], question_len: usize) -> bool {
+    walk_records(resp, HEADER_LEN + question_len).is_some()
+}
+
+/// The end of an uncompressed name starting at `pos` (`None` for a compression pointer, a
+/// reserved label type, a name over 255 octets, or one running past the end).
+fn plain_name_end(wire: &[u8], mut pos: usize) -> Option<usize> {
+    let start = pos;
+    loop {
+        let len = usize::from(*wire.get(pos)?);
+        if len == 0 {
+            return Some(pos + 1);
+        }
+        if len > 63 {
+            return None;
+        }
+        pos += 1 + len;
+        if pos - start > 255 {
+            return None;
+        }
+    }
+}
+
+/// The end of a possibly compressed name starting at `pos` (a pointer ends it; its target is
+/// not followed, so no loop is possible).
+fn name_end(wire: &[u8], mut pos: usize) -> Option<usize> {
+    let start = pos;
+    loop {
+        let len = *wire.get(pos)?;
+        match len & 0xc0 {
+            0x00 if len == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + usize::from(len),
+            0xc0 => {
+                wire.get(pos + 1)?;
+                return Some(pos + 2);
+            }
+            _ => return None,
+        }
+        if pos - start > 255 {
+            return None;
+        }
+    }
+}
+
+/// For a message with one uncompressed question: the question's length and where every
+/// record's TTL lies (OPT records excluded: their TTL field holds flags). `None` when the
+/// message is not framed that way.
+pub fn ttl_offsets(wire: &[u8]) -> Option<(usize, Vec<usize>)> {
+    if count(wire, 4)? != 1 {
+        return None;
+    }
+    let qend = plain_name_end(wire, HEADER_LEN)?.checked_add(4)?;
+    let records = count(wire, 6)? + count(wire, 8)? + count(wire, 10)?;
+    let mut offsets = Vec::with_capacity(records);
+    let mut pos = qend;
+    for _ in 0..records {
+        pos = name_end(wire, pos)?;
+        let fixed = wire.get(pos..pos + 10)?;
+        if u16::from_be_bytes([fixed[0], fixed[1]]) != 41 {
+            offsets.push(pos + 4);
+        }
+        pos += 10 + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+    }
+    (pos == wire.len()).then_some((qend - HEADER_LEN, offsets))
+}
+
+/// The length of `wire`'s question (uncompressed name, type, class) when it is a message
+/// with exactly one question written that way.
+pub fn plain_question_len(wire: &[u8]) -> Option<usize> {
+    if count(wire, 4)? != 1 {
+        return None;
+    }
+    let qend = plain_name_end(wire, HEADER_LEN)?.checked_add(4)?;
+    (qend <= wire.len()).then_some(qend - HEADER_LEN)
+}
+
+/// What [`walk_records`] learned about the OPT record.
+#[derive(Debug, Clone, Copy)]
+struct OptInfo {
+    /// Its CLASS: the advertised UDP payload size.
+    class: u16,
+    /// Whether its RDATA holds a padding option.
+    has_padding: bool,
+}
+
+/// Walks the answer, authority and additional records that start at `pos`, checking their
+/// framing (names, fixed fields and RDATA inside the message, nothing after the last one).
+/// Returns the OPT record's details if there is one, and `None` when the framing is broken
+/// or there is more than one OPT.
+fn walk_records(wire: &[u8], mut pos: usize) -> Option<Option<OptInfo>> {
+    let records = count(wire, 6)? + count(wire, 8)? + count(wire, 10)?;
+    let mut opt = None;
+    for _ in 0..records {
+        pos = name_end(wire, pos)?;
+        let fixed = wire.get(pos..pos + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        pos += 10;
+        let rdata = wire.get(pos..pos + rdlen)?;
+        pos += rdlen;
+        if rtype == 41 {
+            if opt.is_some() {
+                return None;
+            }
+            opt = Some(OptInfo {
+                class,
+                has_padding: options_have(rdata, PADDING_OPTION)?,
+            });
+        }
+    }
+    (pos == wire.len()).then_some(opt)
+}
+
+/// Whether the EDNS options in `rdata` include `code` (`None` when they are badly framed).
+fn options_have(rdata: &[u8], code: u16) -> Option<bool> {
+    let mut pos = 0;
+    let mut found = false;
+    while pos < rdata.len() {
+        let head = rdata.get(pos..pos + 4)?;
+        found |= u16::from_be_bytes([head[0], head[1]]) == code;
+        pos += 4 + usize::from(u16::from_be_bytes([head[2], head[3]]));
+    }
+    (pos == rdata.len()).then_some(found)
 }
 
 /// Question sections match when names (case-insensitively), types and classes match.
@@ -279,7 +511,7 @@ pub(crate) mod tests {
             );
             assert!(has_padding(&padded));
             let back = Message::from_vec(&padded).unwrap();
-            assert_eq!(back.queries, p.queries);
+            assert_eq!(back.queries, p.queries());
             let stripped = strip_padding(&padded).unwrap();
             assert!(!has_padding(&stripped));
             assert!(stripped.len() < padded.len());

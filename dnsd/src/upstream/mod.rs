@@ -31,7 +31,9 @@ use tokio_rustls::TlsConnector;
 
 pub use config::{Protocol, Strategy, UpstreamConfig, server_addrs};
 pub use health::UpstreamHealth;
-pub use message::{QUERY_BLOCK_LEN, strip_padding, strip_padding_message};
+pub use message::{
+    QUERY_BLOCK_LEN, plain_question_len, strip_padding, strip_padding_message, ttl_offsets,
+};
 pub use tls::spki_pin;
 
 use health::{Health, Policy, State};
@@ -177,14 +179,14 @@ struct Inner {
 struct Upstream {
     addr: SocketAddr,
     url: Arc<str>,
-    health: Health,
+    health: Arc<Health>,
     transport: Transport,
 }
 
 #[derive(Debug)]
 enum Transport {
     /// UDP, with a TCP pool for truncated answers.
-    Udp { tcp: Arc<Pool> },
+    Udp { udp: udp::UdpPool, tcp: Arc<Pool> },
     /// A pooled stream: TCP or TLS.
     Stream { pool: Arc<Pool>, tls: bool },
 }
@@ -223,8 +225,10 @@ impl Upstreams {
                         cfg.attempt_timeout,
                     ))
                 };
+                let health = Arc::new(Health::new(policy));
                 let transport = match (&url.protocol, &tls_connector) {
                     (Protocol::Udp, _) => Transport::Udp {
+                        udp: udp::UdpPool::new(url.addr, health.clone()),
                         tcp: pool(Connector::Tcp),
                     },
                     (Protocol::Tcp, _) => Transport::Stream {
@@ -245,7 +249,7 @@ impl Upstreams {
                 Ok(Upstream {
                     addr: url.addr,
                     url: Arc::from(url.to_string()),
-                    health: Health::new(policy),
+                    health,
                     transport,
                 })
             })
@@ -330,7 +334,7 @@ impl Upstreams {
             .iter()
             .map(|up| {
                 let pool = match &up.transport {
-                    Transport::Udp { tcp } => tcp,
+                    Transport::Udp { tcp, .. } => tcp,
                     Transport::Stream { pool, .. } => pool,
                 };
                 let open = u32::try_from(pool.open_connections()).unwrap_or(u32::MAX);
@@ -359,7 +363,10 @@ impl Upstreams {
     pub async fn shutdown(&self) {
         for up in &self.inner.upstreams {
             match &up.transport {
-                Transport::Udp { tcp } => tcp.close_all(),
+                Transport::Udp { udp, tcp } => {
+                    udp.close_all();
+                    tcp.close_all();
+                }
                 Transport::Stream { pool, .. } => pool.close_all(),
             }
         }
@@ -502,17 +509,15 @@ impl Upstream {
             reason,
         };
         match &self.transport {
-            Transport::Udp { tcp } => {
-                match udp::exchange(self.addr, prepared, deadline, &self.health).await? {
-                    UdpReply::Answer(answer) => Ok((answer, Protocol::Udp)),
-                    UdpReply::Truncated => {
-                        tracing::debug!(upstream = %self.url, "truncated over UDP, retrying over TCP");
-                        let resp = tcp.exchange(prepared.wire(), deadline).await?;
-                        let answer = prepared.accept(&resp, false).map_err(bad)?;
-                        Ok((answer, Protocol::Tcp))
-                    }
+            Transport::Udp { udp, tcp } => match udp.exchange(prepared, deadline).await? {
+                UdpReply::Answer(answer) => Ok((answer, Protocol::Udp)),
+                UdpReply::Truncated => {
+                    tracing::debug!(upstream = %self.url, "truncated over UDP, retrying over TCP");
+                    let resp = tcp.exchange(prepared.wire(), deadline).await?;
+                    let answer = prepared.accept(&resp, false).map_err(bad)?;
+                    Ok((answer, Protocol::Tcp))
                 }
-            }
+            },
             Transport::Stream { pool, tls } => {
                 let padded = *tls && padding;
                 let wire = if padded {

@@ -1,19 +1,42 @@
-//! udp:// upstreams: one fresh socket (random source port) and a random ID per query; only a
-//! response from the upstream's address, with our ID and the query's question, is accepted.
+//! udp:// upstreams: a few long-lived connected sockets per upstream (as dnsdist keeps), each
+//! carrying many queries at once under random IDs. Only a response from the upstream's
+//! address (the socket is connected) with a pending ID and that query's question is handed to
+//! the query; everything else is counted as a bad response and ignored, so a spoofer cannot
+//! cut a query short. A socket is replaced after [`RETIRE_AFTER`] queries, so that the source
+//! port keeps changing (RFC 5452) without paying a socket per query.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use parking_lot::Mutex;
 use tokio::net::UdpSocket;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, timeout_at};
 
 use super::UpstreamError;
 use super::health::Health;
-use super::message::{HEADER_LEN, Prepared, id_of, is_truncated, set_id};
+use super::message::{
+    HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id,
+};
 
 /// Receive room beyond the client's advertised payload size, so that an oversized answer is
 /// seen whole (and fails to match) rather than cut.
 const RECV_SLACK: usize = 512;
+
+/// Sockets per upstream: queries are spread over them round robin.
+const SOCKETS: usize = 4;
+
+/// Queries one socket carries before it is replaced by one on a new random port.
+const RETIRE_AFTER: u64 = 2048;
+
+/// Queries in flight on one socket; beyond that a query gets a socket of its own. Far below
+/// 65536 so that a random free ID is found in a couple of tries.
+const MAX_PENDING: usize = 4096;
+
+/// The largest datagram.
+const MAX_DATAGRAM: usize = 65_535;
 
 /// What came back over UDP.
 #[derive(Debug)]
@@ -24,28 +47,303 @@ pub(crate) enum UdpReply {
     Truncated,
 }
 
-/// Sends the query and waits until `deadline` for a matching response. Mismatched or
-/// malformed datagrams are counted on `health` and ignored, so a spoofer cannot cut a query
-/// short.
-pub(crate) async fn exchange(
+type Reply = Result<Vec<u8>, UpstreamError>;
+
+/// The long-lived sockets to one udp:// upstream.
+#[derive(Debug)]
+pub(crate) struct UdpPool {
     addr: SocketAddr,
-    prepared: &Prepared,
-    deadline: Instant,
-    health: &Health,
-) -> Result<UdpReply, UpstreamError> {
+    health: Arc<Health>,
+    slots: Vec<Mutex<Option<Arc<Channel>>>>,
+    next: AtomicUsize,
+}
+
+/// One connected socket, its pending queries and its receive task.
+#[derive(Debug)]
+struct Channel {
+    sock: UdpSocket,
+    state: Mutex<ChannelState>,
+    /// Wakes the receive task to end it once the channel is retired and idle.
+    done: Notify,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    /// In-flight queries by ID; the sequence number tells a query's own entry from a later
+    /// one that reused its ID.
+    pending: HashMap<u16, Waiter>,
+    next_seq: u64,
+    /// Queries sent so far.
+    sent: u64,
+    /// No new queries: the channel ends when the last pending one is done.
+    retired: bool,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    seq: u64,
+    /// The question the response must echo (any letter case).
+    question: Box<[u8]>,
+    op_bits: u8,
+    tx: oneshot::Sender<Reply>,
+}
+
+impl UdpPool {
+    /// Sockets to `addr`, opened on first use; bad responses are counted on `health`.
+    pub(crate) fn new(addr: SocketAddr, health: Arc<Health>) -> Self {
+        Self {
+            addr,
+            health,
+            slots: (0..SOCKETS).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sends the query and waits until `deadline` for a matching response.
+    pub(crate) async fn exchange(
+        &self,
+        prepared: &Prepared,
+        deadline: Instant,
+    ) -> Result<UdpReply, UpstreamError> {
+        let Some(question) = prepared.question_wire() else {
+            return exchange_alone(self.addr, prepared, deadline, &self.health).await;
+        };
+        let chan = self.channel()?;
+        let (tx, rx) = oneshot::channel();
+        let Some((id, seq)) = chan.register(question, prepared.wire(), tx) else {
+            // This socket is saturated: a socket of its own for this query.
+            return exchange_alone(self.addr, prepared, deadline, &self.health).await;
+        };
+        let _pending = Registration {
+            chan: &chan,
+            id,
+            seq,
+        };
+        let mut wire = prepared.wire().to_vec();
+        set_id(&mut wire, id);
+        chan.sock.send(&wire).await.map_err(refused_or(self.addr))?;
+        let resp = match timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => reply?,
+            Ok(Err(_)) => {
+                return Err(UpstreamError::Io {
+                    addr: self.addr,
+                    source: Arc::new(std::io::Error::other("upstream socket closed")),
+                });
+            }
+            Err(_) => return Err(UpstreamError::Timeout { addr: self.addr }),
+        };
+        // A forged TC can only make us ask again over TCP, so it needs no further checks.
+        if is_truncated(&resp) {
+            return Ok(UdpReply::Truncated);
+        }
+        prepared
+            .accept(&resp, false)
+            .map(UdpReply::Answer)
+            .map_err(|reason| {
+                self.health
+                    .on_bad_response(&format!("bad response from {}: {reason}", self.addr));
+                UpstreamError::BadResponse {
+                    addr: self.addr,
+                    reason,
+                }
+            })
+    }
+
+    /// Retires every socket (shutdown or reload): queries in flight still get their answers,
+    /// and later queries open new sockets.
+    pub(crate) fn close_all(&self) {
+        for slot in &self.slots {
+            if let Some(chan) = slot.lock().take() {
+                chan.retire();
+            }
+        }
+    }
+
+    /// The next socket round robin, opened (or replaced, once retired) as needed.
+    fn channel(&self) -> Result<Arc<Channel>, UpstreamError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % SOCKETS;
+        let Some(slot) = self.slots.get(i) else {
+            return Err(UpstreamError::Io {
+                addr: self.addr,
+                source: Arc::new(std::io::Error::other("no socket slot")),
+            });
+        };
+        let mut slot = slot.lock();
+        if let Some(chan) = slot.as_ref()
+            && !chan.state.lock().retired
+        {
+            return Ok(chan.clone());
+        }
+        let chan = Arc::new(Channel {
+            sock: connected_socket(self.addr)?,
+            state: Mutex::new(ChannelState::default()),
+            done: Notify::new(),
+        });
+        tokio::spawn(receive(chan.clone(), self.addr, self.health.clone()));
+        *slot = Some(chan.clone());
+        Ok(chan)
+    }
+}
+
+/// A new UDP socket on a random ephemeral port (RFC 5452), connected to `addr`: the kernel
+/// drops datagrams from other sources and reports ICMP errors.
+fn connected_socket(addr: SocketAddr) -> Result<UdpSocket, UpstreamError> {
     let io = |source| UpstreamError::Io {
         addr,
         source: Arc::new(source),
     };
-    // A new socket per query: the kernel picks a random ephemeral port (RFC 5452).
     let local: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = UdpSocket::bind(local).await.map_err(io)?;
-    // Connected: the kernel drops datagrams from other sources and reports ICMP errors.
-    sock.connect(addr).await.map_err(io)?;
+    let sock = std::net::UdpSocket::bind(local).map_err(io)?;
+    sock.connect(addr).map_err(io)?;
+    sock.set_nonblocking(true).map_err(io)?;
+    UdpSocket::from_std(sock).map_err(io)
+}
+
+impl Channel {
+    /// Registers a query under a random free ID; `None` when the socket is saturated.
+    fn register(
+        &self,
+        question: &[u8],
+        wire: &[u8],
+        tx: oneshot::Sender<Reply>,
+    ) -> Option<(u16, u64)> {
+        let mut st = self.state.lock();
+        if st.pending.len() >= MAX_PENDING {
+            return None;
+        }
+        let id = loop {
+            let id = rand::random::<u16>();
+            if !st.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.sent += 1;
+        if st.sent >= RETIRE_AFTER {
+            st.retired = true;
+        }
+        st.pending.insert(
+            id,
+            Waiter {
+                seq,
+                question: question.into(),
+                op_bits: wire.get(2).map_or(0, |b| b & 0x78),
+                tx,
+            },
+        );
+        Some((id, seq))
+    }
+
+    /// Hands a datagram to the query it answers. Returns a description of what is wrong
+    /// with it when it answers none.
+    fn deliver(&self, resp: &[u8]) -> Result<(), String> {
+        let Some(id) = id_of(resp).filter(|_| resp.len() >= HEADER_LEN) else {
+            return Err(format!(
+                "{} octets is shorter than a DNS header",
+                resp.len()
+            ));
+        };
+        let mut st = self.state.lock();
+        let Some(w) = st.pending.get(&id) else {
+            return Err("wrong ID".to_owned());
+        };
+        // A truncated answer may come without its question section.
+        let tc_only = is_truncated(resp) && resp[2] & 0x80 != 0;
+        let answers_it = tc_only
+            || (response_matches(resp, w.op_bits, &w.question)
+                && records_framed(resp, w.question.len()));
+        if !answers_it {
+            return Err("not a response to the pending query with this ID".to_owned());
+        }
+        if let Some(w) = st.pending.remove(&id) {
+            let _ = w.tx.send(Ok(resp.to_vec()));
+        }
+        self.end_if_idle(&st);
+        Ok(())
+    }
+
+    /// Fails every pending query (the socket reported an error, e.g. ICMP port unreachable).
+    fn fail_all(&self, err: &UpstreamError) {
+        let mut st = self.state.lock();
+        for (_, w) in st.pending.drain() {
+            let _ = w.tx.send(Err(err.clone()));
+        }
+        st.retired = true;
+        self.end_if_idle(&st);
+    }
+
+    fn retire(&self) {
+        let mut st = self.state.lock();
+        st.retired = true;
+        self.end_if_idle(&st);
+    }
+
+    fn end_if_idle(&self, st: &ChannelState) {
+        if st.retired && st.pending.is_empty() {
+            self.done.notify_one();
+        }
+    }
+}
+
+/// Removes a query's pending entry when it ends in any way (answer, timeout, cancellation).
+struct Registration<'a> {
+    chan: &'a Channel,
+    id: u16,
+    seq: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut st = self.chan.state.lock();
+        if st.pending.get(&self.id).is_some_and(|w| w.seq == self.seq) {
+            st.pending.remove(&self.id);
+        }
+        self.chan.end_if_idle(&st);
+    }
+}
+
+/// The receive task of one socket: runs until the channel is retired and idle.
+async fn receive(chan: Arc<Channel>, addr: SocketAddr, health: Arc<Health>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = tokio::select! {
+            r = chan.sock.recv(&mut buf) => r,
+            () = chan.done.notified() => break,
+        };
+        match received {
+            Ok(len) => {
+                let resp = buf.get(..len).unwrap_or_default();
+                if let Err(reason) = chan.deliver(resp) {
+                    tracing::debug!(%addr, reason, "ignoring bad UDP response");
+                    health.on_bad_response(&format!("bad response from {addr}: {reason}"));
+                }
+            }
+            Err(e) => {
+                // ICMP errors surface here: every query on this socket went the same way.
+                let err = refused_or(addr)(e);
+                tracing::debug!(%addr, error = %err, "upstream socket error");
+                chan.fail_all(&err);
+                break;
+            }
+        }
+    }
+    tracing::trace!(%addr, "upstream socket closed");
+}
+
+/// One query on a socket of its own (a question the wire checks cannot match, or every
+/// shared socket saturated).
+async fn exchange_alone(
+    addr: SocketAddr,
+    prepared: &Prepared,
+    deadline: Instant,
+    health: &Health,
+) -> Result<UdpReply, UpstreamError> {
+    let sock = connected_socket(addr)?;
     let id = rand::random::<u16>();
     let mut wire = prepared.wire().to_vec();
     set_id(&mut wire, id);
@@ -54,19 +352,15 @@ pub(crate) async fn exchange(
     // Sized by the client's EDNS payload size, which we forward: a server must not send more.
     let mut buf = vec![0; prepared.udp_payload() + RECV_SLACK];
     loop {
-        let (len, from) = match timeout_at(deadline, sock.recv_from(&mut buf)).await {
+        let len = match timeout_at(deadline, sock.recv(&mut buf)).await {
             Ok(r) => r.map_err(refused_or(addr))?,
             Err(_) => return Err(UpstreamError::Timeout { addr }),
         };
         let resp = buf.get(..len).unwrap_or_default();
         let bad = |reason: String| {
-            tracing::debug!(%addr, %from, reason, "ignoring bad UDP response");
+            tracing::debug!(%addr, reason, "ignoring bad UDP response");
             health.on_bad_response(&format!("bad response from {addr}: {reason}"));
         };
-        if from != addr {
-            bad(format!("from unexpected source {from}"));
-            continue;
-        }
         if len < HEADER_LEN {
             bad(format!("{len} octets is shorter than a DNS header"));
             continue;
@@ -75,7 +369,6 @@ pub(crate) async fn exchange(
             bad("wrong ID".to_owned());
             continue;
         }
-        // A forged TC can only make us ask again over TCP, so it needs no further checks.
         if is_truncated(resp) {
             return Ok(UdpReply::Truncated);
         }
@@ -207,5 +500,35 @@ mod tests {
         let err = ups.query(&query("a.example.", 1)).await.unwrap_err();
         assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn queries_share_a_few_sockets_whose_ports_rotate() {
+        let server = udp_server().await;
+        let ups = Upstreams::new(&config(vec![server.udp_url()])).unwrap();
+        let total = 3 * SOCKETS * usize::try_from(RETIRE_AFTER).unwrap();
+        for batch in 0..total / 64 {
+            let mut set = tokio::task::JoinSet::new();
+            for j in 0..64u16 {
+                let ups = ups.clone();
+                let id = u16::try_from(batch % 512).unwrap() * 64 + j;
+                set.spawn(async move {
+                    let name = format!("q{id}.example.");
+                    let a = ups.query(&query(&name, id)).await.unwrap();
+                    assert_answers(&a.response, &name, id);
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap();
+            }
+        }
+        let ports = server.stats.ports.lock().len();
+        // Each socket carries RETIRE_AFTER queries, then a new one (a new port) takes over.
+        assert!(ports > SOCKETS, "ports rotate: {ports}");
+        assert!(
+            ports <= 4 * SOCKETS,
+            "sockets are shared: {ports} for {total} queries"
+        );
+        assert_eq!(ups.health()[0].errors, 0);
     }
 }
