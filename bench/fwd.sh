@@ -9,11 +9,11 @@ LAT_CALLS=5000; TP_TOTAL=200000; LIVE=1000000; NFT_CALLS=300
 if [ "$QUICK" = "--quick" ]; then LAT_CALLS=500; TP_TOTAL=20000; LIVE=100000; NFT_CALLS=50; fi
 # The bulk fill tops the grants up to LIVE in total (the nft-exec baseline's elements are not
 # fwd's and are removed as strangers only below the dump limit, so they are not counted).
-FILL=$(( LIVE - (LAT_CALLS + 100) - 2 * TP_TOTAL ))
+FILL=$(( LIVE - (LAT_CALLS + 100) - 4 * TP_TOTAL ))
 
 [ "$(id -u)" = 0 ] || { echo "bench/fwd.sh must run as root (network namespaces, nftables)"; exit 1; }
 cargo build --release -q -p fwd -p guard-bench -p guardctl
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 NS="guard-bench-$$"
 DIR=$(mktemp -d /tmp/guard-bench.XXXXXX)
 FWD_PID=""
@@ -58,6 +58,9 @@ start_fwd
 LAT=$(fb --seed 1 latency --calls "$LAT_CALLS")
 TP1=$(fb --seed 2 throughput --callers 32 --total "$TP_TOTAL" --batch 1)
 TP8=$(fb --seed 3 throughput --callers 32 --total "$TP_TOTAL" --batch 8)
+# dnsd's way: each call is one AuthorizeMany of 16 requests (one per coalesced answer).
+M1=$(fb --seed 6 throughput --callers 32 --total "$TP_TOTAL" --batch 1 --many 16)
+M2=$(fb --seed 7 throughput --callers 32 --total "$TP_TOTAL" --batch 2 --many 16)
 NFT=$(fb --seed 4 nft-exec --calls "$NFT_CALLS")
 FILLR=$(fb --seed 5 throughput --callers 32 --total "$FILL" --batch 256)
 # Counted through fwd: `nft list set` would pay the kernel's quadratic set dump at this size.
@@ -80,16 +83,18 @@ PY
 )
 AFTER=$(grants)
 
-python3 - "$LAT" "$TP1" "$TP8" "$NFT" "$FILLR" "$GRANTS" "$RSS_FULL" "$RSS_RESTART" "$READY_MS" "$RECONCILE_TOOK" "$AFTER" <<'PY'
+python3 - "$LAT" "$TP1" "$TP8" "$NFT" "$FILLR" "$M1" "$M2" "$GRANTS" "$RSS_FULL" "$RSS_RESTART" "$READY_MS" "$RECONCILE_TOOK" "$AFTER" <<'PY'
 import json, sys, platform, os
-lat, tp1, tp8, nft, fill = (json.loads(a) for a in sys.argv[1:6])
-grants, rss_full, rss_restart, ready_ms, took, after = sys.argv[6:12]
+lat, tp1, tp8, nft, fill, m1, m2 = (json.loads(a) for a in sys.argv[1:8])
+grants, rss_full, rss_restart, ready_ms, took, after = sys.argv[8:14]
 print("| measure | guard fwd | nft exec per grant (peers' way) | ratio |")
 print("|---|---:|---:|---:|")
 print(f"| Authorize, 1 new IP, p50 | {lat['p50_us']} µs | {nft['p50_us']} µs | {nft['p50_us']/max(lat['p50_us'],1):.0f}x faster |")
 print(f"| Authorize, 1 new IP, p99 | {lat['p99_us']} µs | {nft['p99_us']} µs | {nft['p99_us']/max(lat['p99_us'],1):.0f}x faster |")
 print(f"| new IPs/s, 32 callers, 1 IP per call | {tp1['ips_per_s']:,.0f} | {nft['ips_per_s']:,.0f} | {tp1['ips_per_s']/max(nft['ips_per_s'],1):.0f}x |")
 print(f"| new IPs/s, 32 callers, 8 IPs per call | {tp8['ips_per_s']:,.0f} | | |")
+print(f"| new IPs/s, 32 callers, AuthorizeMany 16 requests x 1 IP | {m1['ips_per_s']:,.0f} | | |")
+print(f"| new IPs/s, 32 callers, AuthorizeMany 16 requests x 2 IPs | {m2['ips_per_s']:,.0f} | | |")
 print(f"| new IPs/s, bulk fill, 256 IPs per call | {fill['ips_per_s']:,.0f} | | |")
 print()
 print(f"| live grants | fwd RSS full | kill -9, restart to READY | reconcile (inside that) | RSS after restart | grants after restart |")
@@ -97,5 +102,5 @@ print("|---:|---:|---:|---:|---:|---:|")
 print(f"| {int(grants):,} | {rss_full} MB | {ready_ms} ms | {took} | {rss_restart} MB | {int(after):,} |")
 print()
 print(f"latency detail: {lat}")
-print(f"machine: {platform.node()} {os.cpu_count()} cpus, kernel {platform.release()}")
+print(f"machine: {platform.node()} {os.cpu_count()} cpus, kernel {platform.release()}, load average at end {os.getloadavg()}")
 PY

@@ -47,6 +47,10 @@ enum Cmd {
         /// gRPC connections shared by the callers.
         #[arg(long, default_value_t = 4)]
         connections: u64,
+        /// Requests per call: above 0, each call is one AuthorizeMany of this many requests of
+        /// `batch` addresses each (the way dnsd coalesces answers); 0 = plain Authorize.
+        #[arg(long, default_value_t = 0)]
+        many: u64,
     },
     /// The peers' way: one `nft add element` exec per grant, in the same namespace.
     NftExec {
@@ -71,8 +75,8 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn call(c: &mut FirewallClient<tonic::transport::Channel>, ips: Vec<Vec<u8>>) -> Result<()> {
-    let req = pb::AuthorizeRequest {
+fn request(ips: Vec<Vec<u8>>) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
         grants: ips
             .into_iter()
             .map(|ip| pb::Grant { ip, ttl_s: 3600 })
@@ -80,13 +84,43 @@ async fn call(c: &mut FirewallClient<tonic::transport::Channel>, ips: Vec<Vec<u8
         qname: "bench.example".into(),
         reason: "bench".into(),
         ..Default::default()
-    };
-    let r = c.authorize(req).await?.into_inner();
-    for g in r.results {
+    }
+}
+
+fn check(results: &[pb::GrantResult]) -> Result<()> {
+    for g in results {
         if g.outcome == pb::Outcome::Rejected as i32 || g.outcome == pb::Outcome::Unspecified as i32
         {
             bail!("unexpected outcome {} ({})", g.outcome, g.error);
         }
+    }
+    Ok(())
+}
+
+async fn call(c: &mut FirewallClient<tonic::transport::Channel>, ips: Vec<Vec<u8>>) -> Result<()> {
+    let r = c.authorize(request(ips)).await?.into_inner();
+    check(&r.results)
+}
+
+/// One AuthorizeMany carrying `per` addresses in each request.
+async fn call_many(
+    c: &mut FirewallClient<tonic::transport::Channel>,
+    ips: Vec<Vec<u8>>,
+    per: usize,
+) -> Result<()> {
+    let requests = ips
+        .chunks(per.max(1))
+        .map(|c| request(c.to_vec()))
+        .collect();
+    let r = c
+        .authorize_many(pb::AuthorizeManyRequest { requests })
+        .await?
+        .into_inner();
+    for one in &r.responses {
+        if !one.error.is_empty() {
+            bail!("request refused: {}", one.error);
+        }
+        check(&one.results)?;
     }
     Ok(())
 }
@@ -123,6 +157,7 @@ async fn main() -> Result<()> {
             total,
             batch,
             connections,
+            many,
         } => {
             let mut chans = Vec::new();
             for _ in 0..connections.max(1) {
@@ -139,16 +174,21 @@ async fn main() -> Result<()> {
                 let mut c = FirewallClient::new(chans[(i % connections.max(1)) as usize].clone());
                 let next = next.clone();
                 let seed = args.seed;
+                let per_call = batch * many.max(1);
                 tasks.spawn(async move {
                     loop {
-                        let start = next.fetch_add(batch, Ordering::Relaxed);
+                        let start = next.fetch_add(per_call, Ordering::Relaxed);
                         if start >= total {
                             return Ok::<(), anyhow::Error>(());
                         }
-                        let ips = (start..(start + batch).min(total))
+                        let ips = (start..(start + per_call).min(total))
                             .map(|n| addr(seed, n))
                             .collect();
-                        call(&mut c, ips).await?;
+                        if many > 0 {
+                            call_many(&mut c, ips, batch as usize).await?;
+                        } else {
+                            call(&mut c, ips).await?;
+                        }
                     }
                 });
             }
@@ -158,7 +198,7 @@ async fn main() -> Result<()> {
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "{}",
-                json!({"run": "throughput", "callers": callers, "batch": batch, "connections": connections,
+                json!({"run": "throughput", "callers": callers, "batch": batch, "many": many, "connections": connections,
                        "total": total, "seconds": (secs * 1000.0).round() / 1000.0, "ips_per_s": (total as f64 / secs).round()})
             );
         }

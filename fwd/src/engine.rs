@@ -45,8 +45,22 @@ fn dump_limit() -> usize {
     DUMP_LIMIT
 }
 
-/// Metadata key of the commit high-water mark: every grant written at or before it is in the kernel.
+/// Metadata key of the commit high-water mark: every grant written before it is in the kernel.
 const COMMITTED_META: &str = "committed_upto_ms";
+/// A group's intent transaction also records the mark when the stored one is older than this,
+/// so after a kill -9 restart re-adds only the last moments of grants (not everything since the
+/// last sweep), at the price of one metadata row in some transactions.
+const MARK_EVERY_MS: u64 = 200;
+
+/// Test hook: holds a committer between a group's SQLite intent and its kernel commit, so a
+/// test can observe the state in that window deterministically (no sleeps).
+#[cfg(test)]
+struct TestGate {
+    /// The committer reports here when it reaches the gate.
+    reached: mpsc::Sender<()>,
+    /// ... and then waits here until the test lets it go (or drops the sender).
+    release: std::sync::Mutex<mpsc::Receiver<()>>,
+}
 /// Metadata key of the installed ruleset's fingerprint.
 const RULESET_META: &str = "ruleset_fingerprint";
 
@@ -176,6 +190,8 @@ struct Shared {
     committed: RwLock<HashMap<SetKey, u64>>,
     manual: RwLock<HashMap<IpNet, Option<u64>>>,
     heartbeat_ms: AtomicU64,
+    #[cfg(test)]
+    commit_gate: std::sync::Mutex<Option<Arc<TestGate>>>,
 }
 
 impl Shared {
@@ -693,6 +709,8 @@ impl Engine {
             committed: RwLock::new(committed),
             manual: RwLock::new(manual),
             heartbeat_ms: AtomicU64::new(now_ms()),
+            #[cfg(test)]
+            commit_gate: std::sync::Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel();
         let mut committer = Committer {
@@ -858,6 +876,14 @@ impl Engine {
     /// Appends audit events (denied callers, refused calls) without waiting.
     pub fn audit(&self, events: Vec<AuditEvent>) {
         let _ = self.tx.send(Job::Audit(events));
+    }
+
+    /// Installs (or removes) the gate that holds the committer before each kernel commit.
+    #[cfg(test)]
+    fn set_commit_gate(&self, gate: Option<Arc<TestGate>>) {
+        if let Ok(mut g) = self.shared.commit_gate.lock() {
+            *g = gate;
+        }
     }
 }
 
@@ -1193,8 +1219,16 @@ impl Committer {
             events.push(ev);
         }
         // Intent first: if we crash after this, restart re-adds it (only addresses DNS named).
+        // Everything stamped before `now` was committed by earlier groups, so the mark may move
+        // to `now` in the same transaction (this group's grants, stamped `now`, stay after it).
+        let mark = (!self.mark_frozen && now >= self.persisted_upto + MARK_EVERY_MS)
+            .then(|| now.to_string());
         let t_apply = Instant::now();
-        let applied = self.store.apply(&changes, &events);
+        let applied = self.store.apply_with_meta(
+            &changes,
+            &events,
+            mark.as_deref().map(|m| (COMMITTED_META, m)),
+        );
         tracing::debug!(
             store_us = t_apply.elapsed().as_micros() as u64,
             "group intent written"
@@ -1206,9 +1240,14 @@ impl Committer {
             }
             return;
         }
+        if mark.is_some() {
+            self.persisted_upto = now;
+        }
         let t_store = Instant::now();
         let mut kernel_error: Option<String> = None;
         if !ops.is_empty() {
+            #[cfg(test)]
+            self.test_gate();
             match commit_tolerant(&mut self.nl, &self.table, &ops, &groups_of(&ops)) {
                 Ok(failed) => {
                     for (i, why) in failed {
@@ -1330,6 +1369,18 @@ impl Committer {
                 })
                 .collect();
             let _ = reply.send(Ok(results));
+        }
+    }
+
+    /// Waits at the test gate, if one is installed.
+    #[cfg(test)]
+    fn test_gate(&self) {
+        let gate = self.shared.commit_gate.lock().ok().and_then(|g| g.clone());
+        if let Some(g) = gate {
+            let _ = g.reached.send(());
+            if let Ok(rx) = g.release.lock() {
+                let _ = rx.recv();
+            }
         }
     }
 
@@ -1965,6 +2016,119 @@ mod tests {
                     r.unwrap();
                 }
             });
+        });
+    }
+
+    /// Polls `fut` once with a waker that does nothing: whether it can answer right now.
+    fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(fut).poll(&mut cx)
+    }
+
+    /// Installs a gate on `e` and returns (reached, release) for the test's side.
+    fn gate(e: &Engine) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (reached_tx, reached) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        e.set_commit_gate(Some(Arc::new(TestGate {
+            reached: reached_tx,
+            release: std::sync::Mutex::new(release_rx),
+        })));
+        (reached, release)
+    }
+
+    /// The nettrust race made deterministic: the committer is held between the SQLite intent of
+    /// an address and its kernel commit, and calls for the same address made in that window
+    /// (nameless ones take the lock-free fast path) must not be answered until the kernel has
+    /// it. Inserting into the committed view before the kernel commit fails this test in debug
+    /// and release builds alike.
+    #[test]
+    fn nettrust_race_call_during_held_commit_waits_for_the_kernel() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let addr = "192.0.2.44";
+            let (reached, release) = gate(&e);
+            let mut first = Box::pin(e.authorize(cmd(&[addr], 300, &s), root()));
+            assert!(poll_once(&mut first).is_pending(), "answered before commit");
+            reached.recv().unwrap();
+            // Held: the intent is in SQLite (a separate connection reads it), not in the kernel.
+            let stored = Reader::open(&s.raw.database)
+                .unwrap()
+                .list(&Default::default())
+                .unwrap()
+                .0;
+            assert!(
+                stored.iter().any(|g| g.key.net.addr() == ip(addr)),
+                "intent not written before the kernel commit: {stored:?}"
+            );
+            assert!(kernel(AUTH4).iter().all(|(a, _)| a != addr));
+            let mut nameless = cmd(&[addr], 300, &s);
+            nameless.qname = None;
+            let mut calls = vec![
+                Box::pin(e.authorize(nameless, root())),
+                Box::pin(e.authorize(cmd(&[addr], 60, &s), root())),
+            ];
+            for (i, c) in calls.iter_mut().enumerate() {
+                if let std::task::Poll::Ready(r) = poll_once(c) {
+                    panic!("call {i} for {addr} answered {r:?} while its kernel commit was held");
+                }
+            }
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            let rt = rt();
+            let r = rt.block_on(first).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
+            for c in calls {
+                let r = rt.block_on(c).unwrap();
+                assert_eq!(outcome(&r[0]), pb::Outcome::Unchanged);
+            }
+            assert!(kernel(AUTH4).iter().any(|(a, _)| a == addr));
+        });
+    }
+
+    /// The intent of a grant is on disk before its kernel commit: the database files as a
+    /// kill -9 leaves them at that moment (copied while the committer is held) restart into a
+    /// kernel that has the grant, also on the no-dump path that trusts the commit mark.
+    #[test]
+    fn intent_on_disk_before_kernel_commit_survives_a_crash() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            rt.block_on(e.authorize(cmd(&["192.0.2.1"], 600, &s), root()))
+                .unwrap();
+            let (reached, release) = gate(&e);
+            let mut held = Box::pin(e.authorize(cmd(&["192.0.2.2"], 600, &s), root()));
+            assert!(poll_once(&mut held).is_pending());
+            reached.recv().unwrap();
+            let crashed = tempfile::tempdir().unwrap();
+            for f in ["fwd.db", "fwd.db-wal"] {
+                std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+            }
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            rt.block_on(held).unwrap();
+            // The copy restarts in a namespace whose kernel has the ruleset and the first grant
+            // (what the kernel held at the crash) but not the held one.
+            let s2 = settings(crashed.path(), "");
+            let v4 = in_netns(move || {
+                TEST_DUMP_LIMIT.with(|c| c.set(Some(0)));
+                let nft = |script: &str| {
+                    assert!(Command::new("nft").arg(script).status().unwrap().success());
+                };
+                let other = tempfile::tempdir().unwrap();
+                drop(start(&settings(other.path(), "")));
+                nft("flush set inet guard auth4");
+                nft("add element inet guard auth4 { 192.0.2.1 timeout 10m }");
+                let (_e, r) = start(&s2);
+                assert!(r.setup_skipped, "{r:?}");
+                let mut v4: Vec<String> = kernel(AUTH4).into_iter().map(|(a, _)| a).collect();
+                v4.sort();
+                (v4, r.added)
+            });
+            assert_eq!(v4.0, ["192.0.2.1", "192.0.2.2"], "added {}", v4.1);
         });
     }
 

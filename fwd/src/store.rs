@@ -15,7 +15,8 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use rusqlite::types::{Value, ValueRef};
@@ -57,6 +58,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Audit rows deleted per transaction by [`Store::prune_audit`], so the WAL stays small and
 /// checkpoints can progress during a large prune.
 const PRUNE_CHUNK: i64 = 50_000;
+
+/// Least time between two background checkpoints; commits in between are folded into the next.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// WAL pages at which the writer checkpoints itself. Only a backstop: the checkpointer thread
+/// keeps the WAL far below it, so the Authorize path never pays a checkpoint's fsyncs.
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 50_000;
+
+/// Bytes the WAL file is truncated to after a checkpoint that emptied it.
+const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Ordered migrations: entry `i` moves the schema from version `i` to `i + 1`. Never edit a
 /// released entry; append a new one.
@@ -305,6 +316,22 @@ pub struct StoreStats {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Whether the tombstone table may hold rows. When it cannot, an upsert skips the lookup that
+    /// clears its key's tombstone (one index probe per grant on the hot path).
+    tombstones: bool,
+    /// Checkpoints the WAL off the writer thread; `None` if its thread could not start.
+    checkpointer: Option<Checkpointer>,
+}
+
+/// The background checkpointer: its own connection on its own thread, nudged after each commit.
+///
+/// The writer's commits only append to the WAL (`synchronous=NORMAL`: no fsync); moving the WAL
+/// into the main file, with its two fsyncs, happens here, so it never lands inside an
+/// Authorize call's latency. A passive checkpoint never blocks the writer or readers.
+#[derive(Debug)]
+struct Checkpointer {
+    nudge: Option<mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A read-only (`query_only`) connection for RPC handlers; several may exist.
@@ -321,11 +348,15 @@ impl Store {
     /// [`SCHEMA_VERSION`].
     ///
     /// Runs with `journal_mode=WAL` so readers never block the writer, and
-    /// `synchronous=NORMAL`: a commit is durable against a crash of fwd (kill -9 loses
-    /// nothing, the WAL is in the page cache), and only a power loss or kernel crash can lose
-    /// the last commits. The nftables sets are kernel memory and do not survive that either, so
-    /// the grants such a loss can drop are grants the kernel has dropped too; skipping the fsync
-    /// per batch keeps the Authorize hot path off the disk's flush latency.
+    /// `synchronous=NORMAL`: a commit has been written (`write(2)`) to the WAL when
+    /// [`Store::apply`] returns, so it is durable against a crash of fwd (kill -9 loses nothing,
+    /// the WAL is in the page cache), and only a power loss or kernel crash can lose the commits
+    /// since the last checkpoint. The nftables sets are kernel memory and do not survive that
+    /// either, so the grants such a loss can drop are grants the kernel has dropped too; skipping
+    /// the fsync per batch keeps the Authorize hot path off the disk's flush latency. The
+    /// database itself stays consistent (WAL frames are checksummed; a torn tail is discarded).
+    ///
+    /// Checkpoints (the only fsyncs) run on a background thread, see [`Checkpointer`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -370,10 +401,33 @@ impl Store {
         // Keep the index pages the hot path touches in memory (negative = KiB).
         conn.pragma_update(None, "cache_size", -16_384)
             .map_err(|e| configure_error(path, "cache_size", e))?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
+            .map_err(|e| configure_error(path, "wal_autocheckpoint", e))?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+            .map_err(|e| configure_error(path, "journal_size_limit", e))?;
         migrate(&mut conn, path)?;
+        let tombstones = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM tombstones)", [], |r| {
+                r.get::<_, bool>(0)
+            })
+            .map_err(|source| StoreError::Read {
+                path: path.to_owned(),
+                op: "scan tombstones",
+                source,
+            })?;
+        let checkpointer = match Checkpointer::start(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // The writer's own autocheckpoint still bounds the WAL.
+                tracing::warn!(error = %e, "no background checkpointer; the writer checkpoints");
+                None
+            }
+        };
         Ok(Store {
             conn,
             path: path.to_owned(),
+            tombstones,
+            checkpointer,
         })
     }
 
@@ -387,10 +441,22 @@ impl Store {
     /// [`normalize_name`] and each grant keeps the [`MAX_NAMES_PER_GRANT`] most recent
     /// distinct ones. Event ids are assigned by the store (the `id` field is ignored).
     pub fn apply(&mut self, changes: &[Change], events: &[AuditEvent]) -> Result<(), StoreError> {
-        if changes.is_empty() && events.is_empty() {
+        self.apply_with_meta(changes, events, None)
+    }
+
+    /// [`Store::apply`], also storing `meta` (key, value) in the metadata table in the same
+    /// transaction (the engine's commit mark rides along with a group's intent this way).
+    pub fn apply_with_meta(
+        &mut self,
+        changes: &[Change],
+        events: &[AuditEvent],
+        meta: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() && events.is_empty() && meta.is_none() {
             return Ok(());
         }
         let path = &self.path;
+        let tombstones = &mut self.tombstones;
         let werr = |op: &'static str| {
             move |source| StoreError::Write {
                 path: path.clone(),
@@ -418,17 +484,22 @@ impl Store {
                         .filter(|n| !n.is_empty());
                     upsert_grant(&tx, key, name, *at_ms, *expires_ms, *source, comment)
                         .map_err(|(op, e)| werr(op)(e))?;
-                    let k = KeyCols::new(key);
-                    tx.prepare_cached(
-                        "DELETE FROM tombstones \
-                         WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
-                    )
-                    .and_then(|mut st| {
-                        st.execute(params![k.family, &k.addr[..], k.prefix, k.client()])
-                    })
-                    .map_err(werr("clear tombstone"))?;
+                    if *tombstones {
+                        let k = KeyCols::new(key);
+                        tx.prepare_cached(
+                            "DELETE FROM tombstones \
+                             WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![k.family, &k.addr[..], k.prefix, k.client()])
+                        })
+                        .map_err(werr("clear tombstone"))?;
+                    }
                 }
                 Change::Tombstone { key, until_ms } => {
+                    // Set before the write: if the transaction rolls back, the flag only costs
+                    // lookups, while a missed flag would leave a tombstone uncleared.
+                    *tombstones = true;
                     let k = KeyCols::new(key);
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO tombstones (family, addr, prefix, client, until_ms) \
@@ -474,7 +545,21 @@ impl Store {
                 .map_err(werr("append audit event"))?;
             }
         }
-        tx.commit().map_err(werr("commit"))
+        if let Some((key, value)) = meta {
+            tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute([key, value]))
+                .map_err(werr("write meta"))?;
+        }
+        tx.commit().map_err(werr("commit"))?;
+        self.nudge_checkpointer();
+        Ok(())
+    }
+
+    fn nudge_checkpointer(&self) {
+        if let Some(tx) = self.checkpointer.as_ref().and_then(|c| c.nudge.as_ref()) {
+            // Full means a nudge is already pending: this commit is folded into it.
+            let _ = tx.try_send(());
+        }
     }
 
     /// Streams every current grant (key, expiry, source), without names, for the start-up
@@ -547,11 +632,9 @@ impl Store {
     /// Stores `value` under `key` in the metadata table.
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn
-            .execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                [key, value],
-            )
-            .map(|_| ())
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute([key, value]))
+            .map(|_| self.nudge_checkpointer())
             .map_err(|source| StoreError::Write {
                 path: self.path.clone(),
                 op: "write meta",
@@ -577,15 +660,18 @@ impl Store {
                 op: "expire tombstones",
                 source,
             })?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT 0, family, addr, prefix, client FROM tombstones")
-            .map_err(rerr)?;
-        let mut rows = stmt.query([]).map_err(rerr)?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(rerr)? {
-            out.push(key_from_row(row, 0, 1).map_err(|e| e.into_store(rerr))?);
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT 0, family, addr, prefix, client FROM tombstones")
+                .map_err(rerr)?;
+            let mut rows = stmt.query([]).map_err(rerr)?;
+            while let Some(row) = rows.next().map_err(rerr)? {
+                out.push(key_from_row(row, 0, 1).map_err(|e| e.into_store(rerr))?);
+            }
         }
+        self.tombstones = !out.is_empty();
         Ok(out)
     }
 
@@ -611,6 +697,68 @@ impl Store {
             if (n as i64) < PRUNE_CHUNK {
                 return Ok(total);
             }
+        }
+    }
+}
+
+// === impl Checkpointer ===
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = connect(path)?;
+        let (nudge, rx) = mpsc::sync_channel::<()>(1);
+        let path = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || Self::run(&conn, &path, &rx))
+            .map_err(|source| StoreError::Create {
+                path: PathBuf::from("(checkpointer thread)"),
+                source,
+            })?;
+        Ok(Checkpointer {
+            nudge: Some(nudge),
+            thread: Some(thread),
+        })
+    }
+
+    /// One passive checkpoint per nudge, at most one per [`CHECKPOINT_EVERY`]; ends when the
+    /// store is dropped.
+    fn run(conn: &Connection, path: &Path, rx: &mpsc::Receiver<()>) {
+        while rx.recv().is_ok() {
+            loop {
+                // PASSIVE: copy what no reader still needs, never wait for a lock.
+                let res =
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                if let Err(e) = res {
+                    tracing::warn!(path = %path.display(), error = %e, "WAL checkpoint failed");
+                }
+                // Rate limit: commits meanwhile are folded into one more round right after.
+                let until = Instant::now() + CHECKPOINT_EVERY;
+                let mut again = false;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(()) => again = true,
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                if !again {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.nudge.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -904,9 +1052,11 @@ type StepError = (&'static str, rusqlite::Error);
 
 /// Insert or update one grant (semantics on [`Change::Upsert`]); `name` is normalized.
 ///
-/// Read-then-write instead of `ON CONFLICT ... RETURNING`: the writer is the only one, the
-/// row's name list is needed anyway, and the common case (an extension by the name already
-/// at the front) then rewrites a single row and leaves the name index alone.
+/// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` statement covers the two hot cases: a
+/// new grant (then its name is indexed) and an extension that keeps the front name (a single
+/// row rewrite; the name index is untouched). Only when the front name changes does the
+/// conflict update not apply (its `WHERE` is false, nothing is returned), and the name list
+/// is read, reordered and rewritten with the index kept in step.
 fn upsert_grant(
     tx: &Connection,
     key: &GrantKey,
@@ -917,7 +1067,50 @@ fn upsert_grant(
     comment: &str,
 ) -> Result<(), StepError> {
     let k = KeyCols::new(key);
-    let existing: Option<(i64, String)> = tx
+    let at = to_sql_ms(at_ms);
+    let names = names_json(name.as_slice());
+    let done: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, expires_ms, \
+               source, comment, names) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (family, addr, prefix, client) DO UPDATE SET \
+               last_ms = excluded.last_ms, expires_ms = excluded.expires_ms, \
+               comment = CASE WHEN excluded.comment <> '' THEN excluded.comment ELSE comment END \
+             WHERE ?10 IS NULL OR (json_valid(names) AND json_extract(names, '$[0]') = ?10) \
+             RETURNING id, first_ms",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    k.family,
+                    &k.addr[..],
+                    k.prefix,
+                    k.client(),
+                    at,
+                    expires_ms.map(to_sql_ms),
+                    source.as_str(),
+                    comment,
+                    names,
+                    name.as_deref(),
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .map_err(|e| ("upsert grant", e))?;
+    if let Some((id, first_ms)) = done {
+        // first_ms = at: inserted now (or, rarely, an update of a grant created in the same
+        // millisecond, whose front name is then this one and indexed already: the insert
+        // below is a no-op for it).
+        if let Some(name) = &name
+            && first_ms == at
+        {
+            index_name(tx, name, id)?;
+        }
+        return Ok(());
+    }
+    let (id, stored): (i64, String) = tx
         .prepare_cached(
             "SELECT id, names FROM grants \
              WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4",
@@ -926,36 +1119,8 @@ fn upsert_grant(
             s.query_row(params![k.family, &k.addr[..], k.prefix, k.client()], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
-            .optional()
         })
         .map_err(|e| ("look up grant", e))?;
-
-    let Some((id, stored)) = existing else {
-        let names = names_json(name.as_slice());
-        tx.prepare_cached(
-            "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, expires_ms, \
-               source, comment, names) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                k.family,
-                &k.addr[..],
-                k.prefix,
-                k.client(),
-                to_sql_ms(at_ms),
-                expires_ms.map(to_sql_ms),
-                source.as_str(),
-                comment,
-                names,
-            ])
-        })
-        .map_err(|e| ("insert grant", e))?;
-        if let Some(name) = &name {
-            index_name(tx, name, tx.last_insert_rowid())?;
-        }
-        return Ok(());
-    };
 
     // Only when the front name changes is the list rewritten and the index touched.
     let mut new_names = None;
@@ -1590,6 +1755,148 @@ mod tests {
         let g = &list_all(&r)[0];
         assert_eq!(g.expires_ms, None);
         assert_eq!(g.comment, "second");
+    }
+
+    /// The one-statement upsert: a new grant indexes its name; an extension by the front name
+    /// rewrites the row alone; another name takes the front; a name-less extension keeps the
+    /// list; an update in the millisecond of the insert keeps the index exact.
+    #[test]
+    fn one_statement_upsert_keeps_rows_and_name_index_exact() {
+        let (_dir, path) = temp_db();
+        let mut s = Store::open(&path).unwrap();
+        let r = Reader::open(&path).unwrap();
+        let k = key("203.0.113.9/32", None);
+        let names_of = |r: &Reader| list_all(r)[0].names.clone();
+        let step = |s: &mut Store, name: Option<&str>, at: u64, exp: u64| {
+            s.apply(&[upsert(k, name, at, Some(exp))], &[]).unwrap();
+            assert_name_index_consistent(&path);
+        };
+        step(&mut s, Some("A.example."), 100, 1_000);
+        assert_eq!(names_of(&r), ["a.example"]);
+        step(&mut s, Some("a.example"), 100, 1_500); // same millisecond as the insert
+        step(&mut s, Some("a.example"), 200, 2_000);
+        let g = &list_all(&r)[0];
+        assert_eq!(
+            (g.first_ms, g.last_ms, g.expires_ms),
+            (100, 200, Some(2_000))
+        );
+        assert_eq!(g.names, ["a.example"]);
+        step(&mut s, Some("b.example"), 300, 3_000);
+        assert_eq!(names_of(&r), ["b.example", "a.example"]);
+        step(&mut s, None, 400, 4_000);
+        step(&mut s, Some("a.example"), 400, 4_000);
+        let g = &list_all(&r)[0];
+        assert_eq!(
+            (g.first_ms, g.last_ms, g.expires_ms),
+            (100, 400, Some(4_000))
+        );
+        assert_eq!(g.names, ["a.example", "b.example"]);
+        for n in ["a.example", "b.example"] {
+            let f = ListFilter {
+                name: Some(n.into()),
+                ..Default::default()
+            };
+            assert_eq!(r.list(&f).unwrap().1, 1, "{n}");
+        }
+    }
+
+    /// Upserts skip the tombstone lookup only while no tombstone can exist; one written
+    /// (also before a reopen) is still cleared by the next upsert of its key.
+    #[test]
+    fn upsert_clears_tombstones_across_reopen_and_expiry() {
+        let (_dir, path) = temp_db();
+        let k = key("192.0.2.66/32", None);
+        let other = key("192.0.2.67/32", None);
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.apply(&[upsert(other, None, 1, Some(10))], &[]).unwrap();
+            s.apply(
+                &[Change::Tombstone {
+                    key: k,
+                    until_ms: 1_000,
+                }],
+                &[],
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.live_tombstones(500).unwrap(), [k]);
+        s.apply(&[upsert(k, None, 600, Some(2_000))], &[]).unwrap();
+        assert!(s.live_tombstones(600).unwrap().is_empty());
+        // Expired tombstones are forgotten; a new one after that is still honoured.
+        s.apply(
+            &[Change::Tombstone {
+                key: k,
+                until_ms: 700,
+            }],
+            &[],
+        )
+        .unwrap();
+        assert!(s.live_tombstones(800).unwrap().is_empty());
+        s.apply(
+            &[Change::Tombstone {
+                key: k,
+                until_ms: 5_000,
+            }],
+            &[],
+        )
+        .unwrap();
+        s.apply(&[upsert(k, None, 900, Some(3_000))], &[]).unwrap();
+        assert!(s.live_tombstones(900).unwrap().is_empty());
+    }
+
+    /// `synchronous=NORMAL` keeps commits across a crash of the process: a child that commits
+    /// and then aborts (no destructors, no checkpoint, WAL left behind) loses nothing.
+    #[test]
+    fn commits_survive_an_aborted_writer_process() {
+        const CHILD: &str = "GUARD_STORE_CRASH_CHILD";
+        if let Some(p) = std::env::var_os(CHILD) {
+            let mut s = Store::open(Path::new(&p)).unwrap();
+            for i in 0..50u32 {
+                let ip = Ipv4Addr::from(0xc000_0200 + i);
+                s.apply(
+                    &[upsert(
+                        key(&format!("{ip}/32"), None),
+                        Some("c.example"),
+                        1,
+                        Some(9),
+                    )],
+                    &[event(
+                        EventKind::Granted,
+                        Some(&ip.to_string()),
+                        Some("c.example"),
+                        1,
+                    )],
+                )
+                .unwrap();
+            }
+            std::process::abort();
+        }
+        let (_dir, path) = temp_db();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::commits_survive_an_aborted_writer_process",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child must die by abort");
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        assert!(
+            std::fs::metadata(&wal).unwrap().len() > 0,
+            "the commits must be in the WAL the crash left behind"
+        );
+        let s = Store::open(&path).unwrap();
+        let mut n = 0;
+        s.for_each_grant(|_, _, _| n += 1).unwrap();
+        assert_eq!(n, 50);
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(r.stats().unwrap().audit_events, 50);
     }
 
     #[test]
