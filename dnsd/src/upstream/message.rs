@@ -135,7 +135,15 @@ impl Prepared {
 
     /// The query padded to a multiple of [`QUERY_BLOCK_LEN`] (any ID).
     pub(crate) fn padded_wire(&self) -> Result<&[u8], UpstreamError> {
-        match self.padded.get_or_init(|| pad(self.message()?)) {
+        let padded = self.padded.get_or_init(|| {
+            if let Some(q) = &self.question
+                && let Some(p) = pad_wire(&self.wire, q.end)
+            {
+                return Ok(p);
+            }
+            pad(self.message()?)
+        });
+        match padded {
             Ok((wire, _)) => Ok(wire),
             Err(e) => Err(e.clone()),
         }
@@ -150,9 +158,7 @@ impl Prepared {
     /// ID restored, EDNS padding removed, and an OPT record we added ourselves removed again.
     /// The response ID is the transport's business and is not checked here.
     pub(crate) fn accept(&self, resp: &[u8], was_padded: bool) -> Result<Vec<u8>, String> {
-        if !was_padded && self.answers_on_the_wire(resp) {
-            // Nothing to remove: pass it on byte for byte, apart from the ID.
-            let mut out = resp.to_vec();
+        if let Some(mut out) = self.accept_on_the_wire(resp, was_padded) {
             set_id(&mut out, self.client_id);
             return Ok(out);
         }
@@ -190,16 +196,31 @@ impl Prepared {
         Ok(out)
     }
 
-    /// Whether `resp` is, on the wire alone, a response to this query (QR, opcode, the same
-    /// single question up to letter case, records well framed) that carries no EDNS padding.
-    /// False means "look closer", not "reject".
-    fn answers_on_the_wire(&self, resp: &[u8]) -> bool {
-        let Some(question) = self.question_wire() else {
-            return false;
-        };
-        response_matches(resp, self.op_bits, question)
-            && matches!(walk_records(resp, HEADER_LEN + question.len()), Some(opt)
-                if !opt.is_some_and(|o| o.has_padding))
+    /// The client's answer made on the wire alone (ID still to be restored), when `resp`
+    /// is a response to this query (QR, opcode, the same single question up to letter case,
+    /// records well framed) whose OPT record, if it must be edited, is its last record.
+    /// `None` means "look closer", not "reject".
+    fn accept_on_the_wire(&self, resp: &[u8], was_padded: bool) -> Option<Vec<u8>> {
+        let question = self.question_wire()?;
+        if !response_matches(resp, self.op_bits, question) {
+            return None;
+        }
+        let opt = walk_records(resp, HEADER_LEN + question.len())?;
+        let drop_edns = was_padded && self.added_edns();
+        match opt {
+            None => Some(resp.to_vec()),
+            Some(o) if !drop_edns && !o.has_padding => Some(resp.to_vec()),
+            Some(o) if !o.last => None,
+            Some(o) if drop_edns => {
+                let mut out = resp.get(..o.start)?.to_vec();
+                add_arcount(&mut out, -1)?;
+                Some(out)
+            }
+            Some(o) => {
+                let options = options_without_padding(resp.get(o.rdata.clone())?);
+                with_opt_options(resp, &o, &options)
+            }
+        }
     }
 }
 
@@ -306,12 +327,19 @@ pub fn plain_question_len(wire: &[u8]) -> Option<usize> {
 }
 
 /// What [`walk_records`] learned about the OPT record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OptInfo {
     /// Its CLASS: the advertised UDP payload size.
     class: u16,
     /// Whether its RDATA holds a padding option.
     has_padding: bool,
+    /// Where the record starts.
+    start: usize,
+    /// Where its RDATA lies.
+    rdata: std::ops::Range<usize>,
+    /// Whether it is the message's last record (so that it can be edited or removed
+    /// without moving anything a compression pointer could point at).
+    last: bool,
 }
 
 /// Walks the answer, authority and additional records that start at `pos`, checking their
@@ -321,7 +349,8 @@ struct OptInfo {
 fn walk_records(wire: &[u8], mut pos: usize) -> Option<Option<OptInfo>> {
     let records = count(wire, 6)? + count(wire, 8)? + count(wire, 10)?;
     let mut opt = None;
-    for _ in 0..records {
+    for i in 0..records {
+        let start = pos;
         pos = name_end(wire, pos)?;
         let fixed = wire.get(pos..pos + 10)?;
         let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
@@ -337,10 +366,83 @@ fn walk_records(wire: &[u8], mut pos: usize) -> Option<Option<OptInfo>> {
             opt = Some(OptInfo {
                 class,
                 has_padding: options_have(rdata, PADDING_OPTION)?,
+                start,
+                rdata: pos - rdlen..pos,
+                last: i + 1 == records,
             });
         }
     }
     (pos == wire.len()).then_some(opt)
+}
+
+/// The EDNS options of `rdata` other than padding.
+fn options_without_padding(rdata: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rdata.len());
+    let mut pos = 0;
+    while let Some(head) = rdata.get(pos..pos + 4) {
+        let end = pos + 4 + usize::from(u16::from_be_bytes([head[2], head[3]]));
+        if u16::from_be_bytes([head[0], head[1]]) != PADDING_OPTION {
+            out.extend_from_slice(rdata.get(pos..end).unwrap_or_default());
+        }
+        pos = end;
+    }
+    out
+}
+
+/// Replaces the RDATA of the OPT record `opt` (the last record of `wire`) by `options`.
+fn with_opt_options(wire: &[u8], opt: &OptInfo, options: &[u8]) -> Option<Vec<u8>> {
+    let rdlen = u16::try_from(options.len()).ok()?;
+    let mut out = Vec::with_capacity(opt.rdata.start + options.len());
+    out.extend_from_slice(wire.get(..opt.rdata.start)?);
+    let at = opt.rdata.start.checked_sub(2)?;
+    out.get_mut(at..at + 2)?
+        .copy_from_slice(&rdlen.to_be_bytes());
+    out.extend_from_slice(options);
+    Some(out)
+}
+
+/// Adds `delta` to ARCOUNT.
+fn add_arcount(wire: &mut [u8], delta: i32) -> Option<()> {
+    let n = u16::try_from(i32::from(u16::try_from(count(wire, 10)?).ok()?) + delta).ok()?;
+    wire.get_mut(10..12)?.copy_from_slice(&n.to_be_bytes());
+    Some(())
+}
+
+/// The padding option (RFC 7830) that brings a message of `len` octets (the option not
+/// counted) to a multiple of [`QUERY_BLOCK_LEN`].
+fn padding_option(len: usize) -> Vec<u8> {
+    let fill = (QUERY_BLOCK_LEN - (len + 4) % QUERY_BLOCK_LEN) % QUERY_BLOCK_LEN;
+    let mut opt = Vec::with_capacity(4 + fill);
+    opt.extend_from_slice(&PADDING_OPTION.to_be_bytes());
+    opt.extend_from_slice(&u16::try_from(fill).unwrap_or(0).to_be_bytes());
+    opt.resize(4 + fill, 0);
+    opt
+}
+
+/// [`pad`] on the wire, for a query whose OPT record, if any, is its last record. Returns the
+/// padded bytes and whether an OPT record was added.
+fn pad_wire(wire: &[u8], qend: usize) -> Option<(Vec<u8>, bool)> {
+    match walk_records(wire, qend)? {
+        None => {
+            let mut out = Vec::with_capacity(wire.len() + 15 + QUERY_BLOCK_LEN);
+            out.extend_from_slice(wire);
+            add_arcount(&mut out, 1)?;
+            let [p0, p1] = PADDING_EDNS_PAYLOAD.to_be_bytes();
+            let option = padding_option(out.len() + 11);
+            let rdlen = u16::try_from(option.len()).ok()?.to_be_bytes();
+            out.extend_from_slice(&[0, 0, 41, p0, p1, 0, 0, 0, 0, rdlen[0], rdlen[1]]);
+            out.extend_from_slice(&option);
+            Some((out, true))
+        }
+        Some(opt) if opt.last => {
+            let rdata = wire.get(opt.rdata.clone())?;
+            let mut options = options_without_padding(rdata);
+            let len = opt.rdata.start + options.len();
+            options.extend_from_slice(&padding_option(len));
+            Some((with_opt_options(wire, &opt, &options)?, false))
+        }
+        Some(_) => None,
+    }
 }
 
 /// Whether the EDNS options in `rdata` include `code` (`None` when they are badly framed).
