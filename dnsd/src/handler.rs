@@ -115,6 +115,34 @@ struct ClientQuery {
     question_len: Option<usize>,
 }
 
+/// How far [`Handler::begin`] got.
+#[derive(Debug)]
+pub enum Early {
+    /// Done: send this (or nothing).
+    Answered(Option<Vec<u8>>),
+    /// The rest needs [`Handler::finish`].
+    Later(Later),
+}
+
+/// A query that passed the ACL, rate limit and parsing, for [`Handler::finish`].
+#[derive(Debug)]
+pub struct Later {
+    q: ClientQuery,
+    client: IpAddr,
+    live: Arc<Live>,
+    started: StdInstant,
+}
+
+/// The cache key of a query.
+fn cache_key(q: &ClientQuery) -> Key {
+    Key {
+        name: q.query.name().to_lowercase(),
+        qtype: q.query.query_type(),
+        qclass: q.query.query_class(),
+        dnssec_ok: q.dnssec_ok,
+    }
+}
+
 /// What [`Handler::resolve`] produced.
 #[derive(Debug)]
 enum Resolved {
@@ -207,39 +235,87 @@ impl Handler {
     /// Answers one query. `None` means send nothing.
     pub async fn handle(
         &self,
-        _admission: Admission,
+        admission: Admission,
         wire: &[u8],
         peer: SocketAddr,
         transport: Transport,
     ) -> Option<Vec<u8>> {
+        match self.begin(wire, peer, transport) {
+            Early::Answered(out) => out,
+            Early::Later(later) => self.finish(admission, later, wire, transport).await,
+        }
+    }
+
+    /// Takes a query as far as it goes without waiting: ACL, rate limit and parsing, and a
+    /// cache hit that needs no authorization and is served from its wire form. Everything
+    /// else is left to [`Handler::finish`]. Listeners call this before admitting and spawning
+    /// work for the query, so that the commonest answer costs neither.
+    pub fn begin(&self, wire: &[u8], peer: SocketAddr, transport: Transport) -> Early {
         let client = peer.ip().to_canonical();
         let live = self.live();
         match live.acl.check(client) {
             Verdict::Allow => {}
             Verdict::Drop => {
                 self.metrics.dropped("acl");
-                return None;
+                return Early::Answered(None);
             }
-            Verdict::Refuse => return self.header_only(wire, ResponseCode::Refused),
+            Verdict::Refuse => {
+                return Early::Answered(self.header_only(wire, ResponseCode::Refused));
+            }
         }
         if !live.rate.allow(client) {
             self.metrics.dropped("rate_limit");
             // Over UDP silence is the only safe answer (no reflection); a stream client
             // gets REFUSED so that it does not wait for its timeout.
-            return match transport {
+            return Early::Answered(match transport {
                 Transport::Udp => None,
                 _ => self.header_only(wire, ResponseCode::Refused),
-            };
+            });
         }
         let q = match parse_query(wire) {
             Ok(q) => q,
             Err(Reject::Drop) => {
                 self.metrics.dropped("malformed");
-                return None;
+                return Early::Answered(None);
             }
-            Err(Reject::Reply(rcode)) => return self.header_only(wire, rcode),
+            Err(Reject::Reply(rcode)) => return Early::Answered(self.header_only(wire, rcode)),
         };
         let started = StdInstant::now();
+        if live.domains.permits(q.query.name()) {
+            let key = cache_key(&q);
+            let scope = self.settings.per_client.then_some(client);
+            if let Some(hit) = self.cache.get(&key, scope)
+                && let Some(Resolved::Wire(bytes, rcode)) =
+                    self.serve_hit_wire(&q, wire, &hit, transport)
+            {
+                self.metrics.cache_hit();
+                self.metrics.answered(Some(q.query.query_type()), rcode);
+                self.log_query(&q, client, rcode, "cache", started);
+                return Early::Answered(Some(bytes));
+            }
+        }
+        Early::Later(Later {
+            q,
+            client,
+            live,
+            started,
+        })
+    }
+
+    /// Answers a query [`Handler::begin`] could not (`wire` is the same query's bytes).
+    pub async fn finish(
+        &self,
+        _admission: Admission,
+        later: Later,
+        wire: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let Later {
+            q,
+            client,
+            live,
+            started,
+        } = later;
         let (resolved, source) = self.resolve(&q, wire, client, &live, transport).await;
         let out = match resolved {
             Resolved::Message(msg) => self.finalize(msg, &q, transport),
@@ -248,12 +324,24 @@ impl Handler {
                 (bytes, rcode)
             }
         };
+        self.log_query(&q, client, out.1, source, started);
+        Some(out.0)
+    }
+
+    fn log_query(
+        &self,
+        q: &ClientQuery,
+        client: IpAddr,
+        rcode: ResponseCode,
+        source: &'static str,
+        started: StdInstant,
+    ) {
         if self.settings.log_queries {
             tracing::info!(
                 client = %client,
                 qname = %q.query.name(),
                 qtype = %q.query.query_type(),
-                rcode = %out.1,
+                rcode = %rcode,
                 source,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "query"
@@ -261,13 +349,12 @@ impl Handler {
         } else {
             tracing::debug!(
                 qtype = %q.query.query_type(),
-                rcode = %out.1,
+                rcode = %rcode,
                 source,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "query"
             );
         }
-        Some(out.0)
     }
 
     /// A header-only answer built from the raw query's header, or nothing when the header is
@@ -298,12 +385,7 @@ impl Handler {
             };
             return (Resolved::Message(error_msg(rcode)), "policy");
         }
-        let key = Key {
-            name: qname.to_lowercase(),
-            qtype: q.query.query_type(),
-            qclass: q.query.query_class(),
-            dnssec_ok: q.dnssec_ok,
-        };
+        let key = cache_key(q);
         let scope = self.settings.per_client.then_some(client);
         if let Some(hit) = self.cache.get(&key, scope) {
             self.metrics.cache_hit();

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenConfig, TlsListenConfig};
-use crate::handler::{Handler, Transport};
+use crate::handler::{Early, Handler, Transport};
 
 /// Why sockets could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -357,15 +357,39 @@ pub async fn serve_udp(
                 continue;
             }
         };
+        let data = buf.get(..n).unwrap_or_default();
+        let later = match handler.begin(data, peer, Transport::Udp) {
+            Early::Answered(None) => continue,
+            Early::Answered(Some(resp)) => {
+                // Answered without waiting (most cache hits): no task, and no await unless
+                // the socket buffer is full.
+                match sock.try_send_to(&resp, peer) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let sock = sock.clone();
+                        tasks.spawn(async move {
+                            if let Err(e) = sock.send_to(&resp, peer).await {
+                                tracing::debug!(error = %e, "udp send failed");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "udp send failed"),
+                }
+                continue;
+            }
+            Early::Later(later) => later,
+        };
         let Some(admission) = handler.admit() else {
             handler.metrics().dropped("overload");
             continue;
         };
-        let data = buf[..n].to_vec();
+        let data = data.to_vec();
         let handler = handler.clone();
         let sock = sock.clone();
         tasks.spawn(async move {
-            if let Some(resp) = handler.handle(admission, &data, peer, Transport::Udp).await
+            if let Some(resp) = handler
+                .finish(admission, later, &data, Transport::Udp)
+                .await
                 && let Err(e) = sock.send_to(&resp, peer).await
             {
                 tracing::debug!(error = %e, "udp send failed");
