@@ -82,6 +82,16 @@ for line in open(sys.argv[1]):
 PY
 )
 AFTER=$(grants)
+# Where the restart's reconcile spent its time (the engine logs each step's elapsed ms).
+python3 - "$DIR/fwd.log" >&2 <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try: d = json.loads(line)
+    except ValueError: continue
+    f = d.get("fields", {})
+    if str(f.get("message", "")).startswith("reconcile:"):
+        print("restart", f["message"], {k: v for k, v in f.items() if k != "message"})
+PY
 
 python3 - "$LAT" "$TP1" "$TP8" "$NFT" "$FILLR" "$M1" "$M2" "$GRANTS" "$RSS_FULL" "$RSS_RESTART" "$READY_MS" "$RECONCILE_TOOK" "$AFTER" <<'PY'
 import json, sys, platform, os

@@ -78,6 +78,43 @@ fn ruleset_in_place(nl: &mut Netlink, table: &str, chain: &str) -> Result<bool, 
 /// granted elements or removes ungranted ones, so partial progress is always safe).
 const RECONCILE_CHUNK: usize = 20_000;
 
+/// A committed grant: its expiry and a tag of the name the store has at the front of the grant's
+/// name list (0: not known, e.g. after a restart). Byte arrays (alignment 1) make a map entry
+/// 45 bytes instead of 56 for a `(SetKey, u64, u32)`: at 1M grants the map is most of fwd's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    expiry: [u8; 8],
+    name: [u8; 4],
+}
+
+impl Held {
+    fn new(expiry: u64, name: u32) -> Self {
+        Held {
+            expiry: expiry.to_ne_bytes(),
+            name: name.to_ne_bytes(),
+        }
+    }
+
+    fn expiry(&self) -> u64 {
+        u64::from_ne_bytes(self.expiry)
+    }
+
+    fn name(&self) -> u32 {
+        u32::from_ne_bytes(self.name)
+    }
+}
+
+/// The 32-bit tag of a name as the store normalizes it; never 0 ("not known"). Two names that
+/// collide (one pair in 2^32) would skip recording the second as an alias of a granted address.
+fn name_tag(name: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the tag is stable within the process, which is all
+    // it needs (tags are never stored).
+    let mut h = std::hash::DefaultHasher::new();
+    crate::store::normalize_name(name).hash(&mut h);
+    (h.finish() as u32).max(1)
+}
+
 /// Failures the engine reports to RPC callers.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -187,7 +224,7 @@ struct Shared {
     revocations: tokio::sync::broadcast::Sender<IpNet>,
     /// Swapped whole on SIGHUP reload; readers take a snapshot.
     settings: RwLock<Arc<Settings>>,
-    committed: RwLock<HashMap<SetKey, u64>>,
+    committed: RwLock<HashMap<SetKey, Held>>,
     manual: RwLock<HashMap<IpNet, Option<u64>>>,
     heartbeat_ms: AtomicU64,
     #[cfg(test)]
@@ -472,7 +509,7 @@ impl Engine {
         let now = now_ms();
         let mut report = ReconcileReport::default();
         // Sized once: growing by doubling would briefly hold two tables (a 1M-grant peak).
-        let mut committed: HashMap<SetKey, u64> =
+        let mut committed: HashMap<SetKey, Held> =
             HashMap::with_capacity(store.grant_count()? as usize);
         let mut manual: HashMap<IpNet, Option<u64>> = HashMap::new();
         let mut expired: Vec<(GrantKey, &'static str)> = Vec::new();
@@ -493,7 +530,7 @@ impl Engine {
                     });
                 match (k, exp) {
                     (Some(k), Some(e)) if e > now => {
-                        committed.insert(k, e);
+                        committed.insert(k, Held::new(e, 0));
                         if last_ms >= committed_upto {
                             recent.push(k);
                         }
@@ -566,9 +603,9 @@ impl Engine {
                             ops.push(del_op(k));
                             report.removed_stale += 1;
                         }
-                        Some(&e) => {
+                        Some(e) => {
                             seen.insert(k);
-                            let want = e.saturating_sub(now);
+                            let want = e.expiry().saturating_sub(now);
                             let have = remaining.map(|d| d.as_millis() as u64);
                             if have.is_none_or(|h| h + 1_000 < want) {
                                 ops.push(del_op(k));
@@ -583,7 +620,7 @@ impl Engine {
             }
             for (k, e) in &committed {
                 if !seen.contains(k) {
-                    ops.push(add_op(*k, e.saturating_sub(now)));
+                    ops.push(add_op(*k, e.expiry().saturating_sub(now)));
                     report.added += 1;
                 }
             }
@@ -592,13 +629,13 @@ impl Engine {
             // place, the kernel holds every grant committed before the high-water mark: add again
             // only the ones written after it (their commit may not have happened). Otherwise the
             // sets are new and empty: add everything.
-            let readd: Box<dyn Iterator<Item = (&SetKey, &u64)>> = if in_place {
+            let readd: Box<dyn Iterator<Item = (&SetKey, &Held)>> = if in_place {
                 Box::new(recent.iter().filter_map(|k| committed.get_key_value(k)))
             } else {
                 Box::new(committed.iter())
             };
             for (k, e) in readd {
-                ops.push(add_op(*k, e.saturating_sub(now)));
+                ops.push(add_op(*k, e.expiry().saturating_sub(now)));
                 report.added += 1;
             }
             report.kept = committed.len() - report.added;
@@ -768,12 +805,11 @@ impl Engine {
         cmd: Authorize,
         caller: Caller,
     ) -> Result<Vec<pb::GrantResult>, EngineError> {
-        // Fast path: everything already committed long enough, and no name to record. A call
-        // that names the grant goes through the committer even when the kernel needs nothing, so
-        // that the reply comes after its audit record (an alias of a granted address is recorded).
-        if cmd.qname.is_none()
-            && let Some(results) = self.fast_path(&cmd)
-        {
+        // Fast path: everything already committed long enough, and no new name to record. A
+        // call that names a grant by another name than the one recorded last goes through the
+        // committer even when the kernel needs nothing, so that the reply comes after its audit
+        // record (an alias of a granted address is recorded).
+        if let Some(results) = self.fast_path(&cmd) {
             return Ok(results);
         }
         self.call(|reply| Job::Authorize { cmd, caller, reply })
@@ -784,6 +820,7 @@ impl Engine {
         let s = self.shared.settings();
         let now = now_ms();
         let margin = s.raw.ttl.margin.0.as_millis() as u64;
+        let tag = cmd.qname.as_deref().map(name_tag);
         let map = self.shared.committed.read().ok()?;
         cmd.items
             .iter()
@@ -791,7 +828,11 @@ impl Engine {
                 let ip = *it.ip.as_ref().ok()?;
                 let k = set_key(ip, cmd.client)?;
                 let want = now + it.ttl.as_millis() as u64 + margin;
-                let have = *map.get(&k)?;
+                let held = map.get(&k)?;
+                if tag.is_some_and(|t| t != held.name()) {
+                    return None;
+                }
+                let have = held.expiry();
                 (have > now && have + margin / 2 >= want).then(|| pb::GrantResult {
                     ip: it.raw.clone(),
                     outcome: pb::Outcome::Unchanged as i32,
@@ -916,6 +957,10 @@ struct Pending {
     failed: Option<String>,
     /// Index (in `waiting`) of the first call that asked for this key: its name goes in the audit.
     first: usize,
+    /// Tag of the front name the store had for the grant before this group (0: not known).
+    had_name: u32,
+    /// Tag of the front name after this group's upserts, if one of them carried a name.
+    front: Option<u32>,
 }
 
 impl Committer {
@@ -1077,7 +1122,9 @@ impl Committer {
                             p.expiry = p.expiry.max(want);
                             return Ok(k);
                         }
-                        let had = map.get(&k).copied();
+                        let held = map.get(&k).copied();
+                        let had = held.map(|h| h.expiry());
+                        let had_name = held.map_or(0, |h| h.name());
                         if let Some(h) = had.filter(|&h| h > now && h + margin / 2 >= want) {
                             // Covered by what is committed: no kernel work, but the caller still waits
                             // for this group so it is never answered ahead of an in-flight commit.
@@ -1088,6 +1135,8 @@ impl Committer {
                                     had: Some(h),
                                     failed: None,
                                     first: waiting.len(),
+                                    had_name,
+                                    front: None,
                                 },
                             );
                             order.push(k);
@@ -1108,6 +1157,8 @@ impl Committer {
                                 had,
                                 failed: None,
                                 first: waiting.len(),
+                                had_name,
+                                front: None,
                             },
                         );
                         order.push(k);
@@ -1156,14 +1207,21 @@ impl Committer {
                 ..
             } = c
             {
-                match set_key(key.net.addr(), key.client).and_then(|k| pending.get(&k)) {
+                let tag = name.as_deref().map(name_tag);
+                match set_key(key.net.addr(), key.client).and_then(|k| pending.get_mut(&k)) {
                     Some(p) if p.had != Some(p.expiry) => {
                         *expires_ms = Some(p.expiry);
+                        p.front = tag.or(p.front);
                         true
                     }
-                    // Unchanged in the kernel, but named by this answer: record the name.
-                    Some(p) if name.is_some() && expires_ms.is_none() => {
+                    // Unchanged in the kernel, but named by this answer with another name than
+                    // the one the grant has at the front: record the name.
+                    Some(p)
+                        if tag.is_some_and(|t| t != p.front.unwrap_or(p.had_name))
+                            && expires_ms.is_none() =>
+                    {
                         *expires_ms = Some(p.expiry);
+                        p.front = tag;
                         let mut ev = event(
                             EventKind::Named,
                             Some(key.net.addr().to_string()),
@@ -1329,7 +1387,7 @@ impl Committer {
             };
             for (k, p) in &pending {
                 if p.failed.is_none() {
-                    map.insert(*k, p.expiry);
+                    map.insert(*k, Held::new(p.expiry, p.front.unwrap_or(p.had_name)));
                 }
             }
         }
@@ -1550,7 +1608,7 @@ impl Committer {
                 .copied()
                 .collect();
             keys.into_iter()
-                .filter_map(|k| map.remove(&k).map(|e| (k, e)))
+                .filter_map(|k| map.remove(&k).map(|e| (k, e.expiry())))
                 .collect()
         };
         let mut changes = Vec::new();
@@ -1635,8 +1693,8 @@ impl Committer {
             };
             let gone: Vec<(SetKey, u64)> = map
                 .iter()
-                .filter(|(_, e)| **e + EXPIRY_GRACE_MS <= now)
-                .map(|(k, e)| (*k, *e))
+                .filter(|(_, e)| e.expiry() + EXPIRY_GRACE_MS <= now)
+                .map(|(k, e)| (*k, e.expiry()))
                 .collect();
             for (k, _) in &gone {
                 map.remove(k);
@@ -1703,8 +1761,8 @@ impl Committer {
         let due: Vec<(SetKey, u64)> = match self.shared.committed.read() {
             Ok(m) => m
                 .iter()
-                .filter(|(_, e)| **e > now && **e <= horizon)
-                .map(|(k, e)| (*k, *e))
+                .filter(|(_, e)| e.expiry() > now && e.expiry() <= horizon)
+                .map(|(k, e)| (*k, e.expiry()))
                 .collect(),
             Err(_) => return,
         };
@@ -1792,7 +1850,9 @@ impl Committer {
         }
         if let Ok(mut m) = self.shared.committed.write() {
             for (k, e) in renewed.into_iter().filter(|(k, _)| !failed.contains(k)) {
-                m.insert(k, e);
+                // A renewal records no name: the grant keeps its front name.
+                let name = m.get(&k).map_or(0, |h| h.name());
+                m.insert(k, Held::new(e, name));
             }
         }
     }
@@ -2084,6 +2144,81 @@ mod tests {
                 assert_eq!(outcome(&r[0]), pb::Outcome::Unchanged);
             }
             assert!(kernel(AUTH4).iter().any(|(a, _)| a == addr));
+        });
+    }
+
+    fn named(ips: &[&str], name: &str, s: &Settings) -> Authorize {
+        let mut c = cmd(ips, 300, s);
+        c.qname = Some(name.into());
+        c
+    }
+
+    /// A repeated answer by the name the grant already has is answered on the fast path (no
+    /// store write); an alias is recorded before its reply, and then is the fast name. The
+    /// committer is held on another address's commit meanwhile, so "answered at once" can only
+    /// be the fast path.
+    #[test]
+    fn known_name_takes_the_fast_path_and_an_alias_is_recorded_first() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            let x = "192.0.2.50";
+            rt.block_on(e.authorize(named(&[x], "A.example.", &s), root()))
+                .unwrap();
+            // Holds the committer on the commit of `new`, a not yet granted address.
+            let hold = |e: &Engine, new: &str| {
+                let (reached, release) = gate(e);
+                let e = e.clone();
+                let c = cmd(&[new], 300, &s);
+                let mut other = Box::pin(async move { e.authorize(c, root()).await });
+                assert!(poll_once(&mut other).is_pending());
+                reached.recv().unwrap();
+                (other, release)
+            };
+            let (other, release) = hold(&e, "192.0.2.98");
+            let mut same = Box::pin(e.authorize(named(&[x], "a.example", &s), root()));
+            let std::task::Poll::Ready(r) = poll_once(&mut same) else {
+                panic!("a repeated name must not wait for the committer");
+            };
+            assert_eq!(outcome(&r.unwrap()[0]), pb::Outcome::Unchanged);
+            let mut alias = Box::pin(e.authorize(named(&[x], "b.example", &s), root()));
+            assert!(
+                poll_once(&mut alias).is_pending(),
+                "an alias must be recorded before the reply"
+            );
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            rt.block_on(other).unwrap();
+            assert_eq!(
+                outcome(&rt.block_on(alias).unwrap()[0]),
+                pb::Outcome::Unchanged
+            );
+            let r = Reader::open(&s.raw.database).unwrap();
+            let hist = |name: &str| {
+                r.history(&HistoryFilter {
+                    name: Some(name.into()),
+                    ..Default::default()
+                })
+                .unwrap()
+                .iter()
+                .map(|h| h.kind)
+                .collect::<Vec<_>>()
+            };
+            assert_eq!(hist("a.example"), [EventKind::Granted]);
+            assert_eq!(hist("b.example"), [EventKind::Named]);
+            // The alias is now the front name: the fast one; the first name is recorded again.
+            let (other, release) = hold(&e, "192.0.2.99");
+            let mut b = Box::pin(e.authorize(named(&[x], "b.example", &s), root()));
+            assert!(poll_once(&mut b).is_ready());
+            let mut a = Box::pin(e.authorize(named(&[x], "a.example", &s), root()));
+            assert!(poll_once(&mut a).is_pending());
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            rt.block_on(other).unwrap();
+            rt.block_on(a).unwrap();
+            assert_eq!(hist("a.example"), [EventKind::Named, EventKind::Granted]);
         });
     }
 

@@ -1069,6 +1069,11 @@ fn upsert_grant(
     let k = KeyCols::new(key);
     let at = to_sql_ms(at_ms);
     let names = names_json(name.as_slice());
+    // The name is at the front when the stored list (always written by `names_json`) is this
+    // one-name list or starts with its first element: a text comparison, no JSON parse.
+    let front = name
+        .as_ref()
+        .map(|_| format!("{},", &names[..names.len() - 1]));
     let done: Option<(i64, i64)> = tx
         .prepare_cached(
             "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, expires_ms, \
@@ -1077,7 +1082,7 @@ fn upsert_grant(
              ON CONFLICT (family, addr, prefix, client) DO UPDATE SET \
                last_ms = excluded.last_ms, expires_ms = excluded.expires_ms, \
                comment = CASE WHEN excluded.comment <> '' THEN excluded.comment ELSE comment END \
-             WHERE ?10 IS NULL OR (json_valid(names) AND json_extract(names, '$[0]') = ?10) \
+             WHERE ?10 IS NULL OR names = ?9 OR substr(names, 1, length(?10)) = ?10 \
              RETURNING id, first_ms",
         )
         .and_then(|mut s| {
@@ -1092,7 +1097,7 @@ fn upsert_grant(
                     source.as_str(),
                     comment,
                     names,
-                    name.as_deref(),
+                    front,
                 ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
