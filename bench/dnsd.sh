@@ -64,8 +64,8 @@
 # Knobs (env): REPS DUR LAT_DUR LAT_QPS LOW_QPS SUT_CPU GEN_CPU NICE QUIET_MAX QUIET_WAIT
 #   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
 #   SKIP_BUILD=1 (use the release binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
-#   PROFILE=1 (perf record, DWARF call graphs, of dnsd and fwd during the first hit and miss
-#   saturation runs; $OUT/perf-dnsd-*.txt and .data)
+#   PROFILE=1 (perf record, DWARF call graphs, of dnsd (and fwd) during the first saturation run
+#   of each dnsd variant and workload; $OUT/perf-SYSTEM-WORKLOAD.txt and .data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -620,10 +620,10 @@ run_dnsperf() { # system workload kind rep attempt file
   local load t0 t1 f0 f1 k0 k1 c0 g0 c1 g1 e0 h0 e1 h1 s0 s1 o0 o1 q0 q1 perfpid=""
   local obase=${OPENS_BASE:-}; OPENS_BASE=""
   load=$(cut -d' ' -f1 /proc/loadavg)
-  if [ "${PROFILE:-0}" = 1 ] && [ "$sys" = dnsd ] && [ "$kind" = sat ] && [ "$rep" = 1 ] && [ "$att" = 1 ] && command -v perf >/dev/null; then
+  if [ "${PROFILE:-0}" = 1 ] && [[ " dnsd dnsd-noauth dnsd-dot dnsd-dot-noauth " == *" $sys "* ]] && [ "$kind" = sat ] && [ "$rep" = 1 ] && [ "$att" = 1 ] && command -v perf >/dev/null; then
     # DWARF call graphs: the release profile keeps line tables (debug = 1) but no frame pointers
     # shellcheck disable=SC2086
-    perf record -F 499 --call-graph dwarf,16384 -o "$OUT/perf-dnsd-$wl.data" -p "$(echo $pids $fpids | tr ' ' ,)" >/dev/null 2>&1 &
+    perf record -F 499 --call-graph dwarf,16384 -o "$OUT/perf-$sys-$wl.data" -p "$(echo $pids $fpids | tr ' ' ,)" >/dev/null 2>&1 &
     perfpid=$!; sleep 0.3
   fi
   # shellcheck disable=SC2086
@@ -637,9 +637,9 @@ run_dnsperf() { # system workload kind rep attempt file
   if [ -n "$perfpid" ]; then
     kill -INT "$perfpid" 2>/dev/null || true; wait "$perfpid" 2>/dev/null || true
     # self time by process and library, then the inclusive (children) view by symbol
-    perf report -i "$OUT/perf-dnsd-$wl.data" --no-children --stdio --sort comm,dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30 >"$OUT/perf-dnsd-$wl.txt" || true
-    perf report -i "$OUT/perf-dnsd-$wl.data" --children --stdio --sort pid,sym --percent-limit 2 -g none 2>/dev/null | grep -v '^#' | grep -v '^$' \
-      | grep -v -E 'tokio::runtime|std::panic|catch_unwind|LocalKey|thread_start|clone3|start_thread|call_once|spawn_unchecked|unsafe_cell|coop::' | cut -c1-200 | head -150 >>"$OUT/perf-dnsd-$wl.txt" || true
+    perf report -i "$OUT/perf-$sys-$wl.data" --no-children --stdio --sort comm,dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30 >"$OUT/perf-$sys-$wl.txt" || true
+    perf report -i "$OUT/perf-$sys-$wl.data" --children --stdio --sort pid,sym --percent-limit 2 -g none 2>/dev/null | grep -v '^#' | grep -v '^$' \
+      | grep -v -E 'tokio::runtime|std::panic|catch_unwind|LocalKey|thread_start|clone3|start_thread|call_once|spawn_unchecked|unsafe_cell|coop::' | cut -c1-200 | head -150 >>"$OUT/perf-$sys-$wl.txt" || true
   fi
   cp "$out" "$OUT/last-$sys-$wl-$kind.txt" 2>/dev/null || true
   python3 - "$out" "$sys" "$wl" "$kind" "$rep" "$att" "$s0" "$s1" "$t0" "$t1" "$f0" "$f1" "$k0" "$k1" \

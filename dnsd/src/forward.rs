@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guard_proto::v1::UpstreamHealth;
@@ -16,7 +17,7 @@ pub struct Forwarded {
     /// The response in wire format, with the query's ID.
     pub wire: Vec<u8>,
     /// Which upstream answered (its URL), for metrics.
-    pub upstream: String,
+    pub upstream: Arc<str>,
     /// How long it took.
     pub latency: Duration,
 }
@@ -57,7 +58,6 @@ pub trait Forward: Send + Sync + std::fmt::Debug + 'static {
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use crate::upstream::{UpstreamConfig, UpstreamError, Upstreams};
 
@@ -119,7 +119,7 @@ impl Forward for UpstreamForwarder {
             match self.upstreams.query(query).await {
                 Ok(a) => Ok(Forwarded {
                     wire: a.response,
-                    upstream: a.url.to_string(),
+                    upstream: a.url,
                     latency: a.latency,
                 }),
                 Err(e) => {

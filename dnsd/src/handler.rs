@@ -26,6 +26,8 @@ use crate::policy::{Acl, DomainPolicy, RateLimiter, Verdict};
 
 /// DNS header length.
 const HEADER_LEN: usize = 12;
+/// The EDNS payload size dnsd advertises upstream (DNS flag day 2020).
+const UPSTREAM_PAYLOAD: u16 = 1232;
 /// The smallest possible resource record (root name, type, class, TTL, rdlength).
 const MIN_RR_LEN: usize = 11;
 /// The smallest possible question (root name, type, class).
@@ -133,6 +135,17 @@ pub struct Later {
     started: StdInstant,
 }
 
+/// How to cache an upstream's answer (all of [`cache::Insert`] but the message).
+#[derive(Debug)]
+struct Store {
+    key: Key,
+    ttl: u32,
+    negative: bool,
+    needs_grant: bool,
+    grant: Option<(Option<IpAddr>, u64)>,
+    epoch: u64,
+}
+
 /// The cache key of a query.
 fn cache_key(q: &ClientQuery) -> Key {
     Key {
@@ -148,6 +161,9 @@ fn cache_key(q: &ClientQuery) -> Key {
 enum Resolved {
     /// A response still to be finalized for the client.
     Message(Message),
+    /// An upstream's answer still to be finalized for the client, then cached as `Store`
+    /// says (cached after encoding, so that it is not cloned).
+    Fresh(Message, Option<Store>),
     /// The client's answer, ready to send, and its response code (a cache hit served from
     /// its wire form).
     Wire(Vec<u8>, ResponseCode),
@@ -318,7 +334,26 @@ impl Handler {
         } = later;
         let (resolved, source) = self.resolve(&q, wire, client, &live, transport).await;
         let out = match resolved {
-            Resolved::Message(msg) => self.finalize(msg, &q, transport),
+            Resolved::Message(mut msg) => self.finalize(&mut msg, &q, transport),
+            Resolved::Fresh(mut msg, store) => {
+                let out = self.finalize(&mut msg, &q, transport);
+                if let Some(store) = store {
+                    // The answer as finalized for this client: a later hit resets the
+                    // header, question and EDNS anyway, and the key fixes the DO bit.
+                    self.cache.insert(
+                        store.key,
+                        cache::Insert {
+                            msg,
+                            ttl: store.ttl,
+                            negative: store.negative,
+                            needs_grant: store.needs_grant,
+                            grant: store.grant,
+                            epoch: store.epoch,
+                        },
+                    );
+                }
+                out
+            }
             Resolved::Wire(bytes, rcode) => {
                 self.metrics.answered(Some(q.query.query_type()), rcode);
                 (bytes, rcode)
@@ -397,7 +432,12 @@ impl Handler {
         }
         self.metrics.cache_miss();
         (
-            Resolved::Message(self.resolve_upstream(q, client, &key, scope, live).await),
+            {
+                let (msg, store) = self
+                    .resolve_upstream(q, wire, client, &key, scope, live)
+                    .await;
+                Resolved::Fresh(msg, store)
+            },
             "upstream",
         )
     }
@@ -606,14 +646,15 @@ impl Handler {
     async fn resolve_upstream(
         &self,
         q: &ClientQuery,
+        wire: &[u8],
         client: IpAddr,
         key: &Key,
         scope: Option<IpAddr>,
         live: &Live,
-    ) -> Message {
+    ) -> (Message, Option<Store>) {
         let qtype = q.query.query_type();
-        let Some(upstream_query) = upstream_query(q) else {
-            return error_msg(ResponseCode::ServFail);
+        let Some(upstream_query) = upstream_query(q, wire) else {
+            return (error_msg(ResponseCode::ServFail), None);
         };
         let deadline = live.upstreams.timeout() + UPSTREAM_SLACK;
         let fwd =
@@ -623,30 +664,30 @@ impl Handler {
                     self.metrics
                         .upstream_error(e.upstream.as_deref().unwrap_or("none"), e.kind);
                     tracing::debug!(error = %e, "upstream failed; answering SERVFAIL");
-                    return error_msg(ResponseCode::ServFail);
+                    return (error_msg(ResponseCode::ServFail), None);
                 }
                 Err(_) => {
                     self.metrics.upstream_error("none", "deadline");
                     tracing::debug!("upstream deadline passed; answering SERVFAIL");
-                    return error_msg(ResponseCode::ServFail);
+                    return (error_msg(ResponseCode::ServFail), None);
                 }
             };
         self.metrics.upstream_latency(&fwd.upstream, fwd.latency);
         let Some(mut msg) = parse_upstream(&fwd.wire, upstream_query.0, &q.query) else {
             self.metrics.upstream_error(&fwd.upstream, "malformed");
             tracing::warn!(upstream = %fwd.upstream, "unusable upstream answer; answering SERVFAIL");
-            return error_msg(ResponseCode::ServFail);
+            return (error_msg(ResponseCode::ServFail), None);
         };
         let rcode = msg.metadata.response_code;
         if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
             // Pass the error on, without whatever records came with it.
-            return error_msg(rcode);
+            return (error_msg(rcode), None);
         }
         let chain = match answer::follow_chain(&msg, q.query.name(), qtype) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "broken CNAME chain; answering SERVFAIL");
-                return error_msg(ResponseCode::ServFail);
+                return (error_msg(ResponseCode::ServFail), None);
             }
         };
         let address_query = answer::is_address_query(qtype);
@@ -707,34 +748,31 @@ impl Handler {
                     Err(e) => {
                         self.fwd_failed(&e);
                         match s.on_fwd_error {
-                            OnFwdError::Servfail => return error_msg(ResponseCode::ServFail),
+                            OnFwdError::Servfail => {
+                                return (error_msg(ResponseCode::ServFail), None);
+                            }
                             OnFwdError::Answer => {}
                         }
                     }
                 }
             }
         }
-        if ttl > 0 {
-            self.cache.insert(
-                key.clone(),
-                cache::Insert {
-                    msg: msg.clone(),
-                    ttl,
-                    negative,
-                    needs_grant,
-                    grant: until_ms.map(|u| (scope, u)),
-                    epoch,
-                },
-            );
-        }
-        msg
+        let store = (ttl > 0).then(|| Store {
+            key: key.clone(),
+            ttl,
+            negative,
+            needs_grant,
+            grant: until_ms.map(|u| (scope, u)),
+            epoch,
+        });
+        (msg, store)
     }
 
     /// Sets the header, question and EDNS for the client and encodes, truncating over UDP.
     /// Returns the bytes and the rcode sent.
     fn finalize(
         &self,
-        mut msg: Message,
+        msg: &mut Message,
         q: &ClientQuery,
         transport: Transport,
     ) -> (Vec<u8>, ResponseCode) {
@@ -874,14 +912,29 @@ fn parse_query(wire: &[u8]) -> Result<ClientQuery, Reject> {
 /// The query dnsd sends upstream: a fresh message with its own ID, the client's question,
 /// RD set, and only the EDNS that dnsd chooses (the client's options, such as client subnet,
 /// are not forwarded).
-fn upstream_query(q: &ClientQuery) -> Option<(u16, Vec<u8>)> {
+fn upstream_query(q: &ClientQuery, wire: &[u8]) -> Option<(u16, Vec<u8>)> {
     let id: u16 = rand::random();
+    if let Some(question) = q
+        .question_len
+        .and_then(|len| wire.get(HEADER_LEN..HEADER_LEN + len))
+    {
+        // The same message written directly: header (RD, CD as asked, one question, one
+        // additional), the client's question bytes, and an OPT record without options.
+        let mut out = Vec::with_capacity(HEADER_LEN + question.len() + 11);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&[0x01, if q.cd { 0x10 } else { 0 }, 0, 1, 0, 0, 0, 0, 0, 1]);
+        out.extend_from_slice(question);
+        let [p0, p1] = UPSTREAM_PAYLOAD.to_be_bytes();
+        let flags = if q.dnssec_ok { 0x80 } else { 0 };
+        out.extend_from_slice(&[0, 0, 41, p0, p1, 0, 0, flags, 0, 0, 0]);
+        return Some((id, out));
+    }
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.metadata.checking_disabled = q.cd;
     m.add_query(q.query.clone());
     let mut e = Edns::new();
-    e.set_max_payload(1232);
+    e.set_max_payload(UPSTREAM_PAYLOAD);
     e.set_dnssec_ok(q.dnssec_ok);
     m.set_edns(e);
     m.to_vec().ok().map(|w| (id, w))
@@ -1066,6 +1119,47 @@ mod tests {
     }
 
     #[test]
+    fn upstream_query_written_directly_matches_the_encoded_one() {
+        for (name, edns, dnssec_ok, cd) in [
+            ("Example.COM.", Some(4096), false, false),
+            ("a.b.example.", None, false, true),
+            ("x.example.", Some(1232), true, false),
+        ] {
+            let mut wire = query_bytes(name, RecordType::AAAA, edns);
+            if dnssec_ok {
+                let mut m = Message::from_vec(&wire).unwrap();
+                if let Some(e) = m.edns.as_mut() {
+                    e.set_dnssec_ok(true);
+                }
+                wire = m.to_vec().unwrap();
+            }
+            if cd {
+                wire[3] |= 0x10;
+            }
+            let q = parse_query(&wire).unwrap();
+            assert!(q.question_len.is_some());
+            let (id, direct) = upstream_query(&q, &wire).unwrap();
+            let (_, encoded) = upstream_query(&q, &[]).unwrap();
+            let (d, e) = (
+                Message::from_vec(&direct).unwrap(),
+                Message::from_vec(&encoded).unwrap(),
+            );
+            assert_eq!(d.metadata.id, id);
+            assert_eq!(d.queries, e.queries);
+            assert_eq!(d.queries[0].name().to_ascii(), name, "the client's case");
+            assert_eq!(d.metadata.recursion_desired, e.metadata.recursion_desired);
+            assert_eq!(d.metadata.checking_disabled, cd);
+            assert_eq!(d.metadata.message_type, MessageType::Query);
+            assert_eq!(d.edns, e.edns);
+            assert_eq!(
+                d.edns.as_ref().map(|e| e.flags().dnssec_ok),
+                Some(dnssec_ok)
+            );
+            assert_eq!(direct.len(), encoded.len());
+        }
+    }
+
+    #[test]
     fn raw_error_echoes_id_opcode_rd() {
         let q = query_bytes("example.com.", RecordType::A, None);
         let e = raw_error(&q, ResponseCode::Refused).unwrap();
@@ -1080,7 +1174,7 @@ mod tests {
     #[test]
     fn upstream_answer_must_match_question_and_id() {
         let q = parse_query(&query_bytes("example.com.", RecordType::A, None)).unwrap();
-        let (id, wire) = upstream_query(&q).unwrap();
+        let (id, wire) = upstream_query(&q, &[]).unwrap();
         let mut resp = Message::from_vec(&wire).unwrap();
         resp.metadata.message_type = MessageType::Response;
         let ok = resp.to_vec().unwrap();
