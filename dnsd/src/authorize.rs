@@ -18,7 +18,7 @@
 //! **Memory.** For each (client, address) the authorizer remembers the `expires_unix_ms` fwd
 //! last confirmed. A request whose every grant is already committed until at least
 //! `now + ttl + MEMORY_SAFETY` is answered from memory at once; its name still reaches fwd's
-//! audit as a non-blocking "alias" request sent by the same task. Their queue is bounded
+//! audit as a non-blocking "alias" request, sent by a task of its own. Their queue is bounded
 //! ([`ALIAS_QUEUE`]): when fwd falls behind, alias records are dropped and counted
 //! (`dnsd_authorize_alias_dropped_total`). Grants are never affected, only the audit record of
 //! a name whose addresses were already granted under another name.
@@ -156,8 +156,8 @@ pub struct Request<'a> {
 pub struct Authorizer {
     shared: Arc<Shared>,
     max_batch: usize,
-    /// The coalescing task's queues, started by the first request (so that building an
-    /// Authorizer needs no runtime). The task ends when the Authorizer is dropped.
+    /// The queues of the coalescing tasks, started by the first request (so that building an
+    /// Authorizer needs no runtime). The tasks end when the Authorizer is dropped.
     queues: OnceLock<Queues>,
 }
 
@@ -271,10 +271,10 @@ impl Authorizer {
         self.queues.get_or_init(|| {
             let (answers, answers_rx) = mpsc::unbounded_channel();
             let (aliases, aliases_rx) = mpsc::channel(ALIAS_QUEUE);
-            tokio::spawn(coalesce(
+            tokio::spawn(coalesce(self.shared.clone(), self.max_batch, answers_rx));
+            tokio::spawn(send_aliases(
                 self.shared.clone(),
                 self.max_batch,
-                answers_rx,
                 aliases_rx,
             ));
             Queues { answers, aliases }
@@ -383,60 +383,37 @@ impl Authorizer {
     }
 }
 
-// === the coalescing task ===
+// === the coalescing tasks ===
 
-/// Forms calls from the queues until the Authorizer is dropped. Answer requests take one of
-/// [`MAX_CALLS_IN_FLIGHT`] slots. Alias records go in calls of their own through a separate
-/// single slot: they never wait for an answer's slot, and never make an answer's call larger
-/// (fwd's time per call grows with its requests).
+/// Forms calls from the answer queue until the Authorizer is dropped: each call takes one of
+/// [`MAX_CALLS_IN_FLIGHT`] slots, and the requests arriving while no slot is free leave
+/// together in the next one.
 async fn coalesce(
     shared: Arc<Shared>,
     max_batch: usize,
     mut answers: mpsc::UnboundedReceiver<Job>,
-    mut aliases: mpsc::Receiver<Job>,
 ) {
-    let answer_slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
-    let alias_slot = Arc::new(Semaphore::new(1));
-    // A request taken from its queue that did not fit in the call being formed.
+    let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    // A request taken from the queue that did not fit in the call being formed.
     let mut carry: Option<Job> = None;
-    let mut alias_carry: Option<Job> = None;
-    let mut aliases_open = true;
     loop {
         let first = match carry.take() {
             Some(job) => job,
-            None => {
-                tokio::select! {
-                    biased;
-                    job = answers.recv() => match job {
-                        Some(job) => job,
-                        None => break,
-                    },
-                    ready = next_alias(&alias_slot, &mut aliases, &mut alias_carry), if aliases_open => {
-                        match ready {
-                            Some((permit, job)) => {
-                                let mut batch = Batch::new(max_batch, job);
-                                batch.fill(&mut aliases, &mut alias_carry);
-                                tokio::spawn(call(shared.clone(), batch.jobs, permit));
-                            }
-                            None => aliases_open = false,
-                        }
-                        continue;
-                    }
-                }
-            }
+            None => match answers.recv().await {
+                Some(job) => job,
+                None => break,
+            },
         };
         if !first.wanted() {
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             continue;
         }
-        // Requests arriving while no slot is free accumulate in the queue: that is the
-        // coalescing.
-        let Ok(permit) = answer_slots.clone().acquire_owned().await else {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
         shared.queued.fetch_sub(1, Ordering::Relaxed);
         let mut batch = Batch::new(max_batch, first);
-        while let Some(job) = carry.take().or_else(|| answers.try_recv().ok()) {
+        while let Ok(job) = answers.try_recv() {
             if !job.wanted() {
                 shared.queued.fetch_sub(1, Ordering::Relaxed);
                 continue;
@@ -448,23 +425,34 @@ async fn coalesce(
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             batch.push(job);
         }
-        tokio::spawn(call(shared.clone(), batch.jobs, permit));
+        tokio::spawn(call(shared.clone(), batch.jobs, Some(permit)));
     }
 }
 
-/// The next alias record once the alias slot is free; `None` when the queue is closed.
-/// Cancel-safe: it takes a record only in the poll that completes it.
-async fn next_alias(
-    slot: &Arc<Semaphore>,
-    aliases: &mut mpsc::Receiver<Job>,
-    carry: &mut Option<Job>,
-) -> Option<(OwnedSemaphorePermit, Job)> {
-    let permit = slot.clone().acquire_owned().await.ok()?;
-    let job = match carry.take() {
-        Some(job) => job,
-        None => aliases.recv().await?,
-    };
-    Some((permit, job))
+/// Sends the alias records, one call at a time, each with every record waiting (up to
+/// `max_batch`). A task of its own: alias records never wait for an answer's slot, never make
+/// an answer's call larger (fwd's time per call grows with its requests), and are not starved
+/// while answers keep both slots busy.
+async fn send_aliases(shared: Arc<Shared>, max_batch: usize, mut aliases: mpsc::Receiver<Job>) {
+    let mut carry: Option<Job> = None;
+    loop {
+        let first = match carry.take() {
+            Some(job) => job,
+            None => match aliases.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let mut batch = Batch::new(max_batch, first);
+        while let Ok(job) = aliases.try_recv() {
+            if !batch.fits(&job) {
+                carry = Some(job);
+                break;
+            }
+            batch.push(job);
+        }
+        call(shared.clone(), batch.jobs, None).await;
+    }
 }
 
 /// A call being formed: at most `max` requests and `max` grants in total (fwd's bound on
@@ -492,21 +480,10 @@ impl Batch {
         self.grants += job.grants.len();
         self.jobs.push(job);
     }
-
-    /// Adds the alias records waiting, as far as they fit (an alias-only call).
-    fn fill(&mut self, aliases: &mut mpsc::Receiver<Job>, carry: &mut Option<Job>) {
-        while let Some(job) = carry.take().or_else(|| aliases.try_recv().ok()) {
-            if !self.fits(&job) {
-                *carry = Some(job);
-                return;
-            }
-            self.push(job);
-        }
-    }
 }
 
 /// Sends one call and hands each request its result.
-async fn call(shared: Arc<Shared>, jobs: Vec<Job>, _slot: OwnedSemaphorePermit) {
+async fn call(shared: Arc<Shared>, jobs: Vec<Job>, _slot: Option<OwnedSemaphorePermit>) {
     shared.metrics.authorize_batch(jobs.len());
     let request = AuthorizeManyRequest {
         requests: jobs.iter().map(|j| j.body.clone()).collect(),
@@ -1330,7 +1307,7 @@ mod tests {
 
     /// When fwd falls behind, alias records are dropped and counted; the answers are not
     /// affected. (The test runtime is single-threaded and a release from memory never yields,
-    /// so the coalescing task takes nothing from the queue during the loop.)
+    /// so the alias task takes nothing from the queue during the loop.)
     #[tokio::test]
     async fn alias_records_beyond_the_queue_are_dropped_and_counted() {
         let r = rig(256, Duration::from_secs(10));
