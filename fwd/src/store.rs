@@ -1052,11 +1052,11 @@ type StepError = (&'static str, rusqlite::Error);
 
 /// Insert or update one grant (semantics on [`Change::Upsert`]); `name` is normalized.
 ///
-/// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` statement covers the two hot cases: a
-/// new grant (then its name is indexed) and an extension that keeps the front name (a single
-/// row rewrite; the name index is untouched). Only when the front name changes does the
-/// conflict update not apply (its `WHERE` is false, nothing is returned), and the name list
-/// is read, reordered and rewritten with the index kept in step.
+/// The two hot cases take one statement each: an extension that keeps the front name is one
+/// `UPDATE` (the name index is untouched), a new grant one `INSERT ... ON CONFLICT DO NOTHING`
+/// (then its name is indexed). Only when the front name changes is the name list read,
+/// reordered and rewritten with the index kept in step. (`RETURNING` would fold the two into one
+/// statement, but SQLite buffers its rows in an ephemeral table, which measured slower.)
 fn upsert_grant(
     tx: &Connection,
     key: &GrantKey,
@@ -1068,50 +1068,61 @@ fn upsert_grant(
 ) -> Result<(), StepError> {
     let k = KeyCols::new(key);
     let at = to_sql_ms(at_ms);
+    let expires = expires_ms.map(to_sql_ms);
     let names = names_json(name.as_slice());
     // The name is at the front when the stored list (always written by `names_json`) is this
     // one-name list or starts with its first element: a text comparison, no JSON parse.
     let front = name
         .as_ref()
         .map(|_| format!("{},", &names[..names.len() - 1]));
-    let done: Option<(i64, i64)> = tx
+    let extended = tx
+        .prepare_cached(
+            "UPDATE grants SET last_ms = ?5, expires_ms = ?6, \
+               comment = CASE WHEN ?7 <> '' THEN ?7 ELSE comment END \
+             WHERE family = ?1 AND addr = ?2 AND prefix = ?3 AND client = ?4 \
+               AND (?9 IS NULL OR names = ?8 OR substr(names, 1, length(?9)) = ?9)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                k.family,
+                &k.addr[..],
+                k.prefix,
+                k.client(),
+                at,
+                expires,
+                comment,
+                names,
+                front,
+            ])
+        })
+        .map_err(|e| ("extend grant", e))?;
+    if extended > 0 {
+        return Ok(());
+    }
+    let inserted = tx
         .prepare_cached(
             "INSERT INTO grants (family, addr, prefix, client, first_ms, last_ms, expires_ms, \
                source, comment, names) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9) \
-             ON CONFLICT (family, addr, prefix, client) DO UPDATE SET \
-               last_ms = excluded.last_ms, expires_ms = excluded.expires_ms, \
-               comment = CASE WHEN excluded.comment <> '' THEN excluded.comment ELSE comment END \
-             WHERE ?10 IS NULL OR names = ?9 OR substr(names, 1, length(?10)) = ?10 \
-             RETURNING id, first_ms",
+             ON CONFLICT (family, addr, prefix, client) DO NOTHING",
         )
         .and_then(|mut s| {
-            s.query_row(
-                params![
-                    k.family,
-                    &k.addr[..],
-                    k.prefix,
-                    k.client(),
-                    at,
-                    expires_ms.map(to_sql_ms),
-                    source.as_str(),
-                    comment,
-                    names,
-                    front,
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
+            s.execute(params![
+                k.family,
+                &k.addr[..],
+                k.prefix,
+                k.client(),
+                at,
+                expires,
+                source.as_str(),
+                comment,
+                names,
+            ])
         })
-        .map_err(|e| ("upsert grant", e))?;
-    if let Some((id, first_ms)) = done {
-        // first_ms = at: inserted now (or, rarely, an update of a grant created in the same
-        // millisecond, whose front name is then this one and indexed already: the insert
-        // below is a no-op for it).
-        if let Some(name) = &name
-            && first_ms == at
-        {
-            index_name(tx, name, id)?;
+        .map_err(|e| ("insert grant", e))?;
+    if inserted > 0 {
+        if let Some(name) = &name {
+            index_name(tx, name, tx.last_insert_rowid())?;
         }
         return Ok(());
     }
