@@ -966,7 +966,13 @@ mod tests {
             c.insert(key(&name), item(&name, 300, None));
         }
         assert_eq!(c.len(), 8);
-        assert!(c.get(&key("hot."), None).is_some(), "the hot entry was evicted");
-        assert!(c.get(&key("cold0."), None).is_none(), "the oldest cold one was not");
+        assert!(
+            c.get(&key("hot."), None).is_some(),
+            "the hot entry was evicted"
+        );
+        assert!(
+            c.get(&key("cold0."), None).is_none(),
+            "the oldest cold one was not"
+        );
     }
 }
