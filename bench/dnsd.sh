@@ -60,7 +60,8 @@
 #   the run has lasted BUDGET s. CPU per query comes from /proc/PID/stat (utime+stime) deltas,
 #   which foreign load disturbs much less than qps. Tables show medians of REPS runs.
 # Output: a markdown report on stdout and in $OUT/report.md, raw rows in $OUT/runs.csv, dnsperf
-#   outputs of the last run of each kind in $OUT/last-*.txt, guardctl status in $OUT/dnsd-status.txt.
+#   outputs of the last run of each kind in $OUT/last-*.txt, guardctl status in $OUT/dnsd-status.txt,
+#   the daemons' logs in $OUT/logs/.
 # Knobs (env): REPS DUR LAT_DUR LAT_QPS LOW_QPS SUT_CPU GEN_CPU NICE QUIET_MAX QUIET_WAIT
 #   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
 #   SKIP_BUILD=1 (use the release binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
@@ -288,6 +289,8 @@ cleanup() {
   # Anything still in our namespace was started by this script (it is private to this run).
   for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
   ip netns del "$NS" 2>/dev/null || true
+  # The daemons' logs outlive the run, for the report's anomalies (SERVFAILs, failed starts).
+  [ -n "${OUT:-}" ] && [ -d "$W/log" ] && mkdir -p "$OUT" && cp -r "$W/log" "$OUT/logs" 2>/dev/null
   rm -rf "$W"
 }
 trap cleanup EXIT

@@ -39,7 +39,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ pub const MEMORY_ENTRIES: usize = 65_536;
 pub const MEMORY_SAFETY: Duration = Duration::from_secs(1);
 /// The reason sent with the audit record of an answer released from memory.
 pub const ALIAS_REASON: &str = "alias";
+/// The default of `authorize.alias_records_per_grant`.
+pub const DEFAULT_ALIAS_RECORDS: u32 = 16;
 
 /// Why an Authorize request failed as a whole.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -169,6 +171,8 @@ struct Shared {
     client: Mutex<Option<FirewallClient<Channel>>>,
     memory: Memory,
     metrics: Arc<Metrics>,
+    /// `authorize.alias_records_per_grant`.
+    alias_records: AtomicU32,
     /// Answer requests queued and not yet sent (or dropped because their caller left).
     queued: AtomicUsize,
 }
@@ -260,11 +264,25 @@ impl Authorizer {
                 client: Mutex::new(None),
                 memory: Memory::new(MEMORY_ENTRIES),
                 metrics,
+                alias_records: AtomicU32::new(DEFAULT_ALIAS_RECORDS),
                 queued: AtomicUsize::new(0),
             }),
             max_batch: max_batch.max(1),
             queues: OnceLock::new(),
         }
+    }
+
+    /// Sets `authorize.alias_records_per_grant`: how many answers released from memory are
+    /// recorded per address and grant period.
+    #[must_use]
+    pub fn with_alias_records(self, n: u32) -> Self {
+        self.set_alias_records(n);
+        self
+    }
+
+    /// Changes `authorize.alias_records_per_grant` at run time.
+    pub fn set_alias_records(&self, n: u32) {
+        self.shared.alias_records.store(n, Ordering::Relaxed);
     }
 
     fn queues(&self) -> &Queues {
@@ -288,9 +306,18 @@ impl Authorizer {
         let deadline = Instant::now() + self.shared.timeout;
         let client = req.client.to_canonical();
         let shared = &self.shared;
-        if let Some(verdicts) = shared.memory.covers(client, req.grants, now_unix_ms()) {
+        let budget = shared.alias_records.load(Ordering::Relaxed);
+        if let Some((verdicts, record)) =
+            shared
+                .memory
+                .covers(client, req.grants, now_unix_ms(), budget)
+        {
             shared.metrics.released_from_memory();
-            self.alias(&req, client);
+            if record {
+                self.alias(&req, client);
+            } else {
+                shared.metrics.alias_unrecorded();
+            }
             return Ok(verdicts);
         }
         let (tx, rx) = oneshot::channel();
@@ -675,7 +702,15 @@ struct MemoryState {
     /// Bumped whenever anything is forgotten or trust changes: a reply to a request queued
     /// in an earlier epoch may predate what was forgotten, so it is not remembered.
     epoch: u64,
-    grants: HashMap<(IpAddr, IpAddr), u64>,
+    /// Per (client, address): the expiry fwd confirmed, and how many alias records were
+    /// sent since (the budget restarts when fwd confirms a later expiry).
+    grants: HashMap<(IpAddr, IpAddr), Remembered>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    expires_ms: u64,
+    aliases: u32,
 }
 
 impl Memory {
@@ -695,33 +730,45 @@ impl Memory {
     }
 
     /// The remembered grants of `grants`, when every one is committed until at least
-    /// `now + its TTL + MEMORY_SAFETY`.
+    /// `now + its TTL + MEMORY_SAFETY`; with whether this answer's alias record is still
+    /// within `budget` for one of its addresses (charged to all of them when it is).
     fn covers(
         &self,
         client: IpAddr,
         grants: &[(IpAddr, u32)],
         now_ms: u64,
-    ) -> Option<Vec<Verdict>> {
+        budget: u32,
+    ) -> Option<(Vec<Verdict>, bool)> {
         if grants.is_empty() {
             return None;
         }
         let safety = u64::try_from(MEMORY_SAFETY.as_millis()).unwrap_or(u64::MAX);
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         if !state.trusted {
             return None;
         }
-        grants
+        let verdicts: Vec<Verdict> = grants
             .iter()
             .map(|(ip, ttl)| {
-                let expires = *state.grants.get(&(client, *ip))?;
+                let r = state.grants.get(&(client, *ip))?;
                 let needed = now_ms
                     .saturating_add(u64::from(*ttl).saturating_mul(1000))
                     .saturating_add(safety);
-                (expires >= needed).then_some(Verdict::Granted {
-                    expires_unix_ms: expires,
+                (r.expires_ms >= needed).then_some(Verdict::Granted {
+                    expires_unix_ms: r.expires_ms,
                 })
             })
-            .collect()
+            .collect::<Option<_>>()?;
+        let mut record = false;
+        for (ip, _) in grants {
+            if let Some(r) = state.grants.get_mut(&(client, *ip))
+                && r.aliases < budget
+            {
+                r.aliases += 1;
+                record = true;
+            }
+        }
+        Some((verdicts, record))
     }
 
     /// Remembers fwd's verdicts on a request queued in `epoch`, unless something was
@@ -743,13 +790,22 @@ impl Memory {
             match verdict {
                 Verdict::Granted { expires_unix_ms } => {
                     if state.grants.len() >= self.capacity && !state.grants.contains_key(&key) {
-                        state.grants.retain(|_, expires| *expires > now_ms);
+                        state.grants.retain(|_, r| r.expires_ms > now_ms);
                         if state.grants.len() >= self.capacity {
                             state.grants.clear();
                         }
                     }
-                    let e = state.grants.entry(key).or_insert(0);
-                    *e = (*e).max(*expires_unix_ms);
+                    let r = state.grants.entry(key).or_insert(Remembered {
+                        expires_ms: 0,
+                        aliases: 0,
+                    });
+                    if *expires_unix_ms > r.expires_ms {
+                        // A new grant or an extension: a new period, a new alias budget.
+                        *r = Remembered {
+                            expires_ms: *expires_unix_ms,
+                            aliases: 0,
+                        };
+                    }
                 }
                 Verdict::Rejected { .. } => {
                     state.grants.remove(&key);
@@ -1312,6 +1368,8 @@ mod tests {
     async fn alias_records_beyond_the_queue_are_dropped_and_counted() {
         let r = rig(256, Duration::from_secs(10));
         r.authorizer.set_trusted(true);
+        // No budget in the way: every answer would be recorded.
+        r.authorizer.set_alias_records(u32::MAX);
         ask(&r.authorizer, "www.test", "192.0.2.1", 60)
             .await
             .unwrap()
@@ -1479,6 +1537,45 @@ mod tests {
         );
     }
 
+    /// The alias budget: at most `budget` records per address and grant period; a later
+    /// expiry from fwd (an extension) starts a new period; 0 records none.
+    #[test]
+    fn alias_records_are_bounded_per_address_and_grant_period() {
+        let m = Memory::new(16);
+        m.set_trusted(true);
+        let c = ip("127.0.0.1");
+        let g = |s: &str| [(ip(s), 10)];
+        let granted = |until| {
+            [Verdict::Granted {
+                expires_unix_ms: until,
+            }]
+        };
+        let epoch = m.epoch();
+        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 1_000);
+        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000);
+        let record = |s: &str, budget| m.covers(c, &g(s), 2_000, budget).map(|(_, r)| r);
+        assert_eq!(record("192.0.2.1", 3), Some(true));
+        assert_eq!(record("192.0.2.1", 3), Some(true));
+        assert_eq!(record("192.0.2.1", 3), Some(true));
+        assert_eq!(record("192.0.2.1", 3), Some(false), "budget used up");
+        // Released all the same, and the other address has its own budget.
+        assert!(m.covers(c, &g("192.0.2.1"), 2_000, 3).is_some());
+        assert_eq!(record("192.0.2.2", 3), Some(true));
+        // An answer naming both is recorded while one of them has budget left.
+        let both = [(ip("192.0.2.1"), 10), (ip("192.0.2.2"), 10)];
+        // (192.0.2.2 has used 1 of 3.)
+        assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(true));
+        assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(true));
+        assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(false));
+        // The same expiry again is not a new period; a later one is.
+        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 3_000);
+        assert_eq!(record("192.0.2.1", 3), Some(false));
+        m.record(epoch, c, &g("192.0.2.1"), &granted(160_000), 3_000);
+        assert_eq!(record("192.0.2.1", 3), Some(true));
+        // 0 records none.
+        assert_eq!(record("192.0.2.1", 0), Some(false));
+    }
+
     #[test]
     fn memory_is_bounded_and_evicts_expired_first() {
         let m = Memory::new(2);
@@ -1496,16 +1593,19 @@ mod tests {
         // Full: the expired one goes.
         m.record(epoch, c, &g("192.0.2.3"), &granted(100_000), 2_000);
         assert_eq!(m.len(), 2);
-        assert!(m.covers(c, &g("192.0.2.1"), 2_000).is_none());
-        assert!(m.covers(c, &g("192.0.2.2"), 2_000).is_some());
+        assert!(m.covers(c, &g("192.0.2.1"), 2_000, 16).is_none());
+        assert!(m.covers(c, &g("192.0.2.2"), 2_000, 16).is_some());
         // Full of live grants: everything is forgotten.
         m.record(epoch, c, &g("192.0.2.4"), &granted(100_000), 2_000);
         assert_eq!(m.len(), 1);
         // The safety margin: 10 s TTL needs the grant to last 11 s more.
-        assert!(m.covers(c, &g("192.0.2.4"), 89_000).is_some());
-        assert!(m.covers(c, &g("192.0.2.4"), 89_001).is_none());
+        assert!(m.covers(c, &g("192.0.2.4"), 89_000, 16).is_some());
+        assert!(m.covers(c, &g("192.0.2.4"), 89_001, 16).is_none());
         // A rejection forgets; another client knows nothing.
-        assert!(m.covers(ip("127.0.0.2"), &g("192.0.2.4"), 2_000).is_none());
+        assert!(
+            m.covers(ip("127.0.0.2"), &g("192.0.2.4"), 2_000, 16)
+                .is_none()
+        );
         let rejected = [Verdict::Rejected { error: "x".into() }];
         m.record(epoch, c, &g("192.0.2.4"), &rejected, 2_000);
         assert_eq!(m.len(), 0);

@@ -378,6 +378,12 @@ pub struct AuthorizeConfig {
     /// answer may name: addresses beyond it are removed from the answer.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// At most this many answers released from dnsd's memory of committed grants are sent to
+    /// fwd as alias audit records per address and grant period (a new grant or extension
+    /// starts a new period); the rest are counted, not recorded. Bounds the audit growth a
+    /// flood of random names under one wildcard would cause. 0 records none.
+    #[serde(default = "default_alias_records")]
+    pub alias_records_per_grant: u32,
 }
 
 /// The largest `authorize.max_batch` accepted (fwd's own bound is usually far lower).
@@ -406,6 +412,10 @@ fn default_max_batch() -> usize {
     crate::authorize::DEFAULT_MAX_BATCH
 }
 
+fn default_alias_records() -> u32 {
+    crate::authorize::DEFAULT_ALIAS_RECORDS
+}
+
 impl Default for AuthorizeConfig {
     fn default() -> Self {
         AuthorizeConfig {
@@ -416,6 +426,7 @@ impl Default for AuthorizeConfig {
             refresh_margin: default_refresh_margin(),
             per_client: false,
             max_batch: default_max_batch(),
+            alias_records_per_grant: default_alias_records(),
         }
     }
 }

@@ -200,7 +200,8 @@ impl Handler {
                 cfg.authorize.timeout,
                 cfg.authorize.max_batch,
                 metrics.clone(),
-            ),
+            )
+            .with_alias_records(cfg.authorize.alias_records_per_grant),
             metrics,
             slots: Arc::new(Semaphore::new(cfg.listen.max_in_flight)),
             settings: Settings {

@@ -70,6 +70,7 @@ pub struct Metrics {
     authorize_batch_size: Histogram,
     memory_hits: Counter,
     alias_dropped: Counter,
+    alias_unrecorded: Counter,
     totals: Totals,
 }
 
@@ -170,6 +171,7 @@ impl Metrics {
         let authorize_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 9));
         let memory_hits = Counter::default();
         let alias_dropped = Counter::default();
+        let alias_unrecorded = Counter::default();
         registry.register(
             "dnsd_queries",
             "Queries answered, by query type and response code",
@@ -240,6 +242,11 @@ impl Metrics {
             "Audit records of answers released from memory dropped because the queue to fwd was full (no grant is affected)",
             alias_dropped.clone(),
         );
+        registry.register(
+            "dnsd_authorize_alias_unrecorded",
+            "Answers released from memory whose addresses had used up authorize.alias_records_per_grant: counted here, not sent to fwd's audit",
+            alias_unrecorded.clone(),
+        );
         Metrics {
             registry,
             queries,
@@ -256,6 +263,7 @@ impl Metrics {
             authorize_batch_size,
             memory_hits,
             alias_dropped,
+            alias_unrecorded,
             totals: Totals::default(),
         }
     }
@@ -353,6 +361,11 @@ impl Metrics {
     /// Counts one alias audit record dropped because its queue was full.
     pub fn alias_dropped(&self) {
         self.alias_dropped.inc();
+    }
+
+    /// Counts one answer released from memory beyond its addresses' alias record budget.
+    pub fn alias_unrecorded(&self) {
+        self.alias_unrecorded.inc();
     }
 
     /// Marks a query as started; the guard marks it finished when dropped.
@@ -481,6 +494,7 @@ mod tests {
         m.authorize_batch(3);
         m.released_from_memory();
         m.alias_dropped();
+        m.alias_unrecorded();
         {
             let _q = m.start_query();
             assert_eq!(m.snapshot().in_flight, 1);
@@ -514,6 +528,7 @@ mod tests {
             "dnsd_authorize_batch_size_bucket{le=\"4.0\"} 1",
             "dnsd_authorize_memory_hits_total 1",
             "dnsd_authorize_alias_dropped_total 1",
+            "dnsd_authorize_alias_unrecorded_total 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
