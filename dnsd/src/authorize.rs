@@ -553,11 +553,14 @@ async fn call(shared: Arc<Shared>, jobs: Vec<Job>, _slot: Option<OwnedSemaphoreP
             })
         };
         match &result {
-            Ok(verdicts) => {
-                shared
-                    .memory
-                    .record(job.epoch, job.client, &job.grants, verdicts, now_ms)
-            }
+            Ok(verdicts) => shared.memory.record(
+                job.epoch,
+                job.client,
+                &job.grants,
+                verdicts,
+                now_ms,
+                job.reply.is_some(),
+            ),
             Err(_) => shared.memory.forget_all(),
         }
         if let Some(tx) = job.reply {
@@ -773,6 +776,11 @@ impl Memory {
 
     /// Remembers fwd's verdicts on a request queued in `epoch`, unless something was
     /// forgotten since.
+    /// `new_period`: the verdicts answer a request an answer waited for, so a later expiry
+    /// starts a new alias budget. fwd's reply to an alias record may also carry a (slightly)
+    /// later expiry; it is remembered but keeps the budget, or every alias record would
+    /// reopen it and the bound would not hold.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         epoch: u64,
@@ -780,6 +788,7 @@ impl Memory {
         grants: &[(IpAddr, u32)],
         verdicts: &[Verdict],
         now_ms: u64,
+        new_period: bool,
     ) {
         let mut state = self.state.lock();
         if !state.trusted || state.epoch != epoch {
@@ -800,11 +809,12 @@ impl Memory {
                         aliases: 0,
                     });
                     if *expires_unix_ms > r.expires_ms {
-                        // A new grant or an extension: a new period, a new alias budget.
-                        *r = Remembered {
-                            expires_ms: *expires_unix_ms,
-                            aliases: 0,
-                        };
+                        // A new grant or an extension for an answer: a new period, a new
+                        // alias budget.
+                        r.expires_ms = *expires_unix_ms;
+                        if new_period {
+                            r.aliases = 0;
+                        }
                     }
                 }
                 Verdict::Rejected { .. } => {
@@ -1551,8 +1561,8 @@ mod tests {
             }]
         };
         let epoch = m.epoch();
-        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 1_000);
-        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000);
+        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 1_000, true);
+        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000, true);
         let record = |s: &str, budget| m.covers(c, &g(s), 2_000, budget).map(|(_, r)| r);
         assert_eq!(record("192.0.2.1", 3), Some(true));
         assert_eq!(record("192.0.2.1", 3), Some(true));
@@ -1568,9 +1578,13 @@ mod tests {
         assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(true));
         assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(false));
         // The same expiry again is not a new period; a later one is.
-        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 3_000);
+        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 3_000, true);
         assert_eq!(record("192.0.2.1", 3), Some(false));
-        m.record(epoch, c, &g("192.0.2.1"), &granted(160_000), 3_000);
+        // fwd's reply to an alias record (a later expiry) keeps the budget used up...
+        m.record(epoch, c, &g("192.0.2.1"), &granted(130_000), 3_000, false);
+        assert_eq!(record("192.0.2.1", 3), Some(false));
+        // ...an answer's grant or extension starts a new period.
+        m.record(epoch, c, &g("192.0.2.1"), &granted(160_000), 3_000, true);
         assert_eq!(record("192.0.2.1", 3), Some(true));
         // 0 records none.
         assert_eq!(record("192.0.2.1", 0), Some(false));
@@ -1588,15 +1602,15 @@ mod tests {
             }]
         };
         let epoch = m.epoch();
-        m.record(epoch, c, &g("192.0.2.1"), &granted(1_500), 1_000);
-        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000);
+        m.record(epoch, c, &g("192.0.2.1"), &granted(1_500), 1_000, true);
+        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000, true);
         // Full: the expired one goes.
-        m.record(epoch, c, &g("192.0.2.3"), &granted(100_000), 2_000);
+        m.record(epoch, c, &g("192.0.2.3"), &granted(100_000), 2_000, true);
         assert_eq!(m.len(), 2);
         assert!(m.covers(c, &g("192.0.2.1"), 2_000, 16).is_none());
         assert!(m.covers(c, &g("192.0.2.2"), 2_000, 16).is_some());
         // Full of live grants: everything is forgotten.
-        m.record(epoch, c, &g("192.0.2.4"), &granted(100_000), 2_000);
+        m.record(epoch, c, &g("192.0.2.4"), &granted(100_000), 2_000, true);
         assert_eq!(m.len(), 1);
         // The safety margin: 10 s TTL needs the grant to last 11 s more.
         assert!(m.covers(c, &g("192.0.2.4"), 89_000, 16).is_some());
@@ -1607,7 +1621,7 @@ mod tests {
                 .is_none()
         );
         let rejected = [Verdict::Rejected { error: "x".into() }];
-        m.record(epoch, c, &g("192.0.2.4"), &rejected, 2_000);
+        m.record(epoch, c, &g("192.0.2.4"), &rejected, 2_000, true);
         assert_eq!(m.len(), 0);
     }
 }
