@@ -1119,7 +1119,12 @@ impl Committer {
                     let res = res.and_then(|k| {
                         let want = now + it.ttl.as_millis() as u64 + margin;
                         if let Some(p) = pending.get_mut(&k) {
-                            p.expiry = p.expiry.max(want);
+                            // Named again in this group: the same rule as below, so that a
+                            // grant the group keeps as committed is not extended just because
+                            // several answers (aliases) name it.
+                            if !(p.expiry > now && p.expiry + margin / 2 >= want) {
+                                p.expiry = p.expiry.max(want);
+                            }
                             return Ok(k);
                         }
                         let held = map.get(&k).copied();
@@ -2219,6 +2224,44 @@ mod tests {
             rt.block_on(other).unwrap();
             rt.block_on(a).unwrap();
             assert_eq!(hist("a.example"), [EventKind::Named, EventKind::Granted]);
+        });
+    }
+
+    /// Several aliases of a committed grant in one group are recorded without extending it
+    /// (the first of them used to be judged "covered" and the next ones extended the grant, a
+    /// kernel delete+add per alias).
+    #[test]
+    fn aliases_in_one_group_do_not_extend_a_covered_grant() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            let x = "192.0.2.51";
+            let first = rt
+                .block_on(e.authorize(named(&[x], "a.example", &s), root()))
+                .unwrap();
+            let granted_until = first[0].expires_unix_ms;
+            // Hold the committer on another address, so that both aliases land in one group.
+            let (reached, release) = gate(&e);
+            let e2 = e.clone();
+            let c = cmd(&["192.0.2.97"], 300, &s);
+            let mut other = Box::pin(async move { e2.authorize(c, root()).await });
+            assert!(poll_once(&mut other).is_pending());
+            reached.recv().unwrap();
+            // The clock moves on, so that "now + TTL + margin" is later than the grant's
+            // expiry (still well inside margin/2: covered).
+            std::thread::sleep(Duration::from_millis(20));
+            let mut b = Box::pin(e.authorize(named(&[x], "b.example", &s), root()));
+            let mut c = Box::pin(e.authorize(named(&[x], "c.example", &s), root()));
+            assert!(poll_once(&mut b).is_pending() && poll_once(&mut c).is_pending());
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            rt.block_on(other).unwrap();
+            for r in [rt.block_on(b).unwrap(), rt.block_on(c).unwrap()] {
+                assert_eq!(outcome(&r[0]), pb::Outcome::Unchanged, "{r:?}");
+                assert_eq!(r[0].expires_unix_ms, granted_until, "{r:?}");
+            }
         });
     }
 
