@@ -470,6 +470,17 @@ pub(crate) fn id_of(msg: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*msg.first()?, *msg.get(1)?]))
 }
 
+/// A random query ID not in `pending` (the IDs in flight on one socket or connection).
+/// Callers bound `pending` well below 65,536 entries, so this ends quickly.
+pub(crate) fn unused_id<V>(pending: &std::collections::HashMap<u16, V>) -> u16 {
+    loop {
+        let id = rand::random::<u16>();
+        if !pending.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
 /// Overwrites the ID of a message; no-op on anything shorter than an ID.
 pub(crate) fn set_id(msg: &mut [u8], id: u16) {
     if let Some(head) = msg.get_mut(..2) {

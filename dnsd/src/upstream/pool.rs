@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::UpstreamError;
-use super::message::{HEADER_LEN, id_of, set_id};
+use super::message::{HEADER_LEN, id_of, set_id, unused_id};
 use super::tcp::{self, frame, read_frame};
 use super::tls::{self, HandshakeStats};
 
@@ -317,12 +317,7 @@ impl Conn {
             if st.pending.len() >= MAX_PIPELINE {
                 return Err(lost(addr, "pipeline full"));
             }
-            let id = loop {
-                let id = rand::random::<u16>();
-                if !st.pending.contains_key(&id) {
-                    break id;
-                }
-            };
+            let id = unused_id(&st.pending);
             let seq = st.next_seq;
             st.next_seq += 1;
             st.pending.insert(id, (seq, tx));

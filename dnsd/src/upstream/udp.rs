@@ -18,7 +18,7 @@ use tokio::time::{Instant, timeout_at};
 use super::UpstreamError;
 use super::health::Health;
 use super::message::{
-    HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id,
+    HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id, unused_id,
 };
 
 /// Receive room beyond the client's advertised payload size, so that an oversized answer is
@@ -215,12 +215,7 @@ impl Channel {
         if st.pending.len() >= MAX_PENDING {
             return None;
         }
-        let id = loop {
-            let id = rand::random::<u16>();
-            if !st.pending.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id(&st.pending);
         let seq = st.next_seq;
         st.next_seq += 1;
         st.sent += 1;
