@@ -289,6 +289,13 @@ pub struct Counts {
     pub manual: u64,
 }
 
+/// Whether a grant committed until `expiry` already serves a request wanting `want`: it is
+/// live, and short of `want` by at most half the margin (the rule that keeps repeated answers
+/// from rewriting the kernel element each time). All in Unix ms.
+fn covers(expiry: u64, now: u64, want: u64, margin: u64) -> bool {
+    expiry > now && expiry + margin / 2 >= want
+}
+
 /// Builds the kernel key of a grant.
 pub fn set_key(ip: IpAddr, client: Option<IpAddr>) -> Option<SetKey> {
     Some(match (ip, client) {
@@ -833,7 +840,7 @@ impl Engine {
                     return None;
                 }
                 let have = held.expiry();
-                (have > now && have + margin / 2 >= want).then(|| pb::GrantResult {
+                covers(have, now, want, margin).then(|| pb::GrantResult {
                     ip: it.raw.clone(),
                     outcome: pb::Outcome::Unchanged as i32,
                     expires_unix_ms: have,
@@ -1122,7 +1129,7 @@ impl Committer {
                             // Named again in this group: the same rule as below, so that a
                             // grant the group keeps as committed is not extended just because
                             // several answers (aliases) name it.
-                            if !(p.expiry > now && p.expiry + margin / 2 >= want) {
+                            if !covers(p.expiry, now, want, margin) {
                                 p.expiry = p.expiry.max(want);
                             }
                             return Ok(k);
@@ -1130,7 +1137,7 @@ impl Committer {
                         let held = map.get(&k).copied();
                         let had = held.map(|h| h.expiry());
                         let had_name = held.map_or(0, |h| h.name());
-                        if let Some(h) = had.filter(|&h| h > now && h + margin / 2 >= want) {
+                        if let Some(h) = had.filter(|&h| covers(h, now, want, margin)) {
                             // Covered by what is committed: no kernel work, but the caller still waits
                             // for this group so it is never answered ahead of an in-flight commit.
                             pending.insert(
