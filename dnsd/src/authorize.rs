@@ -780,7 +780,6 @@ impl Memory {
     /// starts a new alias budget. fwd's reply to an alias record may also carry a (slightly)
     /// later expiry; it is remembered but keeps the budget, or every alias record would
     /// reopen it and the bound would not hold.
-    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         epoch: u64,
