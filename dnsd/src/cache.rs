@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use ipnet::IpNet;
 use parking_lot::Mutex;
@@ -88,9 +88,10 @@ impl Grants {
 /// One cached answer.
 #[derive(Debug, Clone)]
 struct Entry {
-    msg: Arc<Message>,
-    /// The answer encoded once, built on the first hit (`Some(None)`: it cannot be served
-    /// from the wire).
+    /// The answer as a message (`None` for one stored straight from the wire).
+    msg: Option<Arc<Message>>,
+    /// The answer encoded once: stored from the wire, or built from `msg` on the first hit
+    /// (`Some(None)`: it cannot be served from the wire).
     wire: Option<Option<Arc<WireAnswer>>>,
     inserted: Instant,
     ttl: u32,
@@ -127,8 +128,9 @@ fn answer_addrs(msg: &Message) -> Vec<IpAddr> {
 /// A cache hit.
 #[derive(Debug, Clone)]
 pub struct Hit {
-    /// The answer as stored (TTLs not decremented: see [`Hit::msg`]).
-    pub stored: Arc<Message>,
+    /// The answer as stored (TTLs not decremented: see [`Hit::msg`]); `None` when it was
+    /// stored in wire form only.
+    pub stored: Option<Arc<Message>>,
     /// Whole seconds spent in cache.
     pub elapsed: u32,
     /// The stored answer in wire form, when it can be served that way.
@@ -154,11 +156,25 @@ pub struct Hit {
 
 impl Hit {
     /// The answer to serve, TTLs decremented by the time spent in cache (header ID and flags
-    /// are the handler's business).
-    pub fn msg(&self) -> Message {
-        let mut msg = (*self.stored).clone();
+    /// are the handler's business). `None` only if a wire-form answer fails to decode, which
+    /// the checks it passed before it was stored rule out.
+    pub fn msg(&self) -> Option<Message> {
+        let mut msg = match (&self.stored, &self.wire) {
+            (Some(m), _) => (**m).clone(),
+            (None, Some(w)) => w.decode()?,
+            (None, None) => return None,
+        };
         answer::age_ttls(&mut msg, self.elapsed);
-        msg
+        Some(msg)
+    }
+
+    /// The response code of the stored answer.
+    pub fn response_code(&self) -> ResponseCode {
+        match (&self.stored, &self.wire) {
+            (Some(m), _) => m.metadata.response_code,
+            (None, Some(w)) => ResponseCode::from(0, w.rcode),
+            (None, None) => ResponseCode::ServFail,
+        }
     }
 }
 
@@ -197,6 +213,36 @@ pub struct Asked<'a> {
 }
 
 impl WireAnswer {
+    /// A NOERROR answer shaped on the wire ([`crate::wire`]): `bytes` holds the header (ID 0,
+    /// flags to be set), the question of `question_len` octets and the records, whose TTLs
+    /// lie at `ttl_offsets`; no OPT record.
+    pub(crate) fn from_parts(
+        bytes: Vec<u8>,
+        question_len: usize,
+        ttl_offsets: Vec<usize>,
+        authentic_data: bool,
+    ) -> WireAnswer {
+        WireAnswer {
+            bytes,
+            question_len,
+            ttl_offsets,
+            rcode: 0,
+            authentic_data,
+        }
+    }
+
+    /// The response code.
+    pub fn response_code(&self) -> ResponseCode {
+        ResponseCode::from(0, self.rcode)
+    }
+
+    /// The stored answer as a message, for the paths that edit it.
+    pub(crate) fn decode(&self) -> Option<Message> {
+        let mut msg = Message::from_vec(&self.bytes).ok()?;
+        msg.metadata.authentic_data = self.authentic_data;
+        Some(msg)
+    }
+
     /// Encodes `msg` as the handler's `finalize` would for a client without EDNS, and
     /// records where its TTLs are. `None` when the answer cannot be served from the wire.
     fn build(msg: &Message) -> Option<WireAnswer> {
@@ -287,7 +333,7 @@ impl WireAnswer {
 /// DNS header length.
 const HEADER_LEN: usize = 12;
 /// An OPT record without options.
-const OPT_LEN: usize = 11;
+pub(crate) const OPT_LEN: usize = 11;
 
 /// What to store.
 #[derive(Debug, Clone)]
@@ -304,6 +350,23 @@ pub struct Insert {
     pub grant: Option<(Option<IpAddr>, u64)>,
     /// [`Cache::epoch`] read before the Authorize call that returned `grant`; the grant is
     /// dropped (the answer still stored) when an invalidation happened since.
+    pub epoch: u64,
+}
+
+/// What to store for an answer shaped on the wire (see [`Insert`] for the fields they share).
+#[derive(Debug)]
+pub struct InsertWire {
+    /// The answer, TTLs clamped and capped.
+    pub answer: WireAnswer,
+    /// The A/AAAA addresses of its answer section.
+    pub addrs: Vec<IpAddr>,
+    /// Lifetime in seconds; 0 is not stored.
+    pub ttl: u32,
+    /// Whether serving it needs a live grant.
+    pub needs_grant: bool,
+    /// The grant fwd committed with the answer: (client scope, until Unix ms).
+    pub grant: Option<(Option<IpAddr>, u64)>,
+    /// As [`Insert::epoch`].
     pub epoch: u64,
 }
 
@@ -403,9 +466,10 @@ impl Cache {
         }
         let elapsed = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
         // Encoded on the first hit, not at insertion: most misses are never asked again.
+        let msg = entry.msg.as_deref();
         let wire = entry
             .wire
-            .get_or_insert_with(|| WireAnswer::build(&entry.msg).map(Arc::new))
+            .get_or_insert_with(|| msg.and_then(WireAnswer::build).map(Arc::new))
             .clone();
         let hit = Hit {
             stored: entry.msg.clone(),
@@ -432,24 +496,45 @@ impl Cache {
         if self.capacity == 0 || item.ttl == 0 {
             return;
         }
-        let addrs = answer_addrs(&item.msg);
-        let mut inner = self.inner.lock();
-        let mut grants = Grants::default();
-        if let Some((scope, until)) = item.grant
-            && item.epoch == inner.epoch
-        {
-            grants.set(scope, until);
-        }
         let entry = Entry {
-            msg: Arc::new(item.msg),
+            addrs: answer_addrs(&item.msg),
+            msg: Some(Arc::new(item.msg)),
             wire: None,
             inserted: Instant::now(),
             ttl: item.ttl,
             negative: item.negative,
             needs_grant: item.needs_grant,
-            grants,
-            addrs,
+            grants: Grants::default(),
         };
+        self.put(key, entry, item.grant, item.epoch);
+    }
+
+    /// Stores a positive answer shaped on the wire ([`crate::wire`]), whose answer section
+    /// names `addrs`; `item` as for [`Cache::insert`].
+    pub fn insert_wire(&self, key: Key, item: InsertWire) {
+        if self.capacity == 0 || item.ttl == 0 {
+            return;
+        }
+        let entry = Entry {
+            msg: None,
+            wire: Some(Some(Arc::new(item.answer))),
+            inserted: Instant::now(),
+            ttl: item.ttl,
+            negative: false,
+            needs_grant: item.needs_grant,
+            grants: Grants::default(),
+            addrs: item.addrs,
+        };
+        self.put(key, entry, item.grant, item.epoch);
+    }
+
+    fn put(&self, key: Key, mut entry: Entry, grant: Option<(Option<IpAddr>, u64)>, epoch: u64) {
+        let mut inner = self.inner.lock();
+        if let Some((scope, until)) = grant
+            && epoch == inner.epoch
+        {
+            entry.grants.set(scope, until);
+        }
         inner.remove(&key);
         while inner.map.len() >= self.capacity {
             let Some((_, oldest)) = inner.lru.pop_first() else {
@@ -615,11 +700,11 @@ mod tests {
         c.insert(key("example.com."), item("example.com.", 300, Some(1)));
         let h = c.get(&key("EXAMPLE.com."), None).unwrap();
         assert_eq!(h.remaining, 300);
-        assert_eq!(h.msg().answers[0].ttl, 300);
+        assert_eq!(h.msg().unwrap().answers[0].ttl, 300);
         tokio::time::advance(Duration::from_secs(100)).await;
         let h = c.get(&key("example.com."), None).unwrap();
         assert_eq!(h.remaining, 200);
-        assert_eq!(h.msg().answers[0].ttl, 200);
+        assert_eq!(h.msg().unwrap().answers[0].ttl, 200);
         tokio::time::advance(Duration::from_millis(199_500)).await;
         let h = c.get(&key("example.com."), None).unwrap();
         assert_eq!(h.remaining, 1);
@@ -769,7 +854,15 @@ mod tests {
         assert!(!granted("a.", None));
         assert!(!granted("a.", Some(client)));
         assert!(granted("b.", None));
-        assert_eq!(c.get(&key("a."), None).unwrap().msg().answers.len(), 2);
+        assert_eq!(
+            c.get(&key("a."), None)
+                .unwrap()
+                .msg()
+                .unwrap()
+                .answers
+                .len(),
+            2
+        );
 
         // IPv6 and the catch-alls.
         assert_eq!(c.revoke(&net("2001:db8:1::/48")), 1);
@@ -935,7 +1028,7 @@ mod tests {
                 other => panic!("EDNS {other:?}"),
             }
             // The long way gives the same TTLs.
-            assert_eq!(h.msg().answers[0].ttl, 200);
+            assert_eq!(h.msg().unwrap().answers[0].ttl, 200);
         }
         // Too big for the client: the caller truncates the long way.
         let asked = Asked {

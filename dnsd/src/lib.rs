@@ -14,6 +14,7 @@ pub mod policy;
 pub mod revocations;
 pub mod server;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use listener::Sockets;

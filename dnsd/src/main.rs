@@ -8,6 +8,11 @@ use clap::{Parser, ValueEnum};
 use dnsd::{Config, Sockets};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: a miss allocates and frees a few dozen small objects (decoded records, the
+/// answer, the cache entry); glibc's malloc was 15-20 % of dnsd's user time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EX_USAGE from sysexits.h: bad arguments or configuration.
 const EX_USAGE: u8 = 64;
 

@@ -275,7 +275,7 @@ fn plain_name_end(wire: &[u8], mut pos: usize) -> Option<usize> {
 
 /// The end of a possibly compressed name starting at `pos` (a pointer ends it; its target is
 /// not followed, so no loop is possible).
-fn name_end(wire: &[u8], mut pos: usize) -> Option<usize> {
+pub(crate) fn name_end(wire: &[u8], mut pos: usize) -> Option<usize> {
     let start = pos;
     loop {
         let len = *wire.get(pos)?;

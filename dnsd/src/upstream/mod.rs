@@ -36,6 +36,8 @@ pub use message::{
 };
 pub use tls::spki_pin;
 
+pub(crate) use message::{id_of, name_end};
+
 use health::{Health, Policy, State};
 use message::Prepared;
 use pool::{Connector, Pool};

@@ -1,0 +1,467 @@
+//! The miss path's wire lane: an upstream answer that dnsd releases unchanged but for its
+//! header, its TTLs, its EDNS and the glue it strips is checked and shaped on the wire, without
+//! decoding it into a hickory `Message` and encoding it again (that pair was a fifth of dnsd's
+//! own CPU on a cache miss).
+//!
+//! [`scan`] takes only the commonest shape: a NOERROR answer to an A or AAAA question whose
+//! answer section is exactly the CNAME chain from the query name plus the addresses of the
+//! query type at its end, an authority section of NS and SOA records only, and an additional
+//! section of A/AAAA glue and the OPT record only. Every name in the part that is kept (owner
+//! names, and the names inside CNAME, NS and SOA data) is read with hickory's decoder, which
+//! refuses compression pointers that do not point backwards. The additional section, which
+//! dnsd strips (glue is never authorized, and the client gets dnsd's own OPT), is then a tail
+//! of the message that nothing kept can point into, so it is cut off. Anything else returns
+//! `None` and takes the `Message` path, which handles every answer; a test feeds both paths
+//! the same answers and compares what the client gets.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+use crate::answer::{Chain, ChainAddr, MAX_CHAIN};
+use crate::cache::WireAnswer;
+
+/// DNS header length.
+const HEADER_LEN: usize = 12;
+/// Record types, as on the wire.
+const TYPE_A: u16 = 1;
+const TYPE_NS: u16 = 2;
+const TYPE_CNAME: u16 = 5;
+const TYPE_SOA: u16 = 6;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+/// Class IN.
+const CLASS_IN: u16 = 1;
+/// Answer records beyond this many take the `Message` path (the chain walk is quadratic).
+const MAX_ANSWERS: usize = 64;
+
+/// An upstream answer [`scan`] accepted.
+#[derive(Debug)]
+pub struct Scanned {
+    /// The CNAME chain and its addresses, as [`crate::answer::follow_chain`] finds them.
+    pub chain: Chain,
+    /// The smallest TTL in the answer section (what the cache lifetime starts from).
+    pub answer_min_ttl: u32,
+    /// The upstream's AD bit.
+    pub authentic_data: bool,
+    /// Where every kept record's TTL lies, and its value.
+    ttls: Vec<(usize, u32)>,
+    /// Where the kept part (header, question, answer and authority sections) ends.
+    end: usize,
+    /// The question's length after the header.
+    question_len: usize,
+}
+
+/// One answer-section record.
+struct Rec {
+    name: Name,
+    ttl: u32,
+    data: Data,
+}
+
+enum Data {
+    Cname(Name),
+    Addr(IpAddr),
+}
+
+/// A 16-bit big-endian number at `at`.
+fn u16_at(wire: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*wire.get(at)?, *wire.get(at + 1)?]))
+}
+
+/// A name read with hickory's decoder starting at `at`; returns it and where it ends.
+fn name_at(wire: &[u8], at: usize) -> Option<(Name, usize)> {
+    let mut d = BinDecoder::new(wire).clone(u16::try_from(at).ok()?);
+    let name = Name::read(&mut d).ok()?;
+    Some((name, d.index()))
+}
+
+/// A record's fixed fields after its owner name at `at`: type, class, TTL, RDATA range.
+fn fixed(wire: &[u8], at: usize) -> Option<(u16, u16, u32, usize, usize)> {
+    let f = wire.get(at..at + 10)?;
+    let rtype = u16::from_be_bytes([f[0], f[1]]);
+    let class = u16::from_be_bytes([f[2], f[3]]);
+    let ttl = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+    let start = at + 10;
+    let end = start + usize::from(u16::from_be_bytes([f[8], f[9]]));
+    (end <= wire.len()).then_some((rtype, class, ttl, start, end))
+}
+
+/// Checks `resp` (an upstream's answer to `question`, the client's question bytes after the
+/// header) for the shape described in the module documentation, and follows its chain from
+/// `qname`. `None` means "take the `Message` path".
+pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Option<Scanned> {
+    let want = match qtype {
+        RecordType::A => TYPE_A,
+        RecordType::AAAA => TYPE_AAAA,
+        _ => return None,
+    };
+    let flags = u16_at(resp, 2)?;
+    // QR, opcode QUERY, not truncated, NOERROR.
+    if flags & 0x8000 == 0 || flags & 0x7800 != 0 || flags & 0x0200 != 0 || flags & 0x000f != 0 {
+        return None;
+    }
+    if u16_at(resp, 4)? != 1 {
+        return None;
+    }
+    let qend = HEADER_LEN + question.len();
+    if !resp.get(HEADER_LEN..qend)?.eq_ignore_ascii_case(question) {
+        return None;
+    }
+    let ancount = usize::from(u16_at(resp, 6)?);
+    let nscount = usize::from(u16_at(resp, 8)?);
+    let arcount = usize::from(u16_at(resp, 10)?);
+    if ancount == 0 || ancount > MAX_ANSWERS {
+        return None;
+    }
+    let mut ttls = Vec::with_capacity(ancount + nscount);
+    let mut recs: Vec<Rec> = Vec::with_capacity(ancount);
+    let mut pos = qend;
+    for _ in 0..ancount {
+        let (name, at) = name_at(resp, pos)?;
+        let (rtype, class, ttl, start, end) = fixed(resp, at)?;
+        if class != CLASS_IN {
+            return None;
+        }
+        let data = match rtype {
+            TYPE_CNAME => {
+                let (target, name_end) = name_at(resp, start)?;
+                if name_end != end {
+                    return None;
+                }
+                Data::Cname(target)
+            }
+            TYPE_A if want == TYPE_A => {
+                let b: [u8; 4] = resp.get(start..end)?.try_into().ok()?;
+                Data::Addr(IpAddr::V4(Ipv4Addr::from(b)))
+            }
+            TYPE_AAAA if want == TYPE_AAAA => {
+                let b: [u8; 16] = resp.get(start..end)?.try_into().ok()?;
+                Data::Addr(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            _ => return None,
+        };
+        ttls.push((at + 4, ttl));
+        recs.push(Rec { name, ttl, data });
+        pos = end;
+    }
+    for _ in 0..nscount {
+        let (_, at) = name_at(resp, pos)?;
+        let (rtype, class, ttl, start, end) = fixed(resp, at)?;
+        if class != CLASS_IN {
+            return None;
+        }
+        let data_end = match rtype {
+            TYPE_NS => name_at(resp, start)?.1,
+            TYPE_SOA => {
+                let (_, mname_end) = name_at(resp, start)?;
+                let (_, rname_end) = name_at(resp, mname_end)?;
+                rname_end + 20
+            }
+            _ => return None,
+        };
+        if data_end != end {
+            return None;
+        }
+        ttls.push((at + 4, ttl));
+        pos = end;
+    }
+    let end = pos;
+    // The additional section is cut off whole: glue and one OPT record, nothing else.
+    let mut opts = 0;
+    for _ in 0..arcount {
+        let at = crate::upstream::name_end(resp, pos)?;
+        let (rtype, _, ttl, _, rdata_end) = fixed(resp, at)?;
+        match rtype {
+            TYPE_A if rdata_end - at == 14 => {}
+            TYPE_AAAA if rdata_end - at == 26 => {}
+            // An extended RCODE lives in the OPT record's TTL field: only plain NOERROR here.
+            TYPE_OPT if ttl >> 24 == 0 && resp.get(pos) == Some(&0) => opts += 1,
+            _ => return None,
+        }
+        pos = rdata_end;
+    }
+    if opts > 1 || pos != resp.len() {
+        return None;
+    }
+    let chain = follow(&recs, qname)?;
+    let answer_min_ttl = recs.iter().map(|r| r.ttl).min()?;
+    Some(Scanned {
+        chain,
+        answer_min_ttl,
+        authentic_data: flags & 0x0020 != 0,
+        ttls,
+        end,
+        question_len: question.len(),
+    })
+}
+
+/// The chain from `qname` as [`crate::answer::follow_chain`] follows it, or `None` unless
+/// every record is on it and it ends in data of the query type (anything else needs edits
+/// or negative caching: the `Message` path).
+fn follow(recs: &[Rec], qname: &Name) -> Option<Chain> {
+    let mut used = vec![false; recs.len()];
+    let mut current = qname;
+    let mut seen: Vec<&Name> = vec![qname];
+    let mut min_ttl: Option<u32> = None;
+    let mut cnames = 0usize;
+    loop {
+        let next = recs.iter().enumerate().find_map(|(i, r)| match &r.data {
+            Data::Cname(target) if r.name == *current => Some((i, target, r.ttl)),
+            _ => None,
+        });
+        let Some((i, target, ttl)) = next else { break };
+        cnames += 1;
+        if cnames > MAX_CHAIN || seen.contains(&target) {
+            // A broken chain: the `Message` path answers it (SERVFAIL).
+            return None;
+        }
+        used[i] = true;
+        min_ttl = Some(min_ttl.map_or(ttl, |m| m.min(ttl)));
+        seen.push(target);
+        current = target;
+    }
+    let mut addrs: Vec<ChainAddr> = Vec::new();
+    for (i, r) in recs.iter().enumerate() {
+        let Data::Addr(ip) = r.data else { continue };
+        // The scan only admits addresses of the query type.
+        if r.name != *current {
+            continue;
+        }
+        used[i] = true;
+        min_ttl = Some(min_ttl.map_or(r.ttl, |m| m.min(r.ttl)));
+        if !addrs.iter().any(|a| a.ip == ip) {
+            addrs.push(ChainAddr { ip, ttl: r.ttl });
+        }
+    }
+    if addrs.is_empty() || used.contains(&false) {
+        return None;
+    }
+    Some(Chain {
+        target: current.clone(),
+        cnames,
+        addrs,
+        min_ttl,
+        has_data: true,
+    })
+}
+
+impl Scanned {
+    /// The length of the answer as stored (before dnsd's OPT record is added for a client
+    /// that sent EDNS).
+    pub fn stored_len(&self) -> usize {
+        self.end
+    }
+
+    /// The answer in its stored form: the kept part of `resp` with the header reset, the
+    /// additional section gone, and every TTL clamped into `[min, max]` and then capped at
+    /// `cap` (what the `Message` path's `clamp_ttls` and `cap_ttls` do).
+    pub fn into_answer(self, resp: &[u8], min: u32, max: u32, cap: u32) -> Option<WireAnswer> {
+        let mut bytes = resp.get(..self.end)?.to_vec();
+        // ID 0, QR, NOERROR; every other flag is the client's and is set when served.
+        bytes.get_mut(..4)?.copy_from_slice(&[0, 0, 0x80, 0]);
+        bytes.get_mut(10..12)?.copy_from_slice(&[0, 0]);
+        let max = max.max(min);
+        let mut offsets = Vec::with_capacity(self.ttls.len());
+        for (at, ttl) in self.ttls {
+            let ttl = ttl.clamp(min, max).min(cap);
+            bytes
+                .get_mut(at..at + 4)?
+                .copy_from_slice(&ttl.to_be_bytes());
+            offsets.push(at);
+        }
+        Some(WireAnswer::from_parts(
+            bytes,
+            self.question_len,
+            offsets,
+            self.authentic_data,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::str::FromStr;
+
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::{A, CNAME, NS, TXT};
+    use hickory_proto::rr::{RData, Record};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn n(s: &str) -> Name {
+        Name::from_str(s).unwrap()
+    }
+
+    /// What nsd sends for a name under a wildcard: the answer, the zone's NS in the
+    /// authority section, its glue and an OPT record in the additional section.
+    fn nsd_like(qname: &str) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.metadata.authoritative = true;
+        m.add_query(Query::query(n(qname), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            n(qname),
+            300,
+            RData::A(A::new(192, 0, 2, 1)),
+        ));
+        m.add_authority(Record::from_rdata(
+            n("bench.test."),
+            300,
+            RData::NS(NS(n("ns.bench.test."))),
+        ));
+        m.add_additional(Record::from_rdata(
+            n("ns.bench.test."),
+            300,
+            RData::A(A::new(127, 0, 0, 1)),
+        ));
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    }
+
+    fn question(wire: &[u8]) -> &[u8] {
+        let len = crate::upstream::plain_question_len(wire).unwrap();
+        &wire[HEADER_LEN..HEADER_LEN + len]
+    }
+
+    #[test]
+    fn glue_and_opt_are_cut_and_the_rest_kept() {
+        let resp = nsd_like("u1.w.bench.test.");
+        let s = scan(
+            &resp,
+            question(&resp),
+            &n("U1.W.bench.TEST."),
+            RecordType::A,
+        )
+        .unwrap();
+        assert_eq!(s.chain.addrs.len(), 1);
+        assert_eq!(s.chain.min_ttl, Some(300));
+        let stored = s.into_answer(&resp, 30, 3600, 120).unwrap();
+        let m = stored.decode().unwrap();
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.authorities.len(), 1);
+        assert!(m.additionals.is_empty());
+        assert!(m.edns.is_none());
+        assert!(m.answers.iter().chain(&m.authorities).all(|r| r.ttl == 120));
+    }
+
+    #[test]
+    fn shapes_that_need_edits_are_left_to_the_message_path() {
+        let q = n("a.test.");
+        let base = |edit: &dyn Fn(&mut Message)| {
+            let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+            m.add_query(Query::query(q.clone(), RecordType::A));
+            m.add_answer(Record::from_rdata(
+                q.clone(),
+                300,
+                RData::A(A::new(192, 0, 2, 1)),
+            ));
+            edit(&mut m);
+            m.to_vec().unwrap()
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "off-chain address",
+                base(&|m| {
+                    m.add_answer(Record::from_rdata(
+                        n("b.test."),
+                        300,
+                        RData::A(A::new(192, 0, 2, 9)),
+                    ));
+                }),
+            ),
+            (
+                "CNAME to nowhere",
+                base(&|m| {
+                    m.answers.clear();
+                    m.add_answer(Record::from_rdata(
+                        q.clone(),
+                        300,
+                        RData::CNAME(CNAME(n("c.test."))),
+                    ));
+                }),
+            ),
+            (
+                "TXT in the answer",
+                base(&|m| {
+                    m.add_answer(Record::from_rdata(
+                        q.clone(),
+                        300,
+                        RData::TXT(TXT::new(vec!["x".into()])),
+                    ));
+                }),
+            ),
+            (
+                "TXT in the additional section",
+                base(&|m| {
+                    m.add_additional(Record::from_rdata(
+                        n("b.test."),
+                        300,
+                        RData::TXT(TXT::new(vec!["x".into()])),
+                    ));
+                }),
+            ),
+            (
+                "NXDOMAIN",
+                base(&|m| m.metadata.response_code = hickory_proto::op::ResponseCode::NXDomain),
+            ),
+            ("truncated", base(&|m| m.metadata.truncation = true)),
+        ];
+        for (what, resp) in cases {
+            assert!(
+                scan(&resp, question(&resp), &q, RecordType::A).is_none(),
+                "{what}"
+            );
+        }
+        let resp = base(&|_| {});
+        assert!(scan(&resp, question(&resp), &q, RecordType::A).is_some());
+        assert!(
+            scan(&resp, question(&resp), &q, RecordType::TXT).is_none(),
+            "not an address query"
+        );
+    }
+
+    /// Mutated answers never panic, and whatever is accepted can be stored and decoded.
+    #[test]
+    fn mutated_answers_never_panic() {
+        let base = nsd_like("u1.w.bench.test.");
+        let qname = n("u1.w.bench.test.");
+        let mut r = StdRng::seed_from_u64(1);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut resp = base.clone();
+            for _ in 0..r.random_range(1..4) {
+                if resp.is_empty() {
+                    break;
+                }
+                match r.random_range(0..3) {
+                    0 => {
+                        let i = r.random_range(0..resp.len());
+                        resp[i] = r.random();
+                    }
+                    1 => resp.truncate(r.random_range(0..resp.len())),
+                    _ => {
+                        let i = r.random_range(0..resp.len());
+                        resp.insert(i, r.random());
+                    }
+                }
+            }
+            let q = question(&base);
+            if let Some(s) = scan(&resp, q, &qname, RecordType::A) {
+                accepted += 1;
+                let stored = s.into_answer(&resp, 0, u32::MAX, u32::MAX).unwrap();
+                assert!(
+                    stored.decode().is_some(),
+                    "accepted but undecodable: {resp:?}"
+                );
+            }
+        }
+        assert!(accepted > 0);
+    }
+}
