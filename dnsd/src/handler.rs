@@ -1419,15 +1419,17 @@ mod tests {
             let upstream_view = answer(&query);
             let question_len = crate::upstream::plain_question_len(&query).unwrap();
             let q = Message::from_vec(&query).unwrap();
-            if wire::scan(
+            if let Some(lane) = wire::scan(
                 &upstream_view,
                 &query[HEADER_LEN..HEADER_LEN + question_len],
                 q.queries[0].name(),
                 qtype,
-            )
-            .is_some()
-            {
+            ) {
                 on_lane += 1;
+                // What gets authorized: the same chain, addresses and TTL.
+                let decoded = Message::from_vec(&upstream_view).unwrap();
+                let chain = answer::follow_chain(&decoded, q.queries[0].name(), qtype).unwrap();
+                assert_eq!(lane.chain, chain, "seed {seed}");
             }
             for round in ["miss", "hit"] {
                 let a = lane
