@@ -7,9 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use guard_proto::v1 as pb;
@@ -28,6 +28,9 @@ use crate::sys::{DeleteMode, ElemOp, KeyType, Netlink, SetKey, SysError};
 const EXPIRY_GRACE_MS: u64 = 2_000;
 /// Largest number of jobs folded into one group commit.
 const MAX_GROUP: usize = 1024;
+/// After a group ends with calls queued behind it, calls go to the committer thread (group
+/// commit) for at least this long before one may again be committed on its caller's thread.
+const BUSY_FOR: Duration = Duration::from_millis(20);
 /// Up to this many live grants, reconcile reads the kernel sets back and removes strangers;
 /// above it, it re-adds every grant without a dump (set dumps cost quadratic kernel time).
 const DUMP_LIMIT: usize = 100_000;
@@ -60,6 +63,8 @@ struct TestGate {
     reached: mpsc::Sender<()>,
     /// ... and then waits here until the test lets it go (or drops the sender).
     release: std::sync::Mutex<mpsc::Receiver<()>>,
+    /// Name of the thread that reached the gate: the committer's, or a caller's (inline commit).
+    by: std::sync::Mutex<Option<String>>,
 }
 /// Metadata key of the installed ruleset's fingerprint.
 const RULESET_META: &str = "ruleset_fingerprint";
@@ -227,11 +232,43 @@ struct Shared {
     committed: RwLock<HashMap<SetKey, Held>>,
     manual: RwLock<HashMap<IpNet, Option<u64>>>,
     heartbeat_ms: AtomicU64,
+    /// Authorize jobs sent to the committer thread and not yet answered, plus the group being
+    /// committed inline. Only a call that finds it at 0 commits on its own thread: while jobs
+    /// queue, they go to the committer thread and are committed as one group.
+    inflight: AtomicUsize,
+    /// Until when (µs since `epoch`) the engine counts as busy: set whenever a group ends with
+    /// Authorize jobs queued behind it. Inline commits are for a quiet engine only: under load,
+    /// the jobs that queue while the committer thread wakes up make bigger groups (one
+    /// transaction and one netlink batch for many calls), where committing each call on its
+    /// caller's thread would cost a transaction per call and keep a tokio worker from serving
+    /// the others (so fewer calls queue, which would otherwise make the engine look quiet).
+    busy_until_us: AtomicU64,
+    /// Origin of `busy_until_us`.
+    epoch: Instant,
     #[cfg(test)]
     commit_gate: std::sync::Mutex<Option<Arc<TestGate>>>,
+    /// Tests that hold a commit from their own thread turn the inline path off.
+    #[cfg(test)]
+    inline_off: std::sync::atomic::AtomicBool,
+    /// Authorize groups committed (test observability of group commit).
+    #[cfg(test)]
+    groups: AtomicU64,
 }
 
 impl Shared {
+    /// Counts `n` Authorize jobs as answered; if others queued behind their group, the engine
+    /// is busy for [`BUSY_FOR`].
+    fn answered(&self, n: usize) {
+        if self.inflight.fetch_sub(n, Ordering::AcqRel) != n {
+            let until = self.now_us() + BUSY_FOR.as_micros() as u64;
+            self.busy_until_us.store(until, Ordering::Relaxed);
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     fn settings(&self) -> Arc<Settings> {
         match self.settings.read() {
             Ok(s) => s.clone(),
@@ -270,6 +307,10 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
 pub struct Engine {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Job>,
+    /// The committer's state. The committer thread takes it for each group it drains from
+    /// `tx`; an Authorize that finds the engine idle takes it on its own thread instead,
+    /// which saves the two cross-thread wake-ups (to the committer and back) of a lone call.
+    core: Arc<Mutex<Committer>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -753,30 +794,39 @@ impl Engine {
             committed: RwLock::new(committed),
             manual: RwLock::new(manual),
             heartbeat_ms: AtomicU64::new(now_ms()),
+            inflight: AtomicUsize::new(0),
+            busy_until_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             #[cfg(test)]
             commit_gate: std::sync::Mutex::new(None),
+            #[cfg(test)]
+            inline_off: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            groups: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
-        let mut committer = Committer {
+        let core = Arc::new(Mutex::new(Committer {
             shared: shared.clone(),
             store,
             nl,
             table,
-            rx,
             last_now: mark,
             committed_upto: mark,
             persisted_upto: mark,
             mark_frozen: false,
             stopping: false,
+        }));
+        let handle = {
+            let (shared, core) = (shared.clone(), core.clone());
+            std::thread::Builder::new()
+                .name("committer".into())
+                .spawn(move || Committer::run(&shared, &core, &rx))
+                .map_err(StartError::Thread)?
         };
-        let handle = std::thread::Builder::new()
-            .name("committer".into())
-            .spawn(move || committer.run())
-            .map_err(StartError::Thread)?;
         if let Ok(mut h) = shared.committer.lock() {
             *h = Some(handle);
         }
-        Ok((Engine { shared, tx }, report))
+        Ok((Engine { shared, tx, core }, report))
     }
 
     /// The settings the engine runs with.
@@ -812,15 +862,83 @@ impl Engine {
         cmd: Authorize,
         caller: Caller,
     ) -> Result<Vec<pb::GrantResult>, EngineError> {
+        let mut r = self.authorize_many(vec![cmd], caller).await?;
+        r.pop().ok_or(EngineError::Stopped)
+    }
+
+    /// Authorizes several validated batches (one AuthorizeMany) as one group commit; the
+    /// results are in the order of `cmds`. Returns only after every accepted address is committed.
+    pub async fn authorize_many(
+        &self,
+        cmds: Vec<Authorize>,
+        caller: Caller,
+    ) -> Result<Vec<Vec<pb::GrantResult>>, EngineError> {
         // Fast path: everything already committed long enough, and no new name to record. A
         // call that names a grant by another name than the one recorded last goes through the
         // committer even when the kernel needs nothing, so that the reply comes after its audit
         // record (an alias of a granted address is recorded).
-        if let Some(results) = self.fast_path(&cmd) {
-            return Ok(results);
+        let mut out: Vec<Option<Vec<pb::GrantResult>>> = Vec::with_capacity(cmds.len());
+        let mut jobs = Vec::new();
+        let mut answers = Vec::new();
+        for cmd in cmds {
+            if let Some(results) = self.fast_path(&cmd) {
+                out.push(Some(results));
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            jobs.push(Job::Authorize { cmd, caller, reply });
+            answers.push((out.len(), rx));
+            out.push(None);
         }
-        self.call(|reply| Job::Authorize { cmd, caller, reply })
-            .await
+        if !jobs.is_empty() {
+            if let Err(jobs) = self.commit_inline(jobs) {
+                for job in jobs {
+                    self.tx.send(job).map_err(|_| EngineError::Stopped)?;
+                }
+            }
+            for (i, mut rx) in answers {
+                // Inline, every answer is already there: no waker is registered.
+                let r = match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => rx.await.map_err(|_| EngineError::Stopped)?,
+                };
+                out[i] = Some(r?);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.ok_or(EngineError::Stopped))
+            .collect()
+    }
+
+    /// Commits `jobs` as one group on the calling thread when nothing else is queued or being
+    /// committed and the committer's state is free; otherwise hands the jobs back, counted in
+    /// `inflight`, for the committer thread. The group is the same code as on the committer
+    /// thread, under the same lock, so every ordering rule holds: groups still commit one after
+    /// another, the intent is written before the kernel commit and the answers after it.
+    fn commit_inline(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
+        let n = jobs.len();
+        let idle = self.shared.inflight.fetch_add(n, Ordering::AcqRel) == 0
+            && self.shared.now_us() >= self.shared.busy_until_us.load(Ordering::Relaxed);
+        #[cfg(test)]
+        let idle = idle && !self.shared.inline_off.load(Ordering::Relaxed);
+        if !idle {
+            return Err(jobs);
+        }
+        let mut core = match self.core.try_lock() {
+            Ok(c) => c,
+            // Busy (a sweep, an admin job): the committer thread takes the jobs after it.
+            // Poisoned: a commit panicked; the committer thread ends on it, and the jobs then
+            // fail with `Stopped` like every later call.
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Err(jobs),
+        };
+        if core.stopping {
+            drop(core);
+            return Err(jobs);
+        }
+        core.authorize_group(jobs);
+        drop(core);
+        self.shared.answered(n);
+        Ok(())
     }
 
     fn fast_path(&self, cmd: &Authorize) -> Option<Vec<pb::GrantResult>> {
@@ -940,7 +1058,6 @@ struct Committer {
     store: Store,
     nl: Netlink,
     table: String,
-    rx: mpsc::Receiver<Job>,
     /// Group clock: never goes backwards, so a grant's `last_ms` orders it against the mark.
     last_now: u64,
     /// Every grant written at or before this is in the kernel.
@@ -971,40 +1088,53 @@ struct Pending {
 }
 
 impl Committer {
-    fn run(&mut self) {
-        let sweep = self.shared.settings().raw.expiry.sweep_interval.0;
+    /// The committer thread: drains queued jobs into groups, sweeps and prunes, each under the
+    /// state's lock (an inline commit may hold it meanwhile).
+    fn run(shared: &Shared, core: &Mutex<Committer>, rx: &mpsc::Receiver<Job>) {
+        let sweep = shared.settings().raw.expiry.sweep_interval.0;
         let mut next_sweep = Instant::now() + sweep;
         let mut last_prune = Instant::now();
         loop {
             let wait = next_sweep.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
+            let got = rx.recv_timeout(wait);
+            // Poisoned: a group panicked on a caller's thread. End as if it had panicked here
+            // (the watchdog stops being fed, queued and later calls fail with `Stopped`).
+            let Ok(mut c) = core.lock() else { return };
+            match got {
                 Ok(job) => {
                     let mut jobs = vec![job];
                     while jobs.len() < MAX_GROUP {
-                        match self.rx.try_recv() {
+                        match rx.try_recv() {
                             Ok(j) => jobs.push(j),
                             Err(_) => break,
                         }
                     }
-                    self.process(jobs);
-                    if self.stopping {
-                        self.persist_mark();
+                    let n = jobs
+                        .iter()
+                        .filter(|j| matches!(j, Job::Authorize { .. }))
+                        .count();
+                    c.process(jobs);
+                    if n > 0 {
+                        shared.answered(n);
+                    }
+                    if c.stopping {
+                        c.persist_mark();
                         return;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.persist_mark();
+                    c.persist_mark();
                     return;
                 }
             }
-            self.shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
             if Instant::now() >= next_sweep {
-                self.sweep();
+                c.sweep();
                 next_sweep = Instant::now() + sweep;
             }
             if last_prune.elapsed() > Duration::from_secs(3600) {
-                self.prune();
+                c.prune();
                 last_prune = Instant::now();
             }
         }
@@ -1092,6 +1222,8 @@ impl Committer {
         if jobs.is_empty() {
             return;
         }
+        #[cfg(test)]
+        self.shared.groups.fetch_add(1, Ordering::Relaxed);
         let s = self.shared.settings();
         let now = self.tick();
         let margin = s.raw.ttl.margin.0.as_millis() as u64;
@@ -1447,6 +1579,9 @@ impl Committer {
     fn test_gate(&self) {
         let gate = self.shared.commit_gate.lock().ok().and_then(|g| g.clone());
         if let Some(g) = gate {
+            if let Ok(mut by) = g.by.lock() {
+                *by = std::thread::current().name().map(str::to_owned);
+            }
             let _ = g.reached.send(());
             if let Ok(rx) = g.release.lock() {
                 let _ = rx.recv();
@@ -2097,15 +2232,122 @@ mod tests {
         std::pin::Pin::new(fut).poll(&mut cx)
     }
 
-    /// Installs a gate on `e` and returns (reached, release) for the test's side.
+    /// Installs a gate on `e` and returns (reached, release) for the test's side. The inline
+    /// path is turned off: these tests poll the held call from their own thread, so the held
+    /// commit must run on the committer thread (`inline_commit_*` tests cover the other case).
     fn gate(e: &Engine) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        e.shared.inline_off.store(true, Ordering::Relaxed);
+        gate_any(e).1
+    }
+
+    /// Installs a gate on `e` (inline path left as it is); returns the gate, (reached, release).
+    #[allow(clippy::type_complexity)]
+    fn gate_any(e: &Engine) -> (Arc<TestGate>, (mpsc::Receiver<()>, mpsc::Sender<()>)) {
         let (reached_tx, reached) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();
-        e.set_commit_gate(Some(Arc::new(TestGate {
+        let g = Arc::new(TestGate {
             reached: reached_tx,
             release: std::sync::Mutex::new(release_rx),
-        })));
-        (reached, release)
+            by: std::sync::Mutex::new(None),
+        });
+        e.set_commit_gate(Some(g.clone()));
+        (g, (reached, release))
+    }
+
+    /// A lone call on an idle engine commits on the caller's thread. Held between its SQLite
+    /// intent and its kernel commit, it is still the only writer: calls for the same address
+    /// made meanwhile (nameless ones would take the lock-free fast path) wait for its kernel
+    /// commit and queue for the committer thread, and the held call answers only after the
+    /// kernel has the element.
+    #[test]
+    fn inline_commit_held_call_and_calls_during_it_wait_for_the_kernel() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let addr = "192.0.2.45";
+            let (g, (reached, release)) = gate_any(&e);
+            let first = {
+                let (e, c) = (e.clone(), cmd(&[addr], 300, &s));
+                // Spawned from the namespace's thread, so it shares the network namespace.
+                std::thread::Builder::new()
+                    .name("caller".into())
+                    .spawn(move || rt().block_on(e.authorize(c, root())))
+                    .unwrap()
+            };
+            reached.recv().unwrap();
+            assert_eq!(
+                g.by.lock().unwrap().as_deref(),
+                Some("caller"),
+                "a lone call on an idle engine must commit on its own thread"
+            );
+            let stored = Reader::open(&s.raw.database)
+                .unwrap()
+                .list(&Default::default())
+                .unwrap()
+                .0;
+            assert!(
+                stored.iter().any(|g| g.key.net.addr() == ip(addr)),
+                "intent not written before the kernel commit: {stored:?}"
+            );
+            assert!(kernel(AUTH4).iter().all(|(a, _)| a != addr));
+            let mut nameless = cmd(&[addr], 300, &s);
+            nameless.qname = None;
+            let mut calls = vec![
+                Box::pin(e.authorize(nameless, root())),
+                Box::pin(e.authorize(cmd(&[addr], 60, &s), root())),
+                Box::pin(e.authorize(cmd(&["192.0.2.46"], 60, &s), root())),
+            ];
+            for (i, c) in calls.iter_mut().enumerate() {
+                if let std::task::Poll::Ready(r) = poll_once(c) {
+                    panic!("call {i} answered {r:?} while an inline kernel commit was held");
+                }
+            }
+            e.set_commit_gate(None);
+            release.send(()).unwrap();
+            let r = first.join().unwrap().unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Granted);
+            assert!(kernel(AUTH4).iter().any(|(a, _)| a == addr));
+            let rt = rt();
+            let outs: Vec<_> = calls
+                .into_iter()
+                .map(|c| outcome(&rt.block_on(c).unwrap()[0]))
+                .collect();
+            assert_eq!(
+                outs,
+                [
+                    pb::Outcome::Unchanged,
+                    pb::Outcome::Unchanged,
+                    pb::Outcome::Granted
+                ]
+            );
+        });
+    }
+
+    /// The requests of one AuthorizeMany are one group commit, inline or not (committing them
+    /// one by one inline would cost a transaction and a netlink batch each).
+    #[test]
+    fn inline_commit_authorize_many_is_one_group() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            let cmds: Vec<Authorize> = (1..=16)
+                .map(|i| cmd(&[&format!("192.0.2.{i}")], 300, &s))
+                .collect();
+            let before = e.shared.groups.load(Ordering::Relaxed);
+            let r = rt.block_on(e.authorize_many(cmds, root())).unwrap();
+            assert_eq!(e.shared.groups.load(Ordering::Relaxed) - before, 1);
+            assert_eq!(r.len(), 16);
+            for (i, one) in r.iter().enumerate() {
+                assert_eq!(one.len(), 1);
+                assert_eq!(one[0].ip, vec![192, 0, 2, i as u8 + 1]);
+                assert_eq!(outcome(&one[0]), pb::Outcome::Granted);
+            }
+            assert_eq!(kernel(AUTH4).len(), 16);
+            assert_eq!(e.shared.inflight.load(Ordering::Relaxed), 0);
+        });
     }
 
     /// The nettrust race made deterministic: the committer is held between the SQLite intent of

@@ -294,29 +294,37 @@ impl Firewall for FirewallService {
             }]);
             return Err(Status::invalid_argument(reason));
         }
-        // Parse everything first, then submit every job before awaiting any, so that the
-        // committer sees them together and commits them as one group.
-        let calls =
-            reqs.iter().map(|r| {
-                let parsed = self.parse_authorize(r, &caller);
-                async move {
-                    match parsed {
-                        Err(e) => Ok(pb::AuthorizeOne {
-                            results: Vec::new(),
-                            error: e.to_string(),
-                        }),
-                        Ok(cmd) => self.engine.authorize(cmd, caller).await.map(|results| {
-                            pb::AuthorizeOne {
-                                results,
-                                error: String::new(),
-                            }
-                        }),
-                    }
+        // Parse everything first, then hand the engine every valid request at once, so that
+        // they are committed as one group.
+        let mut responses = Vec::with_capacity(reqs.len());
+        let mut cmds = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            responses.push(match self.parse_authorize(r, &caller) {
+                Ok(cmd) => {
+                    cmds.push(cmd);
+                    None
                 }
+                Err(e) => Some(pb::AuthorizeOne {
+                    results: Vec::new(),
+                    error: e.to_string(),
+                }),
             });
-        let responses = futures_util::future::try_join_all(calls)
+        }
+        let mut results = self
+            .engine
+            .authorize_many(cmds, caller)
             .await
-            .map_err(engine_status)?;
+            .map_err(engine_status)?
+            .into_iter();
+        let responses = responses
+            .into_iter()
+            .map(|one| {
+                one.unwrap_or_else(|| pb::AuthorizeOne {
+                    results: results.next().unwrap_or_default(),
+                    error: String::new(),
+                })
+            })
+            .collect();
         Ok(Response::new(pb::AuthorizeManyResponse { responses }))
     }
 
