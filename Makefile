@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 APT_PACKAGES := nftables libnftnl-dev libmnl-dev pkg-config iproute2 conntrack \
 	unbound dnsutils knot-dnsutils dnsperf nsd curl openssl ncat socat sqlite3 \
-	systemd python3
+	systemd python3 gcc libc6-dev
 
 .PHONY: deps build release test test-unit test-e2e lint demo bench bench-fwd clean
 
