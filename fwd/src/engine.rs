@@ -1,5 +1,7 @@
 //! The grant engine: one committer thread that group-commits Authorize calls into one SQLite
 //! transaction and one netlink batch, keeps the committed view, sweeps expiries and reconciles at start.
+//! A lone call on a quiet engine is committed on its caller's thread instead, under the same lock
+//! (one writer at a time either way), which saves the wake-ups to the committer thread and back.
 //!
 //! Invariant: an entry in `committed` means the kernel holds that element with an expiry at least
 //! as late as the entry's. Entries are inserted or raised only after the kernel commit, and removed
