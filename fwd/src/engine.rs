@@ -312,7 +312,8 @@ pub struct Engine {
     /// The committer's state. The committer thread takes it for each group it drains from
     /// `tx`; an Authorize that finds the engine idle takes it on its own thread instead,
     /// which saves the two cross-thread wake-ups (to the committer and back) of a lone call.
-    core: Arc<Mutex<Committer>>,
+    /// The committer thread takes it out (closing the store) when it ends.
+    core: Arc<Mutex<Option<Committer>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -807,7 +808,7 @@ impl Engine {
             groups: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
-        let core = Arc::new(Mutex::new(Committer {
+        let core = Arc::new(Mutex::new(Some(Committer {
             shared: shared.clone(),
             store,
             nl,
@@ -817,7 +818,7 @@ impl Engine {
             persisted_upto: mark,
             mark_frozen: false,
             stopping: false,
-        }));
+        })));
         let handle = {
             let (shared, core) = (shared.clone(), core.clone());
             std::thread::Builder::new()
@@ -926,19 +927,19 @@ impl Engine {
         if !idle {
             return Err(jobs);
         }
-        let mut core = match self.core.try_lock() {
+        let mut guard = match self.core.try_lock() {
             Ok(c) => c,
             // Busy (a sweep, an admin job): the committer thread takes the jobs after it.
             // Poisoned: a commit panicked; the committer thread ends on it, and the jobs then
             // fail with `Stopped` like every later call.
             Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Err(jobs),
         };
-        if core.stopping {
-            drop(core);
+        // Stopped: the jobs fail with `Stopped` once the committer thread is gone.
+        let Some(core) = guard.as_mut().filter(|c| !c.stopping) else {
             return Err(jobs);
-        }
+        };
         core.authorize_group(jobs);
-        drop(core);
+        drop(guard);
         self.shared.answered(n);
         Ok(())
     }
@@ -1092,7 +1093,7 @@ struct Pending {
 impl Committer {
     /// The committer thread: drains queued jobs into groups, sweeps and prunes, each under the
     /// state's lock (an inline commit may hold it meanwhile).
-    fn run(shared: &Shared, core: &Mutex<Committer>, rx: &mpsc::Receiver<Job>) {
+    fn run(shared: &Shared, core: &Mutex<Option<Committer>>, rx: &mpsc::Receiver<Job>) {
         let sweep = shared.settings().raw.expiry.sweep_interval.0;
         let mut next_sweep = Instant::now() + sweep;
         let mut last_prune = Instant::now();
@@ -1101,7 +1102,8 @@ impl Committer {
             let got = rx.recv_timeout(wait);
             // Poisoned: a group panicked on a caller's thread. End as if it had panicked here
             // (the watchdog stops being fed, queued and later calls fail with `Stopped`).
-            let Ok(mut c) = core.lock() else { return };
+            let Ok(mut guard) = core.lock() else { return };
+            let Some(c) = guard.as_mut() else { return };
             match got {
                 Ok(job) => {
                     let mut jobs = vec![job];
@@ -1121,12 +1123,15 @@ impl Committer {
                     }
                     if c.stopping {
                         c.persist_mark();
+                        // Close the store and the netlink socket now, not with the last handle.
+                        *guard = None;
                         return;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     c.persist_mark();
+                    *guard = None;
                     return;
                 }
             }
@@ -2323,6 +2328,28 @@ mod tests {
                     pb::Outcome::Granted
                 ]
             );
+        });
+    }
+
+    /// Stop ends the committer thread and closes the store with it (the last connection's
+    /// close checkpoints and removes the WAL), even while other handles are alive; a later
+    /// call, which would otherwise find the state free for an inline commit, fails `Stopped`.
+    #[test]
+    fn stop_closes_the_store_although_handles_remain() {
+        in_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(dir.path(), "");
+            let (e, _) = start(&s);
+            let rt = rt();
+            rt.block_on(e.authorize(cmd(&["192.0.2.60"], 300, &s), root()))
+                .unwrap();
+            let wal = s.raw.database.with_extension("db-wal");
+            assert!(wal.exists(), "{}", wal.display());
+            let other = e.clone();
+            e.stop();
+            assert!(!wal.exists(), "store still open after stop");
+            let r = rt.block_on(other.authorize(cmd(&["192.0.2.61"], 300, &s), root()));
+            assert!(matches!(r, Err(EngineError::Stopped)), "{r:?}");
         });
     }
 
