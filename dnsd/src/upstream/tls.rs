@@ -11,7 +11,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -87,11 +86,11 @@ pub(crate) fn client_config(cfg: &UpstreamConfig) -> Result<Arc<ClientConfig>, U
 pub(crate) async fn handshake(
     connector: &TlsConnector,
     name: ServerName<'static>,
-    tcp: TcpStream,
+    tcp: super::tcp::Stream,
     addr: SocketAddr,
     deadline: Instant,
     stats: &HandshakeStats,
-) -> Result<TlsStream<TcpStream>, UpstreamError> {
+) -> Result<TlsStream<super::tcp::Stream>, UpstreamError> {
     let name_text = name.to_str().into_owned();
     let stream = match timeout_at(deadline, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => s,
