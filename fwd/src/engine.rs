@@ -2233,6 +2233,21 @@ mod tests {
         });
     }
 
+    /// A commit held by the gate: `addr`'s intent is in SQLite (read over a separate
+    /// connection) and not yet in the kernel.
+    fn assert_held_between_intent_and_kernel(s: &Settings, addr: &str) {
+        let stored = Reader::open(&s.raw.database)
+            .unwrap()
+            .list(&Default::default())
+            .unwrap()
+            .0;
+        assert!(
+            stored.iter().any(|g| g.key.net.addr() == ip(addr)),
+            "intent not written before the kernel commit: {stored:?}"
+        );
+        assert!(kernel(AUTH4).iter().all(|(a, _)| a != addr));
+    }
+
     /// Polls `fut` once with a waker that does nothing: whether it can answer right now.
     fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> std::task::Poll<F::Output> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -2288,16 +2303,7 @@ mod tests {
                 Some("caller"),
                 "a lone call on an idle engine must commit on its own thread"
             );
-            let stored = Reader::open(&s.raw.database)
-                .unwrap()
-                .list(&Default::default())
-                .unwrap()
-                .0;
-            assert!(
-                stored.iter().any(|g| g.key.net.addr() == ip(addr)),
-                "intent not written before the kernel commit: {stored:?}"
-            );
-            assert!(kernel(AUTH4).iter().all(|(a, _)| a != addr));
+            assert_held_between_intent_and_kernel(&s, addr);
             let mut nameless = cmd(&[addr], 300, &s);
             nameless.qname = None;
             let mut calls = vec![
@@ -2396,16 +2402,7 @@ mod tests {
             assert!(poll_once(&mut first).is_pending(), "answered before commit");
             reached.recv().unwrap();
             // Held: the intent is in SQLite (a separate connection reads it), not in the kernel.
-            let stored = Reader::open(&s.raw.database)
-                .unwrap()
-                .list(&Default::default())
-                .unwrap()
-                .0;
-            assert!(
-                stored.iter().any(|g| g.key.net.addr() == ip(addr)),
-                "intent not written before the kernel commit: {stored:?}"
-            );
-            assert!(kernel(AUTH4).iter().all(|(a, _)| a != addr));
+            assert_held_between_intent_and_kernel(&s, addr);
             let mut nameless = cmd(&[addr], 300, &s);
             nameless.qname = None;
             let mut calls = vec![
