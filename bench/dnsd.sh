@@ -553,6 +553,11 @@ start() { # name cpu
   stop "$name"
   case $name in kresd|kresd-dot) rm -rf "${W:?}/$name"; mkdir -p "$W/$name" ;; esac  # cold on-disk cache
   cmd=$(cmd_of "$name")
+  # Each start gets a fresh log (readiness is read from it); earlier starts' logs are kept in
+  # NAME.earlier.log, so that an anomaly in any run can be traced (OUT/logs after the run).
+  if [ -s "$W/log/$name.log" ]; then
+    { echo "=== an earlier start of $name, logged until $(date +%T) ==="; cat "$W/log/$name.log"; } >>"$W/log/$name.earlier.log"
+  fi
   # shellcheck disable=SC2086  # ip netns exec, taskset and env all exec: $! is the daemon
   "${INNS[@]}" nice -n "$NICE" taskset -c "$cpu" env TOKIO_WORKER_THREADS=1 RUST_LOG=info SSL_CERT_FILE="$W/ca.pem" \
     $cmd >"$W/log/$name.log" 2>&1 </dev/null &
