@@ -31,6 +31,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::answer;
+use crate::upstream::HEADER_LEN;
 
 /// How many client scopes one entry tracks grants for (per-client gateway mode); beyond that
 /// the scope whose grant ends first is forgotten and will simply be re-authorized.
@@ -350,8 +351,6 @@ impl WireAnswer {
     }
 }
 
-/// DNS header length.
-const HEADER_LEN: usize = 12;
 /// An OPT record without options.
 pub(crate) const OPT_LEN: usize = 11;
 

@@ -23,10 +23,9 @@ use crate::config::{Config, DomainAction, OnFwdError};
 use crate::forward::Forward;
 use crate::metrics::{InFlight, Metrics};
 use crate::policy::{Acl, DomainPolicy, RateLimiter, Verdict};
+use crate::upstream::HEADER_LEN;
 use crate::wire;
 
-/// DNS header length.
-const HEADER_LEN: usize = 12;
 /// The EDNS payload size dnsd advertises upstream (DNS flag day 2020).
 const UPSTREAM_PAYLOAD: u16 = 1232;
 /// The smallest possible resource record (root name, type, class, TTL, rdlength).
@@ -121,6 +120,14 @@ struct ClientQuery {
     question_len: Option<usize>,
 }
 
+impl ClientQuery {
+    /// The client's question as it is on the wire (`wire` is this query's bytes), when it is
+    /// a single uncompressed one.
+    fn question<'w>(&self, wire: &'w [u8]) -> Option<&'w [u8]> {
+        wire.get(HEADER_LEN..HEADER_LEN + self.question_len?)
+    }
+}
+
 /// How far [`Handler::begin`] got.
 #[derive(Debug)]
 pub enum Early {
@@ -137,7 +144,8 @@ pub struct Later {
     client: IpAddr,
     live: Arc<Live>,
     started: StdInstant,
-    /// The cache key and what the cache held for it, when `begin` already looked.
+    /// The cache key and what the cache held for it; `None` when the domain policy refused
+    /// the name (nothing was looked up).
     looked_up: Option<(Key, Option<cache::Hit>)>,
 }
 
@@ -420,8 +428,8 @@ impl Handler {
     }
 
     /// Resolves a parsed query to a response (ID and flags are set by `finalize`).
-    /// `looked_up` is the cache lookup `begin` made, if it made one (its wire-form hit could
-    /// not be served).
+    /// `looked_up` is the cache lookup `begin` made (its wire-form hit could not be served),
+    /// `None` when the domain policy refused the name.
     async fn resolve(
         &self,
         q: &ClientQuery,
@@ -431,29 +439,15 @@ impl Handler {
         transport: Transport,
         looked_up: Option<(Key, Option<cache::Hit>)>,
     ) -> (Resolved, &'static str) {
-        let qname = q.query.name();
-        if !live.domains.permits(qname) {
+        // `begin` looks the name up unless the domain policy refuses it.
+        let Some((key, hit)) = looked_up else {
             let rcode = match live.domains.action() {
                 DomainAction::Nxdomain => ResponseCode::NXDomain,
                 DomainAction::Refused => ResponseCode::Refused,
             };
             return (Resolved::Message(error_msg(rcode)), "policy");
-        }
-        let scope = self.settings.per_client.then_some(client);
-        let (key, hit) = match looked_up {
-            Some((key, hit)) => (key, hit),
-            None => {
-                let key = cache_key(q);
-                let hit = self.cache.get(&key, scope);
-                if let Some(hit) = &hit
-                    && let Some(out) = self.serve_hit_wire(q, wire, hit, transport)
-                {
-                    self.metrics.cache_hit();
-                    return (out, "cache");
-                }
-                (key, hit)
-            }
         };
+        let scope = self.settings.per_client.then_some(client);
         if let Some(hit) = hit {
             self.metrics.cache_hit();
             let msg = self.serve_hit(q, client, &key, scope, hit).await;
@@ -486,7 +480,7 @@ impl Handler {
         {
             return None;
         }
-        let question = wire.get(HEADER_LEN..HEADER_LEN + q.question_len?)?;
+        let question = q.question(wire)?;
         let asked = cache::Asked {
             id: q.id,
             rd: q.rd,
@@ -735,7 +729,7 @@ impl Handler {
         }
         let s = &self.settings;
         let (mut ttl, negative) = match answer::cacheability(&msg, &chain) {
-            Cacheability::Positive(t) => (t.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl)), false),
+            Cacheability::Positive(t) => (self.clamp_ttl(t), false),
             Cacheability::Negative(t) => (t.min(s.negative_max_ttl), true),
             Cacheability::No => (0, false),
         };
@@ -790,13 +784,25 @@ impl Handler {
         Resolved::Fresh(msg, store)
     }
 
+    /// A TTL clamped into the cache's `[min_ttl, max_ttl]`, as records are.
+    fn clamp_ttl(&self, ttl: u32) -> u32 {
+        let s = &self.settings;
+        ttl.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl))
+    }
+
     /// The TTL of a chain's grants: the minimum along it, clamped like the records.
     fn chain_ttl(&self, chain: &answer::Chain) -> u32 {
-        let s = &self.settings;
-        chain
-            .min_ttl
-            .unwrap_or(0)
-            .clamp(s.min_ttl, s.max_ttl.max(s.min_ttl))
+        self.clamp_ttl(chain.min_ttl.unwrap_or(0))
+    }
+
+    /// For a wire-lane answer: its grants' TTL, and its cache lifetime before any grant cap
+    /// (as the `Message` path computes them).
+    fn lane_ttls(&self, lane: &wire::Scanned) -> (u32, u32) {
+        let chain_ttl = self.chain_ttl(&lane.chain);
+        (
+            chain_ttl,
+            self.clamp_ttl(lane.answer_min_ttl).min(chain_ttl),
+        )
     }
 
     /// Applies fwd's verdicts to an answer: rejected addresses leave it, and its TTLs (and
@@ -831,7 +837,7 @@ impl Handler {
         if !self.settings.wire_lane {
             return None;
         }
-        let question = wire.get(HEADER_LEN..HEADER_LEN + q.question_len?)?;
+        let question = q.question(wire)?;
         if crate::upstream::id_of(resp)? != id {
             return None;
         }
@@ -866,11 +872,7 @@ impl Handler {
         transport: Transport,
     ) -> Resolved {
         let s = &self.settings;
-        let chain_ttl = self.chain_ttl(&lane.chain);
-        let mut ttl = lane
-            .answer_min_ttl
-            .clamp(s.min_ttl, s.max_ttl.max(s.min_ttl))
-            .min(chain_ttl);
+        let (chain_ttl, mut ttl) = self.lane_ttls(&lane);
         let mut cap = chain_ttl;
         let mut needs_grant = false;
         let mut until_ms = None;
@@ -900,7 +902,7 @@ impl Handler {
             }
         }
         let addrs: Vec<IpAddr> = lane.chain.addrs.iter().map(|a| a.ip).collect();
-        let question = wire.get(HEADER_LEN..HEADER_LEN + q.question_len.unwrap_or(0));
+        let question = q.question(wire);
         let answer = lane.into_answer(resp, s.min_ttl, s.max_ttl, cap);
         let (Some(answer), Some(question)) = (answer, question) else {
             // `wire_lane` checked all of this.
@@ -950,12 +952,8 @@ impl Handler {
         };
         answer::strip_off_chain(&mut msg, &lane.chain);
         answer::clamp_ttls(&mut msg, s.min_ttl, s.max_ttl);
-        let chain_ttl = self.chain_ttl(&lane.chain);
+        let (chain_ttl, mut ttl) = self.lane_ttls(lane);
         answer::cap_ttls(&mut msg, chain_ttl);
-        let mut ttl = lane
-            .answer_min_ttl
-            .clamp(s.min_ttl, s.max_ttl.max(s.min_ttl))
-            .min(chain_ttl);
         let until_ms = self.apply_verdicts(&mut msg, result, &mut ttl);
         let scope = s.per_client.then_some(client);
         let store = (ttl > 0).then_some(Store {
@@ -1115,10 +1113,7 @@ fn parse_query(wire: &[u8]) -> Result<ClientQuery, Reject> {
 /// are not forwarded).
 fn upstream_query(q: &ClientQuery, wire: &[u8]) -> Option<(u16, Vec<u8>)> {
     let id: u16 = rand::random();
-    if let Some(question) = q
-        .question_len
-        .and_then(|len| wire.get(HEADER_LEN..HEADER_LEN + len))
-    {
+    if let Some(question) = q.question(wire) {
         // The same message written directly: header (RD, CD as asked, one question, one
         // additional), the client's question bytes, and an OPT record without options.
         let mut out = Vec::with_capacity(HEADER_LEN + question.len() + 11);

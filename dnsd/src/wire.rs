@@ -21,9 +21,8 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use crate::answer::{Chain, ChainAddr, MAX_CHAIN};
 use crate::cache::WireAnswer;
+use crate::upstream::HEADER_LEN;
 
-/// DNS header length.
-const HEADER_LEN: usize = 12;
 /// Record types, as on the wire.
 const TYPE_A: u16 = 1;
 const TYPE_NS: u16 = 2;
@@ -77,15 +76,39 @@ fn name_at(wire: &[u8], at: usize) -> Option<(Name, usize)> {
     Some((name, d.index()))
 }
 
-/// A record's fixed fields after its owner name at `at`: type, class, TTL, RDATA range.
-fn fixed(wire: &[u8], at: usize) -> Option<(u16, u16, u32, usize, usize)> {
+/// A record's fields after its owner name.
+struct Fields {
+    rtype: u16,
+    class: u16,
+    ttl: u32,
+    /// Where the TTL lies.
+    ttl_at: usize,
+    /// Where the RDATA starts and where the record ends.
+    rdata: usize,
+    end: usize,
+}
+
+/// The fields of the record whose owner name ends at `at`.
+fn fixed(wire: &[u8], at: usize) -> Option<Fields> {
     let f = wire.get(at..at + 10)?;
-    let rtype = u16::from_be_bytes([f[0], f[1]]);
-    let class = u16::from_be_bytes([f[2], f[3]]);
-    let ttl = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
-    let start = at + 10;
-    let end = start + usize::from(u16::from_be_bytes([f[8], f[9]]));
-    (end <= wire.len()).then_some((rtype, class, ttl, start, end))
+    let rdata = at + 10;
+    let end = rdata + usize::from(u16::from_be_bytes([f[8], f[9]]));
+    (end <= wire.len()).then_some(Fields {
+        rtype: u16::from_be_bytes([f[0], f[1]]),
+        class: u16::from_be_bytes([f[2], f[3]]),
+        ttl: u32::from_be_bytes([f[4], f[5], f[6], f[7]]),
+        ttl_at: at + 4,
+        rdata,
+        end,
+    })
+}
+
+/// A record the lane keeps, starting at `pos`: its owner name (read with hickory's decoder)
+/// and fields; class IN only.
+fn kept_record(wire: &[u8], pos: usize) -> Option<(Name, Fields)> {
+    let (name, at) = name_at(wire, pos)?;
+    let f = fixed(wire, at)?;
+    (f.class == CLASS_IN).then_some((name, f))
 }
 
 /// Checks `resp` (an upstream's answer to `question`, the client's question bytes after the
@@ -119,68 +142,63 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
     let mut recs: Vec<Rec> = Vec::with_capacity(ancount);
     let mut pos = qend;
     for _ in 0..ancount {
-        let (name, at) = name_at(resp, pos)?;
-        let (rtype, class, ttl, start, end) = fixed(resp, at)?;
-        if class != CLASS_IN {
-            return None;
-        }
-        let data = match rtype {
+        let (name, f) = kept_record(resp, pos)?;
+        let data = match f.rtype {
             TYPE_CNAME => {
-                let (target, name_end) = name_at(resp, start)?;
-                if name_end != end {
+                let (target, name_end) = name_at(resp, f.rdata)?;
+                if name_end != f.end {
                     return None;
                 }
                 Data::Cname(target)
             }
             TYPE_A if want == TYPE_A => {
-                let b: [u8; 4] = resp.get(start..end)?.try_into().ok()?;
+                let b: [u8; 4] = resp.get(f.rdata..f.end)?.try_into().ok()?;
                 Data::Addr(IpAddr::V4(Ipv4Addr::from(b)))
             }
             TYPE_AAAA if want == TYPE_AAAA => {
-                let b: [u8; 16] = resp.get(start..end)?.try_into().ok()?;
+                let b: [u8; 16] = resp.get(f.rdata..f.end)?.try_into().ok()?;
                 Data::Addr(IpAddr::V6(Ipv6Addr::from(b)))
             }
             _ => return None,
         };
-        ttls.push((at + 4, ttl));
-        recs.push(Rec { name, ttl, data });
-        pos = end;
+        ttls.push((f.ttl_at, f.ttl));
+        recs.push(Rec {
+            name,
+            ttl: f.ttl,
+            data,
+        });
+        pos = f.end;
     }
     for _ in 0..nscount {
-        let (_, at) = name_at(resp, pos)?;
-        let (rtype, class, ttl, start, end) = fixed(resp, at)?;
-        if class != CLASS_IN {
-            return None;
-        }
-        let data_end = match rtype {
-            TYPE_NS => name_at(resp, start)?.1,
+        let (_, f) = kept_record(resp, pos)?;
+        let data_end = match f.rtype {
+            TYPE_NS => name_at(resp, f.rdata)?.1,
             TYPE_SOA => {
-                let (_, mname_end) = name_at(resp, start)?;
+                let (_, mname_end) = name_at(resp, f.rdata)?;
                 let (_, rname_end) = name_at(resp, mname_end)?;
                 rname_end + 20
             }
             _ => return None,
         };
-        if data_end != end {
+        if data_end != f.end {
             return None;
         }
-        ttls.push((at + 4, ttl));
-        pos = end;
+        ttls.push((f.ttl_at, f.ttl));
+        pos = f.end;
     }
     let end = pos;
     // The additional section is cut off whole: glue and one OPT record, nothing else.
     let mut opts = 0;
     for _ in 0..arcount {
-        let at = crate::upstream::name_end(resp, pos)?;
-        let (rtype, _, ttl, _, rdata_end) = fixed(resp, at)?;
-        match rtype {
-            TYPE_A if rdata_end - at == 14 => {}
-            TYPE_AAAA if rdata_end - at == 26 => {}
+        let f = fixed(resp, crate::upstream::name_end(resp, pos)?)?;
+        match f.rtype {
+            TYPE_A if f.end - f.rdata == 4 => {}
+            TYPE_AAAA if f.end - f.rdata == 16 => {}
             // An extended RCODE lives in the OPT record's TTL field: only plain NOERROR here.
-            TYPE_OPT if ttl >> 24 == 0 && resp.get(pos) == Some(&0) => opts += 1,
+            TYPE_OPT if f.ttl >> 24 == 0 && resp.get(pos) == Some(&0) => opts += 1,
             _ => return None,
         }
-        pos = rdata_end;
+        pos = f.end;
     }
     if opts > 1 || pos != resp.len() {
         return None;
