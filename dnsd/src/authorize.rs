@@ -1546,6 +1546,18 @@ mod tests {
         );
     }
 
+    /// One grant of `s` for 10 s, as an answer asks it.
+    fn one(s: &str) -> [(IpAddr, u32); 1] {
+        [(ip(s), 10)]
+    }
+
+    /// fwd's verdict on one grant: committed until `ms` (Unix ms).
+    fn upto(ms: u64) -> [Verdict; 1] {
+        [Verdict::Granted {
+            expires_unix_ms: ms,
+        }]
+    }
+
     /// The alias budget: at most `budget` records per address and grant period; a later
     /// expiry from fwd (an extension) starts a new period; 0 records none.
     #[test]
@@ -1553,22 +1565,16 @@ mod tests {
         let m = Memory::new(16);
         m.set_trusted(true);
         let c = ip("127.0.0.1");
-        let g = |s: &str| [(ip(s), 10)];
-        let granted = |until| {
-            [Verdict::Granted {
-                expires_unix_ms: until,
-            }]
-        };
         let epoch = m.epoch();
-        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 1_000, true);
-        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000, true);
-        let record = |s: &str, budget| m.covers(c, &g(s), 2_000, budget).map(|(_, r)| r);
+        m.record(epoch, c, &one("192.0.2.1"), &upto(100_000), 1_000, true);
+        m.record(epoch, c, &one("192.0.2.2"), &upto(100_000), 1_000, true);
+        let record = |s: &str, budget| m.covers(c, &one(s), 2_000, budget).map(|(_, r)| r);
         assert_eq!(record("192.0.2.1", 3), Some(true));
         assert_eq!(record("192.0.2.1", 3), Some(true));
         assert_eq!(record("192.0.2.1", 3), Some(true));
         assert_eq!(record("192.0.2.1", 3), Some(false), "budget used up");
         // Released all the same, and the other address has its own budget.
-        assert!(m.covers(c, &g("192.0.2.1"), 2_000, 3).is_some());
+        assert!(m.covers(c, &one("192.0.2.1"), 2_000, 3).is_some());
         assert_eq!(record("192.0.2.2", 3), Some(true));
         // An answer naming both is recorded while one of them has budget left.
         let both = [(ip("192.0.2.1"), 10), (ip("192.0.2.2"), 10)];
@@ -1577,13 +1583,13 @@ mod tests {
         assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(true));
         assert_eq!(m.covers(c, &both, 2_000, 3).map(|(_, r)| r), Some(false));
         // The same expiry again is not a new period; a later one is.
-        m.record(epoch, c, &g("192.0.2.1"), &granted(100_000), 3_000, true);
+        m.record(epoch, c, &one("192.0.2.1"), &upto(100_000), 3_000, true);
         assert_eq!(record("192.0.2.1", 3), Some(false));
         // fwd's reply to an alias record (a later expiry) keeps the budget used up...
-        m.record(epoch, c, &g("192.0.2.1"), &granted(130_000), 3_000, false);
+        m.record(epoch, c, &one("192.0.2.1"), &upto(130_000), 3_000, false);
         assert_eq!(record("192.0.2.1", 3), Some(false));
         // ...an answer's grant or extension starts a new period.
-        m.record(epoch, c, &g("192.0.2.1"), &granted(160_000), 3_000, true);
+        m.record(epoch, c, &one("192.0.2.1"), &upto(160_000), 3_000, true);
         assert_eq!(record("192.0.2.1", 3), Some(true));
         // 0 records none.
         assert_eq!(record("192.0.2.1", 0), Some(false));
@@ -1594,33 +1600,27 @@ mod tests {
         let m = Memory::new(2);
         m.set_trusted(true);
         let c = ip("127.0.0.1");
-        let g = |s: &str| [(ip(s), 10)];
-        let granted = |until| {
-            [Verdict::Granted {
-                expires_unix_ms: until,
-            }]
-        };
         let epoch = m.epoch();
-        m.record(epoch, c, &g("192.0.2.1"), &granted(1_500), 1_000, true);
-        m.record(epoch, c, &g("192.0.2.2"), &granted(100_000), 1_000, true);
+        m.record(epoch, c, &one("192.0.2.1"), &upto(1_500), 1_000, true);
+        m.record(epoch, c, &one("192.0.2.2"), &upto(100_000), 1_000, true);
         // Full: the expired one goes.
-        m.record(epoch, c, &g("192.0.2.3"), &granted(100_000), 2_000, true);
+        m.record(epoch, c, &one("192.0.2.3"), &upto(100_000), 2_000, true);
         assert_eq!(m.len(), 2);
-        assert!(m.covers(c, &g("192.0.2.1"), 2_000, 16).is_none());
-        assert!(m.covers(c, &g("192.0.2.2"), 2_000, 16).is_some());
+        assert!(m.covers(c, &one("192.0.2.1"), 2_000, 16).is_none());
+        assert!(m.covers(c, &one("192.0.2.2"), 2_000, 16).is_some());
         // Full of live grants: everything is forgotten.
-        m.record(epoch, c, &g("192.0.2.4"), &granted(100_000), 2_000, true);
+        m.record(epoch, c, &one("192.0.2.4"), &upto(100_000), 2_000, true);
         assert_eq!(m.len(), 1);
         // The safety margin: 10 s TTL needs the grant to last 11 s more.
-        assert!(m.covers(c, &g("192.0.2.4"), 89_000, 16).is_some());
-        assert!(m.covers(c, &g("192.0.2.4"), 89_001, 16).is_none());
+        assert!(m.covers(c, &one("192.0.2.4"), 89_000, 16).is_some());
+        assert!(m.covers(c, &one("192.0.2.4"), 89_001, 16).is_none());
         // A rejection forgets; another client knows nothing.
         assert!(
-            m.covers(ip("127.0.0.2"), &g("192.0.2.4"), 2_000, 16)
+            m.covers(ip("127.0.0.2"), &one("192.0.2.4"), 2_000, 16)
                 .is_none()
         );
         let rejected = [Verdict::Rejected { error: "x".into() }];
-        m.record(epoch, c, &g("192.0.2.4"), &rejected, 2_000, true);
+        m.record(epoch, c, &one("192.0.2.4"), &rejected, 2_000, true);
         assert_eq!(m.len(), 0);
     }
 }
