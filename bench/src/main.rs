@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use guard_proto::UnixChannel;
 use guard_proto::v1::{self as pb, firewall_client::FirewallClient};
 use serde_json::json;
 
@@ -61,6 +62,8 @@ enum Cmd {
     },
 }
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn addr(seed: u16, n: u64) -> Vec<u8> {
     let hi = (n >> 32) as u16;
     let a = Ipv6Addr::new(0x2001, 0xdb8, seed, hi, 0, 0, (n >> 16) as u16, n as u16);
@@ -97,14 +100,14 @@ fn check(results: &[pb::GrantResult]) -> Result<()> {
     Ok(())
 }
 
-async fn call(c: &mut FirewallClient<tonic::transport::Channel>, ips: Vec<Vec<u8>>) -> Result<()> {
+async fn call(c: &mut FirewallClient<UnixChannel>, ips: Vec<Vec<u8>>) -> Result<()> {
     let r = c.authorize(request(ips)).await?.into_inner();
     check(&r.results)
 }
 
 /// One AuthorizeMany carrying `per` addresses in each request.
 async fn call_many(
-    c: &mut FirewallClient<tonic::transport::Channel>,
+    c: &mut FirewallClient<UnixChannel>,
     ips: Vec<Vec<u8>>,
     per: usize,
 ) -> Result<()> {
@@ -130,10 +133,8 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
         Cmd::Latency { calls } => {
-            let ch = guard_proto::connect_unix(&args.socket)
-                .await
-                .context("connect")?;
-            let mut c = FirewallClient::new(ch);
+            // The transport dnsd uses to reach fwd.
+            let mut c = FirewallClient::new(UnixChannel::lazy(&args.socket, CONNECT_TIMEOUT));
             // Warm the connection and the committer.
             for i in 0..100 {
                 call(&mut c, vec![addr(args.seed, (1 << 40) + i)]).await?;
@@ -161,11 +162,7 @@ async fn main() -> Result<()> {
         } => {
             let mut chans = Vec::new();
             for _ in 0..connections.max(1) {
-                chans.push(
-                    guard_proto::connect_unix(&args.socket)
-                        .await
-                        .context("connect")?,
-                );
+                chans.push(UnixChannel::lazy(&args.socket, CONNECT_TIMEOUT));
             }
             let next = Arc::new(AtomicU64::new(0));
             let t = Instant::now();

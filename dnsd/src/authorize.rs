@@ -43,18 +43,17 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use guard_proto::UnixChannel;
 use guard_proto::v1::firewall_client::FirewallClient;
 use guard_proto::v1::{
     AuthorizeManyRequest, AuthorizeManyResponse, AuthorizeRequest, Grant, GrantResult, Outcome,
 };
-use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::metrics::Metrics;
 
@@ -168,7 +167,7 @@ pub struct Authorizer {
 struct Shared {
     path: PathBuf,
     timeout: Duration,
-    client: Mutex<Option<FirewallClient<Channel>>>,
+    client: Mutex<Option<FirewallClient<UnixChannel>>>,
     memory: Memory,
     metrics: Arc<Metrics>,
     /// `authorize.alias_records_per_grant`.
@@ -203,16 +202,6 @@ impl Job {
     fn wanted(&self) -> bool {
         self.reply.as_ref().is_none_or(|r| !r.is_closed())
     }
-}
-
-fn lazy_channel(path: &Path, timeout: Duration) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::from_static("http://fwd.guard.invalid")
-        .connect_timeout(timeout)
-        .connect_with_connector_lazy(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
 }
 
 /// Wall-clock now in Unix ms.
@@ -572,9 +561,9 @@ async fn call(shared: Arc<Shared>, jobs: Vec<Job>, _slot: Option<OwnedSemaphoreP
 // === impl Shared ===
 
 impl Shared {
-    fn client(&self) -> FirewallClient<Channel> {
+    fn client(&self) -> FirewallClient<UnixChannel> {
         let mut slot = self.client.lock();
-        slot.get_or_insert_with(|| FirewallClient::new(lazy_channel(&self.path, self.timeout)))
+        slot.get_or_insert_with(|| FirewallClient::new(UnixChannel::lazy(&self.path, self.timeout)))
             .clone()
     }
 

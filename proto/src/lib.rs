@@ -15,6 +15,10 @@ pub mod v1 {
 /// The protocol version string every Status/Stats reply carries.
 pub const API_VERSION: &str = "guard.v1";
 
+mod channel;
+
+pub use channel::UnixChannel;
+
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
