@@ -1,8 +1,8 @@
 //! Counters and histograms (Prometheus text format over a tiny HTTP endpoint), plus the totals the `Stats` RPC reports.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +57,10 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     queries: Family<QueryLabels, Counter>,
+    /// The `queries` series already created, by (qtype, rcode) label index: counting a query
+    /// is then an atomic increment, instead of hashing its labels and taking the family's
+    /// lock (about 1 % of dnsd's CPU per cache hit). A series still appears only once used.
+    query_series: Box<[OnceLock<Counter>]>,
     cache_hits: Counter,
     cache_misses: Counter,
     upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
@@ -110,36 +114,48 @@ pub struct Snapshot {
 
 /// Bounded label values for query types: anything unusual is "other", so that a client
 /// cannot grow the metric set by asking for 65536 types.
-fn qtype_label(t: RecordType) -> &'static str {
+/// Label values of `qtype`, indexed by [`qtype_index`].
+const QTYPE_LABELS: [&str; 17] = [
+    "A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "HTTPS", "SVCB", "CAA", "DS",
+    "DNSKEY", "ANY", "other", "none",
+];
+
+fn qtype_index(t: Option<RecordType>) -> usize {
     match t {
-        RecordType::A => "A",
-        RecordType::AAAA => "AAAA",
-        RecordType::CNAME => "CNAME",
-        RecordType::MX => "MX",
-        RecordType::NS => "NS",
-        RecordType::PTR => "PTR",
-        RecordType::SOA => "SOA",
-        RecordType::SRV => "SRV",
-        RecordType::TXT => "TXT",
-        RecordType::HTTPS => "HTTPS",
-        RecordType::SVCB => "SVCB",
-        RecordType::CAA => "CAA",
-        RecordType::DS => "DS",
-        RecordType::DNSKEY => "DNSKEY",
-        RecordType::ANY => "ANY",
-        _ => "other",
+        Some(RecordType::A) => 0,
+        Some(RecordType::AAAA) => 1,
+        Some(RecordType::CNAME) => 2,
+        Some(RecordType::MX) => 3,
+        Some(RecordType::NS) => 4,
+        Some(RecordType::PTR) => 5,
+        Some(RecordType::SOA) => 6,
+        Some(RecordType::SRV) => 7,
+        Some(RecordType::TXT) => 8,
+        Some(RecordType::HTTPS) => 9,
+        Some(RecordType::SVCB) => 10,
+        Some(RecordType::CAA) => 11,
+        Some(RecordType::DS) => 12,
+        Some(RecordType::DNSKEY) => 13,
+        Some(RecordType::ANY) => 14,
+        Some(_) => 15,
+        None => 16,
     }
 }
 
-fn rcode_label(r: ResponseCode) -> &'static str {
+/// Label values of `rcode`, indexed by [`rcode_index`].
+const RCODE_LABELS: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+];
+
+fn rcode_index(r: ResponseCode) -> usize {
     match r {
-        ResponseCode::NoError => "NOERROR",
-        ResponseCode::FormErr => "FORMERR",
-        ResponseCode::ServFail => "SERVFAIL",
-        ResponseCode::NXDomain => "NXDOMAIN",
-        ResponseCode::NotImp => "NOTIMP",
-        ResponseCode::Refused => "REFUSED",
-        _ => "other",
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        _ => 6,
     }
 }
 
@@ -250,6 +266,9 @@ impl Metrics {
         Metrics {
             registry,
             queries,
+            query_series: (0..QTYPE_LABELS.len() * RCODE_LABELS.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             cache_hits,
             cache_misses,
             upstream_latency,
@@ -270,10 +289,16 @@ impl Metrics {
 
     /// Counts one answered query.
     pub fn answered(&self, qtype: Option<RecordType>, rcode: ResponseCode) {
-        self.queries
-            .get_or_create(&QueryLabels {
-                qtype: qtype.map_or("none", qtype_label),
-                rcode: rcode_label(rcode),
+        let (t, r) = (qtype_index(qtype), rcode_index(rcode));
+        let series = &self.query_series[t * RCODE_LABELS.len() + r];
+        series
+            .get_or_init(|| {
+                self.queries
+                    .get_or_create(&QueryLabels {
+                        qtype: QTYPE_LABELS[t],
+                        rcode: RCODE_LABELS[r],
+                    })
+                    .clone()
             })
             .inc();
         self.totals.queries.fetch_add(1, Ordering::Relaxed);
@@ -481,6 +506,7 @@ mod tests {
     fn counters_and_text() {
         let m = Arc::new(Metrics::new());
         m.answered(Some(RecordType::A), ResponseCode::NoError);
+        m.answered(Some(RecordType::A), ResponseCode::NoError);
         m.answered(Some(RecordType::from(65_000)), ResponseCode::ServFail);
         m.answered(None, ResponseCode::FormErr);
         m.cache_hit();
@@ -503,7 +529,7 @@ mod tests {
         assert_eq!(
             s,
             Snapshot {
-                queries: 3,
+                queries: 4,
                 cache_hits: 1,
                 cache_misses: 1,
                 servfail: 1,
@@ -515,7 +541,8 @@ mod tests {
         );
         let text = m.encode();
         for want in [
-            "dnsd_queries_total{qtype=\"A\",rcode=\"NOERROR\"} 1",
+            "dnsd_queries_total{qtype=\"A\",rcode=\"NOERROR\"} 2",
+            "dnsd_queries_total{qtype=\"none\",rcode=\"FORMERR\"} 1",
             "dnsd_queries_total{qtype=\"other\",rcode=\"SERVFAIL\"} 1",
             "dnsd_cache_hits_total 1",
             "dnsd_upstream_latency_seconds_count{upstream=\"udp://127.0.0.1:53\"} 1",
@@ -532,6 +559,8 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
+        // Only the series used appear (the lookup table holds no others).
+        assert_eq!(text.matches("dnsd_queries_total{").count(), 3, "{text}");
     }
 
     #[tokio::test]
