@@ -559,7 +559,7 @@ start() { # name cpu
     { echo "=== an earlier start of $name, logged until $(date +%T) ==="; cat "$W/log/$name.log"; } >>"$W/log/$name.earlier.log"
   fi
   # shellcheck disable=SC2086  # ip netns exec, taskset and env all exec: $! is the daemon
-  "${INNS[@]}" nice -n "$NICE" taskset -c "$cpu" env TOKIO_WORKER_THREADS=1 RUST_LOG=info SSL_CERT_FILE="$W/ca.pem" \
+  "${INNS[@]}" nice -n "$NICE" taskset -c "$cpu" env TOKIO_WORKER_THREADS=1 RUST_LOG="${BENCH_RUST_LOG:-info}" SSL_CERT_FILE="$W/ca.pem" \
     $cmd >"$W/log/$name.log" 2>&1 </dev/null &
   pid=$!
   echo "$pid $(starttime "$pid")" >"$W/pids/$name"

@@ -382,6 +382,21 @@ pub fn setup(s: &Settings, manual: &[ManualElem], chains: &[String]) -> Result<(
     apply("setup", setup_batch(s, manual, chains))
 }
 
+/// The set of the throw-away table [`create_probe_table`] makes.
+pub const PROBE_SET: &str = "s";
+
+/// Creates a throw-away table `name` (no chains, so it filters nothing) holding one IPv4 set
+/// with timeouts, for probing what the kernel does with set elements.
+pub fn create_probe_table(name: &str) -> Result<(), NftError> {
+    apply(
+        "probe table",
+        json!({"nftables": [
+            {"add": {"table": {"family": "inet", "name": name}}},
+            {"add": {"set": {"family": "inet", "table": name, "name": PROBE_SET, "type": "ipv4_addr", "flags": ["timeout"]}}},
+        ]}),
+    )
+}
+
 /// Deletes the whole table (the documented way to remove guard's filtering). `exists` comes
 /// from netlink (listing through `nft` would load every set element first).
 pub fn remove_table(table: &str, exists: bool) -> Result<bool, NftError> {
