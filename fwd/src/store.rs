@@ -388,8 +388,7 @@ struct Checkpointer {
 /// When the checkpointer makes the WAL restart: see [`RESTART_WAL_BYTES`].
 #[derive(Debug, Clone, Copy)]
 struct Restart {
-    /// WAL frames over which it does under load; `i64::MAX`: it never restarts the WAL
-    /// (for tests: SQLite's own restarts only).
+    /// WAL frames over which it does under load.
     frames: i64,
     /// Least time between two catch-up checkpoints.
     every: Duration,
@@ -850,6 +849,9 @@ impl Checkpointer {
             });
             (frames, t.elapsed())
         };
+        // The WAL has frames and the checkpoint copied every one: the next write restarts it.
+        let all_copied =
+            |frames: Result<(i64, i64), ()>| frames.is_ok_and(|(n, done)| n > 0 && done == n);
         let mut pending = false;
         let mut last_restart: Option<Instant> = None;
         let mut restarts: u64 = 0;
@@ -860,19 +862,15 @@ impl Checkpointer {
             // the checkpoints ran). Idle: this checkpoint copied every frame, so the next
             // commit would restart the WAL, and pay for it (below).
             let grown = frames.is_ok_and(|(n, _)| n >= restart.frames);
-            let copied = frames.is_ok_and(|(n, done)| n > 0 && done == n);
+            let copied = all_copied(frames);
             // The gated pass copies what commits appended meanwhile, but its time is mostly
             // its fsyncs: 2-25 ms here (an fsync that has to wait for an ext4 journal commit
             // takes about 20 ms), whatever the frames. A disk slower than that would hold
             // commits back as long: no restart this round.
-            let enabled = restart.frames < i64::MAX;
-            if enabled && spaced && (grown || copied) && took <= SLOW_PASS {
+            if spaced && (grown || copied) && took <= SLOW_PASS {
                 let gated = Instant::now();
                 let _gate = gate.lock();
-                if let (Ok((n, done)), _) = checkpoint()
-                    && n > 0
-                    && done == n
-                {
+                if all_copied(checkpoint().0) {
                     // Everything is copied and no commit can start: restart the WAL here.
                     // SQLite restarts it in the first write transaction that finds it copied,
                     // and that transaction fsyncs the new WAL header before its frames: done
@@ -1870,26 +1868,6 @@ mod tests {
         drop(s);
     }
 
-    /// How much the WAL file grew over 5,000 back-to-back single-grant commits.
-    fn wal_growth(restart_bytes: i64) -> u64 {
-        let (_dir, path) = temp_db();
-        let mut s = Store::open_with(&path, restart_bytes, Duration::ZERO).unwrap();
-        let wal = PathBuf::from(format!("{}-wal", path.display()));
-        let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        // The file only grows when a commit writes past its end; after a restart, commits
-        // write from its start again.
-        let mut grew = 0;
-        let mut last = wal_len();
-        for i in 0..5000u32 {
-            let ip = Ipv4Addr::from(0xC000_0200 + i).to_string();
-            grant_named(&mut s, &ip, "stream.example");
-            let now = wal_len();
-            grew += now.saturating_sub(last);
-            last = now;
-        }
-        grew
-    }
-
     /// Under back-to-back commits a passive checkpoint rarely copies every frame (commits
     /// append while it runs), so SQLite seldom restarts the WAL on its own: 5,000 single-grant
     /// commits wrote 50-85 MB to a WAL that grew by as much. The checkpointer's catch-up
@@ -1897,7 +1875,21 @@ mod tests {
     /// commits take about a second, so about ten checkpoints run): the file stays well below.
     #[test]
     fn wal_restarts_under_back_to_back_commits() {
-        let restarting = wal_growth(64 << 10);
+        let (_dir, path) = temp_db();
+        let mut s = Store::open_with(&path, 64 << 10, Duration::ZERO).unwrap();
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        // The file only grows when a commit writes past its end; after a restart, commits
+        // write from its start again.
+        let mut restarting = 0;
+        let mut last = wal_len();
+        for i in 0..5000u32 {
+            let ip = Ipv4Addr::from(0xC000_0200 + i).to_string();
+            grant_named(&mut s, &ip, "stream.example");
+            let now = wal_len();
+            restarting += now.saturating_sub(last);
+            last = now;
+        }
         assert!(
             restarting < 40 << 20,
             "WAL grew by {restarting} bytes over 5,000 commits with restarts"
@@ -2237,6 +2229,20 @@ mod tests {
         assert!(s.live_tombstones(900).unwrap().is_empty());
     }
 
+    /// This test binary, run again for the store test `test` alone, with `var` set to the
+    /// database path (the test's child branch then runs) and its stdout discarded.
+    fn this_test_in_a_child(test: &str, var: &str, path: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args([
+            "--exact",
+            &format!("store::tests::{test}"),
+            "--test-threads=1",
+        ])
+        .env(var, path)
+        .stdout(std::process::Stdio::null());
+        c
+    }
+
     /// fwd holds its database exclusively: another process (a second fwd) gets a clear
     /// "in use" error, not a failure to read a pragma, and can open it once fwd has closed it.
     #[test]
@@ -2255,17 +2261,14 @@ mod tests {
         }
         let (_dir, path) = temp_db();
         let second = || {
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "store::tests::a_second_process_cannot_open_a_database_in_use",
-                    "--test-threads=1",
-                ])
-                .env(CHILD, &path)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .code()
+            this_test_in_a_child(
+                "a_second_process_cannot_open_a_database_in_use",
+                CHILD,
+                &path,
+            )
+            .status()
+            .unwrap()
+            .code()
         };
         let mut s = Store::open(&path).unwrap();
         grant_named(&mut s, "192.0.2.1", "held.example");
@@ -2306,17 +2309,11 @@ mod tests {
             std::process::abort();
         }
         let (_dir, path) = temp_db();
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "store::tests::commits_survive_an_aborted_writer_process",
-                "--test-threads=1",
-            ])
-            .env(CHILD, &path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
+        let status =
+            this_test_in_a_child("commits_survive_an_aborted_writer_process", CHILD, &path)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
         assert!(!status.success(), "the child must die by abort");
         let mut wal = path.clone().into_os_string();
         wal.push("-wal");
