@@ -32,11 +32,9 @@ struct Inner {
     connect_timeout: Duration,
     /// The connection, with a number that tells it from the ones before it.
     conn: Mutex<Option<(u64, Sender)>>,
-    /// Connections made so far.
-    made: std::sync::atomic::AtomicU64,
     /// Held while connecting, so that calls arriving meanwhile wait for that connection
-    /// instead of making their own.
-    connecting: tokio::sync::Mutex<()>,
+    /// instead of making their own; it counts the connections made, which numbers them.
+    connecting: tokio::sync::Mutex<u64>,
 }
 
 type Sender = SendRequest<tonic::body::Body>;
@@ -58,8 +56,7 @@ impl UnixChannel {
                 path: path.to_owned(),
                 connect_timeout,
                 conn: Mutex::new(None),
-                made: std::sync::atomic::AtomicU64::new(0),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: tokio::sync::Mutex::new(0),
             }),
         }
     }
@@ -96,7 +93,7 @@ impl Inner {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        let _connecting = self.connecting.lock().await;
+        let mut made = self.connecting.lock().await;
         if let Some(c) = self.current() {
             return Ok(c);
         }
@@ -119,7 +116,8 @@ impl Inner {
         let send = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| unavailable(format!("timed out after {:?}", self.connect_timeout)))??;
-        let id = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        *made += 1;
+        let id = *made;
         *self.slot() = Some((id, send.clone()));
         Ok((id, send))
     }
