@@ -987,8 +987,10 @@ fn grants_with_live_flows_are_renewed_and_idle_ones_expire() {
     let ns = &env.topo.fwd;
     let mut c = env.fwd.client().or_fail("client");
     let (busy, idle) = (service_v4(5), service_v4(6));
+    // 5 s (6 with the margin): the busy grant must be renewed before it expires, by a sweep
+    // (every 1 s) that sees its flow; on a loaded machine a sweep can come late.
     let r = c
-        .authorize(&[(busy, 3), (idle, 3)], "pool.example.")
+        .authorize(&[(busy, 5), (idle, 5)], "pool.example.")
         .or_fail("authorize");
     let first_expiry = r.results[0].expires_unix_ms;
     let mut flow = probe::tcp_echo(ns, busy, PROBE_TIMEOUT).or_fail("flow to the busy address");
