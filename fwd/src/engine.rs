@@ -2262,6 +2262,29 @@ mod tests {
                 "a shorter request must not shorten the grant"
             );
             assert!(kernel(AUTH4)[0].1.unwrap() > 500);
+
+            // The same TTL again, once time has run: the kernel's countdown restarts too (a
+            // re-add carrying an unchanged timeout alone once left the old expiry).
+            let left = |ip: &str| {
+                kernel(AUTH4)
+                    .into_iter()
+                    .find_map(|(a, left)| (a == ip).then_some(left))
+                    .flatten()
+                    .unwrap()
+            };
+            let ip = "192.0.2.2";
+            rt.block_on(e.authorize(cmd(&[ip], 4, &s), root())).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while left(ip) > 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the timeout does not run"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let r = rt.block_on(e.authorize(cmd(&[ip], 4, &s), root())).unwrap();
+            assert_eq!(outcome(&r[0]), pb::Outcome::Extended);
+            assert!(left(ip) >= 4, "the same TTL again left {}s", left(ip));
         });
     }
 

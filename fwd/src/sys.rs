@@ -314,6 +314,7 @@ impl ElemOp {
                         len,
                         flags: 0,
                         timeout,
+                        expiration: true,
                         open: false,
                     }),
                     None,
@@ -333,20 +334,28 @@ struct KernelElem {
     /// NFTA_SET_ELEM_FLAGS (NFT_SET_ELEM_INTERVAL_END), sent only when non-zero.
     flags: u32,
     timeout: Option<Duration>,
+    /// With a timeout, also send NFTA_SET_ELEM_EXPIRATION equal to it. A kernel that updates
+    /// an element on re-add (6.x) restarts its countdown only when the re-add carries an
+    /// expiration or a timeout different from the element's: re-adding with the same timeout
+    /// alone (a renewal of `renew_ttl`, or the same TTL authorized again) left the old expiry,
+    /// and the grant ended while fwd counted it extended. Set on single keys; range elements
+    /// keep nft's encoding (a range is replaced by delete and add, never re-added).
+    expiration: bool,
     /// Attach [`UDATA_INTERVAL_OPEN`].
     open: bool,
 }
 
 impl KernelElem {
     /// Bytes this element adds to the element list: NFTA_LIST_ELEM nest, optional
-    /// NFTA_SET_ELEM_FLAGS (u32), optional NFTA_SET_ELEM_TIMEOUT (u64), NFTA_SET_ELEM_KEY nest
-    /// holding NFTA_DATA_VALUE, optional NFTA_SET_ELEM_USERDATA.
+    /// NFTA_SET_ELEM_FLAGS (u32), optional NFTA_SET_ELEM_TIMEOUT and NFTA_SET_ELEM_EXPIRATION
+    /// (u64 each), NFTA_SET_ELEM_KEY nest holding NFTA_DATA_VALUE, optional
+    /// NFTA_SET_ELEM_USERDATA.
     fn wire_len(&self) -> usize {
         let flags = if self.flags != 0 { NLA_HDRLEN + 4 } else { 0 };
-        let timeout = if self.timeout.is_some() {
-            NLA_HDRLEN + 8
-        } else {
-            0
+        let timeout = match (self.timeout, self.expiration) {
+            (None, _) => 0,
+            (Some(_), false) => NLA_HDRLEN + 8,
+            (Some(_), true) => 2 * (NLA_HDRLEN + 8),
         };
         let udata = if self.open {
             NLA_HDRLEN + align4(UDATA_INTERVAL_OPEN.len())
@@ -389,6 +398,7 @@ fn range_elems(net: &IpNet, timeout: Option<Duration>) -> [Option<KernelElem>; 2
             len,
             flags: 0,
             timeout,
+            expiration: false,
             open: !next,
         }),
         next.then_some(KernelElem {
@@ -396,6 +406,7 @@ fn range_elems(net: &IpNet, timeout: Option<Duration>) -> [Option<KernelElem>; 2
             len,
             flags: NFT_SET_ELEM_INTERVAL_END,
             timeout: None,
+            expiration: false,
             open: false,
         }),
     ]
@@ -1300,17 +1311,20 @@ impl NftnlElem {
         if rc < 0 {
             return Err("libnftnl refused the element key");
         }
-        match e.timeout {
-            // SAFETY: `p` is our live element; the timeout is a plain u64 value.
-            Some(t) => unsafe {
-                nftnl::nftnl_set_elem_set_u64(
-                    p,
-                    nftnl::NFTNL_SET_ELEM_TIMEOUT as u16,
-                    timeout_ms(t),
-                )
-            },
-            // SAFETY: `p` is our live element; unsetting an absent attribute is a no-op.
-            None => unsafe { nftnl::nftnl_set_elem_unset(p, nftnl::NFTNL_SET_ELEM_TIMEOUT as u16) },
+        let (timeout, expiration) = match e.timeout {
+            Some(t) => (Some(timeout_ms(t)), e.expiration.then(|| timeout_ms(t))),
+            None => (None, None),
+        };
+        for (attr, value) in [
+            (nftnl::NFTNL_SET_ELEM_TIMEOUT, timeout),
+            (nftnl::NFTNL_SET_ELEM_EXPIRATION, expiration),
+        ] {
+            match value {
+                // SAFETY: `p` is our live element; the value is a plain u64.
+                Some(ms) => unsafe { nftnl::nftnl_set_elem_set_u64(p, attr as u16, ms) },
+                // SAFETY: `p` is our live element; unsetting an absent attribute is a no-op.
+                None => unsafe { nftnl::nftnl_set_elem_unset(p, attr as u16) },
+            }
         }
         if e.flags != 0 {
             // SAFETY: `p` is our live element; the flags are a plain u32 value.
@@ -2879,6 +2893,40 @@ mod tests {
             println!(
                 "re-add 100s -> 5s without EXCL: remaining {:?}",
                 remaining(&mut nl, "a4", k)
+            );
+        });
+    }
+
+    /// On a kernel whose re-add updates an element's timeout, a re-add with the same timeout
+    /// restarts the countdown too: fwd sends the expiration with the timeout. (With the timeout
+    /// alone, the kernel updates only a timeout that differs: a renewal by the same
+    /// `renew_ttl` left the old expiry, and the grant ended while fwd counted it renewed.)
+    #[test]
+    fn readd_with_the_same_timeout_restarts_the_countdown() {
+        in_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            let probe = SetKey::V4(v4("10.0.0.9"));
+            nl.commit("t", &[add("a4", probe, Some(10))]).unwrap();
+            nl.commit("t", &[add("a4", probe, Some(100))]).unwrap();
+            if remaining(&mut nl, "a4", probe) <= Duration::from_secs(10) {
+                println!("this kernel keeps the timeout on re-add: fwd extends by delete+add");
+                return;
+            }
+            let k = SetKey::V4(v4("10.0.0.1"));
+            nl.commit("t", &[add("a4", k, Some(4))]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while remaining(&mut nl, "a4", k) > Duration::from_millis(2500) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the element's timeout does not run"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            nl.commit("t", &[add("a4", k, Some(4))]).unwrap();
+            let left = remaining(&mut nl, "a4", k);
+            assert!(
+                left > Duration::from_secs(3),
+                "re-add with the same 4 s timeout left {left:?}"
             );
         });
     }

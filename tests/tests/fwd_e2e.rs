@@ -976,47 +976,76 @@ fn sighup_reloads_allowances_and_keeps_old_config_when_invalid() {
 
 /// Apps that keep reusing an address after its TTL (connection pools, JVM caches) must not be cut
 /// off while their flows live: with `renew_live_flows`, a grant that still carries a conntrack
-/// flow is renewed; one without flows expires as usual.
+/// flow is renewed, again and again; one without flows expires as usual.
+///
+/// Each renewal re-adds the element with the same timeout (`renew_ttl`), and the kernel must
+/// restart the countdown every time: it once did not (a re-add with an unchanged timeout kept
+/// the old expiry), and the grant ended one renewal after the first while fwd recorded it
+/// renewed. With a 10 s `renew_ttl`, renewals come about 6 s apart (a grant is renewed once it
+/// is within two sweeps and the grace of its expiry), so after the second the kernel's expiry
+/// must be about 10 s away, not the 4 s the first one left.
 #[test]
 fn grants_with_live_flows_are_renewed_and_idle_ones_expire() {
     let env = local(
         FwdConfig::local()
             .set("expiry.renew_live_flows", true)
-            .set("expiry.renew_ttl", "30s"),
+            .set("expiry.renew_ttl", "10s"),
     );
     let ns = &env.topo.fwd;
     let mut c = env.fwd.client().or_fail("client");
     let (busy, idle) = (service_v4(5), service_v4(6));
-    // 5 s (6 with the margin): the busy grant must be renewed before it expires, by a sweep
-    // (every 1 s) that sees its flow; on a loaded machine a sweep can come late.
     let r = c
-        .authorize(&[(busy, 5), (idle, 5)], "pool.example.")
+        .authorize(&[(busy, 3), (idle, 3)], "pool.example.")
         .or_fail("authorize");
     let first_expiry = r.results[0].expires_unix_ms;
     let mut flow = probe::tcp_echo(ns, busy, PROBE_TIMEOUT).or_fail("flow to the busy address");
 
-    guard_tests::wait_until("idle grant expires", EXPIRY_DEADLINE, || {
-        Ok(probe::tcp_verdict(ns, idle).is_refused())
+    // The expiries the busy grant's renewals set, latest last.
+    let renewals = |c: &mut guard_tests::fwd::FwdClient| -> Vec<u64> {
+        let mut r: Vec<u64> = c
+            .history(&busy.to_string())
+            .or_fail("history")
+            .iter()
+            .filter(|e| e.kind == EventKind::Renewed as i32)
+            .map(|e| e.expires_unix_ms)
+            .collect();
+        r.sort_unstable();
+        r
+    };
+    let mut renewed = Vec::new();
+    guard_tests::wait_until("two renewals", EXPIRY_DEADLINE, || {
+        renewed = renewals(&mut c);
+        Ok(renewed.len() >= 2)
     })
-    .or_fail("idle expiry");
-    guard_tests::wait_until(
-        "past the busy grant's original expiry",
-        EXPIRY_DEADLINE,
-        || Ok(now_unix_ms() > first_expiry + 2_000),
-    )
-    .or_fail("time");
-    let hist = c.history(&busy.to_string()).or_fail("history");
+    .or_fail("renewals");
+    let elem = nft::set_elements(&env.topo.fwd, env.fwd.table(), auth_set(busy))
+        .or_fail("nft list set")
+        .into_iter()
+        .find(|e| e.key == busy.to_string());
+    let latest = renewed.last().copied().unwrap_or_default();
+    let kernel_expiry = elem
+        .as_ref()
+        .and_then(|e| e.expires_s)
+        .map(|s| now_unix_ms() + s * 1_000);
     assert!(
-        events_of(&hist, EventKind::Renewed, &busy.to_string()) >= 1,
-        "no RENEWED event for {busy}: {hist:#?}"
+        kernel_expiry.is_some_and(|k| k + 2_000 >= latest),
+        "after renewals to {renewed:?} the kernel has {elem:?}, expiring at {kernel_expiry:?}"
     );
     assert!(
-        in_kernel(&env, busy),
-        "{busy} was not renewed in the kernel"
+        now_unix_ms() > first_expiry,
+        "renewed twice before the first expiry"
     );
     probe::expect_tcp_open(ns, busy).or_fail("a new connection to the renewed address");
     probe::roundtrip(&mut flow, b"pooled", PROBE_TIMEOUT).or_fail("the live flow");
+
+    // The idle grant had no flow: it expired.
+    probe::expect_tcp_refused(ns, idle).or_fail("the idle address");
+    let hist = c.history(&idle.to_string()).or_fail("history");
     assert_eq!(events_of(&hist, EventKind::Renewed, &idle.to_string()), 0);
+    assert!(
+        events_of(&hist, EventKind::Expired, &idle.to_string()) >= 1,
+        "{hist:#?}"
+    );
 }
 
 /// Started as root with `user` set, fwd keeps only CAP_NET_ADMIN (also ambient, for the nft it
