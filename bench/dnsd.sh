@@ -482,6 +482,7 @@ fwd_conf 30s
 
 dnsd_conf() { # name port upstream [never_authorize-toml]
   cat >"$W/conf/$1.toml" <<EOF
+threads = 1
 [listen]
 udp = ["127.0.0.1:$2"]
 tcp = ["127.0.0.1:$2"]

@@ -114,6 +114,7 @@ impl Reloader {
                 format!("{:?}", self.current.metrics) != format!("{:?}", new.metrics),
             ),
             ("log_queries", self.current.log_queries != new.log_queries),
+            ("threads", self.current.threads != new.threads),
         ] {
             if changed {
                 tracing::warn!(section, "changed, but only takes effect after a restart");

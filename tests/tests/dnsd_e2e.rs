@@ -59,8 +59,10 @@ fn env_with(
     }
 }
 
+/// The default environment runs dnsd with `threads = 1` (tokio's current-thread scheduler, as
+/// the benchmark does); tests built with `env_with` run the multi-thread runtime.
 fn env(zone: UnboundConfig) -> Env {
-    env_with(zone, FwdConfig::local(), &[], |c, _| c)
+    env_with(zone, FwdConfig::local(), &[], |c, _| c.set("threads", 1))
 }
 
 /// dnsd forwarding to unbound over TLS, verified against the test CA as `dns.test`.
