@@ -1038,12 +1038,20 @@ fn grants_with_live_flows_are_renewed_and_idle_ones_expire() {
     probe::expect_tcp_open(ns, busy).or_fail("a new connection to the renewed address");
     probe::roundtrip(&mut flow, b"pooled", PROBE_TIMEOUT).or_fail("the live flow");
 
-    // The idle grant had no flow: it expired.
+    // The idle grant had no flow: it expired (the sweep records that once the grace is over).
     probe::expect_tcp_refused(ns, idle).or_fail("the idle address");
-    let hist = c.history(&idle.to_string()).or_fail("history");
-    assert_eq!(events_of(&hist, EventKind::Renewed, &idle.to_string()), 0);
-    assert!(
-        events_of(&hist, EventKind::Expired, &idle.to_string()) >= 1,
+    let idle_s = idle.to_string();
+    guard_tests::wait_until("the idle grant's expiry recorded", EXPIRY_DEADLINE, || {
+        let hist = c
+            .history(&idle_s)
+            .map_err(|e| guard_tests::Error::msg(e.to_string()))?;
+        Ok(events_of(&hist, EventKind::Expired, &idle_s) >= 1)
+    })
+    .or_fail("idle expiry");
+    let hist = c.history(&idle_s).or_fail("history");
+    assert_eq!(
+        events_of(&hist, EventKind::Renewed, &idle_s),
+        0,
         "{hist:#?}"
     );
 }
