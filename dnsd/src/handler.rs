@@ -164,12 +164,12 @@ struct Store {
 
 /// The cache key of a query.
 fn cache_key(q: &ClientQuery) -> Key {
-    Key {
-        name: q.query.name().to_lowercase(),
-        qtype: q.query.query_type(),
-        qclass: q.query.query_class(),
-        dnssec_ok: q.dnssec_ok,
-    }
+    Key::new(
+        q.query.name().to_lowercase(),
+        q.query.query_type(),
+        q.query.query_class(),
+        q.dnssec_ok,
+    )
 }
 
 /// What [`Handler::resolve`] produced.
