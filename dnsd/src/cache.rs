@@ -495,8 +495,8 @@ impl Cache {
     /// A cache holding at most `capacity` answers (0 disables caching).
     pub fn new(capacity: usize) -> Self {
         Cache {
-            // Unbounded: `put` evicts down to `capacity` itself. SipHash with a random key, as
-            // std's maps: the names are the clients' choice.
+            // Unbounded: `put` evicts down to `capacity` itself. Keys carry their own SipHash
+            // under a random key (`Key::new`: the names are the clients' choice), passed on.
             inner: Mutex::new(Inner {
                 map: LruCache::unbounded_with_hasher(std::hash::BuildHasherDefault::default()),
                 epoch: 0,

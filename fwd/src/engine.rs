@@ -2135,6 +2135,15 @@ mod tests {
     }
 
     /// Elements of an auth set as the kernel reports them through `nft -j` (independent of sys).
+    /// Seconds left on `ip`'s element of AUTH4, as `nft` lists it (`None`: absent or no
+    /// timeout).
+    fn kernel_left(ip: &str) -> Option<u64> {
+        kernel(AUTH4)
+            .into_iter()
+            .find_map(|(a, left)| (a == ip).then_some(left))
+            .flatten()
+    }
+
     fn kernel(set: &str) -> Vec<(String, Option<u64>)> {
         let out = Command::new("nft")
             .args(["-j", "list", "set", "inet", "guard", set])
@@ -2180,10 +2189,7 @@ mod tests {
         };
         add("10s");
         add("100s");
-        let left = kernel(AUTH4)
-            .into_iter()
-            .find_map(|(a, left)| (a == SCRATCH).then_some(left))
-            .flatten();
+        let left = kernel_left(SCRATCH);
         nft(&[
             "delete",
             "element",
@@ -2265,13 +2271,7 @@ mod tests {
 
             // The same TTL again, once time has run: the kernel's countdown restarts too (a
             // re-add carrying an unchanged timeout alone once left the old expiry).
-            let left = |ip: &str| {
-                kernel(AUTH4)
-                    .into_iter()
-                    .find_map(|(a, left)| (a == ip).then_some(left))
-                    .flatten()
-                    .unwrap()
-            };
+            let left = |ip: &str| kernel_left(ip).unwrap();
             let ip = "192.0.2.2";
             rt.block_on(e.authorize(cmd(&[ip], 4, &s), root())).unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(20);

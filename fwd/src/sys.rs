@@ -1311,10 +1311,8 @@ impl NftnlElem {
         if rc < 0 {
             return Err("libnftnl refused the element key");
         }
-        let (timeout, expiration) = match e.timeout {
-            Some(t) => (Some(timeout_ms(t)), e.expiration.then(|| timeout_ms(t))),
-            None => (None, None),
-        };
+        let timeout = e.timeout.map(timeout_ms);
+        let expiration = timeout.filter(|_| e.expiration);
         for (attr, value) in [
             (nftnl::NFTNL_SET_ELEM_TIMEOUT, timeout),
             (nftnl::NFTNL_SET_ELEM_EXPIRATION, expiration),
@@ -2877,14 +2875,21 @@ mod tests {
         });
     }
 
+    /// Adds `k` to a4 with a 10 s timeout, re-adds it with 100 s (no EXCL), and returns the
+    /// time it has left: about 100 s where the kernel updates elements on re-add, at most 10 s
+    /// where it keeps them.
+    fn readd_10s_then_100s(nl: &mut Netlink, k: SetKey) -> Duration {
+        nl.commit("t", &[add("a4", k, Some(10))]).unwrap();
+        nl.commit("t", &[add("a4", k, Some(100))]).unwrap();
+        remaining(nl, "a4", k)
+    }
+
     #[test]
     fn readd_without_excl_is_accepted() {
         in_netns(|| {
             let mut nl = Netlink::open().unwrap();
             let k = SetKey::V4(v4("10.0.0.1"));
-            nl.commit("t", &[add("a4", k, Some(10))]).unwrap();
-            nl.commit("t", &[add("a4", k, Some(100))]).unwrap();
-            let left = remaining(&mut nl, "a4", k);
+            let left = readd_10s_then_100s(&mut nl, k);
             // Kernels with element timeout update (6.10+?) re-arm; older ones keep 10 s.
             println!("re-add 10s -> 100s without EXCL: remaining {left:?}");
             assert!(left <= Duration::from_secs(100));
@@ -2905,10 +2910,7 @@ mod tests {
     fn readd_with_the_same_timeout_restarts_the_countdown() {
         in_netns(|| {
             let mut nl = Netlink::open().unwrap();
-            let probe = SetKey::V4(v4("10.0.0.9"));
-            nl.commit("t", &[add("a4", probe, Some(10))]).unwrap();
-            nl.commit("t", &[add("a4", probe, Some(100))]).unwrap();
-            if remaining(&mut nl, "a4", probe) <= Duration::from_secs(10) {
+            if readd_10s_then_100s(&mut nl, SetKey::V4(v4("10.0.0.9"))) <= Duration::from_secs(10) {
                 println!("this kernel keeps the timeout on re-add: fwd extends by delete+add");
                 return;
             }
