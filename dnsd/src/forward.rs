@@ -40,14 +40,14 @@ pub type ForwardFuture<'a> =
 
 /// Something that resolves queries through upstream servers.
 pub trait Forward: Send + Sync + std::fmt::Debug + 'static {
-    /// Sends `query` (wire format) upstream and returns the response.
+    /// Sends `query` (wire format) upstream and returns the response. The future must end
+    /// by itself, within about the upstreams' `timeout`: the handler sets no timer of its own
+    /// on top (the upstream module bounds every attempt by the query's deadline).
     fn forward<'a>(&'a self, query: &'a [u8]) -> ForwardFuture<'a>;
     /// Per-upstream health, for the `Upstreams` RPC.
     fn health(&self) -> Vec<UpstreamHealth>;
     /// The selection strategy name, for the `Upstreams` RPC.
     fn strategy(&self) -> String;
-    /// The overall deadline of one query; the handler adds a little slack on top.
-    fn timeout(&self) -> Duration;
     /// Closes pooled connections (after a reload replaced these upstreams, or at shutdown).
     fn close<'a>(&'a self) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async {})
@@ -65,7 +65,6 @@ use crate::upstream::{UpstreamConfig, UpstreamError, Upstreams};
 #[derive(Debug)]
 pub struct UpstreamForwarder {
     upstreams: Upstreams,
-    timeout: Duration,
     /// Upstream URLs by address, so that error metrics carry the same label as latency.
     urls: HashMap<SocketAddr, Arc<str>>,
 }
@@ -84,11 +83,7 @@ impl UpstreamForwarder {
                 Some((addr, Arc::from(h.url.as_str())))
             })
             .collect();
-        Ok(UpstreamForwarder {
-            upstreams,
-            timeout: cfg.timeout,
-            urls,
-        })
+        Ok(UpstreamForwarder { upstreams, urls })
     }
 
     fn describe(&self, e: &UpstreamError) -> (Option<String>, &'static str) {
@@ -152,10 +147,6 @@ impl Forward for UpstreamForwarder {
 
     fn strategy(&self) -> String {
         self.upstreams.strategy().as_str().to_owned()
-    }
-
-    fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     fn close<'a>(&'a self) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {

@@ -386,15 +386,25 @@ pub async fn serve_udp(
         let data = data.to_vec();
         let handler = handler.clone();
         let sock = sock.clone();
-        tasks.spawn(async move {
-            if let Some(resp) = handler
-                .finish(admission, later, &data, Transport::Udp)
-                .await
-                && let Err(e) = sock.send_to(&resp, peer).await
-            {
+        let fut = async move {
+            // The query's own state is boxed: the task itself stays small, and a spawn copies
+            // a task's future several times.
+            let Some(resp) =
+                Box::pin(handler.finish(admission, later, &data, Transport::Udp)).await
+            else {
+                return;
+            };
+            let sent = match sock.try_send_to(&resp, peer) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Box::pin(sock.send_to(&resp, peer)).await
+                }
+                other => other,
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "udp send failed");
             }
-        });
+        };
+        tasks.spawn(fut);
     }
 }
 

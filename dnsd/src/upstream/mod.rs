@@ -47,8 +47,10 @@ use udp::UdpReply;
 /// the srtt of the others stays current.
 const EXPLORE_ONE_IN: u32 = 20;
 
-/// Slack past an attempt's deadline before the attempt is abandoned from outside; the
-/// transports enforce the deadline themselves.
+/// Slack past an attempt's deadline before a stream attempt is abandoned from outside; the
+/// transports enforce the deadline themselves. The UDP exchange waits under one timer of
+/// its own and gets no second one (a timer costs a clock read and two wheel updates per
+/// query).
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 
 /// Errors of the upstream layer. Per-query errors mean "answer SERVFAIL".
@@ -479,15 +481,7 @@ impl Upstream {
     ) -> Result<(Vec<u8>, Protocol), UpstreamError> {
         let start = Instant::now();
         self.health.on_attempt();
-        let result = match timeout_at(
-            deadline + DEADLINE_SLACK,
-            self.exchange(prepared, deadline, padding),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::Timeout { addr: self.addr }),
-        };
+        let result = self.exchange(prepared, deadline, padding).await;
         match &result {
             Ok(_) => self.health.on_success(start.elapsed()),
             Err(e) => {
@@ -510,12 +504,20 @@ impl Upstream {
             addr: self.addr,
             reason,
         };
+        // Bounds a stream exchange from outside too, in case a connect or a lock wait
+        // overstays its deadline.
+        let backstop = |fut| async move {
+            match timeout_at(deadline + DEADLINE_SLACK, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Timeout { addr: self.addr }),
+            }
+        };
         match &self.transport {
             Transport::Udp { udp, tcp } => match udp.exchange(prepared, deadline).await? {
                 UdpReply::Answer(answer) => Ok((answer, Protocol::Udp)),
                 UdpReply::Truncated => {
                     tracing::debug!(upstream = %self.url, "truncated over UDP, retrying over TCP");
-                    let resp = tcp.exchange(prepared.wire(), deadline).await?;
+                    let resp = backstop(tcp.exchange(prepared.wire(), deadline)).await?;
                     let answer = prepared.accept(&resp, false).map_err(bad)?;
                     Ok((answer, Protocol::Tcp))
                 }
@@ -527,7 +529,7 @@ impl Upstream {
                 } else {
                     prepared.wire()
                 };
-                let resp = pool.exchange(wire, deadline).await?;
+                let resp = backstop(pool.exchange(wire, deadline)).await?;
                 let answer = prepared.accept(&resp, padded).map_err(bad)?;
                 let protocol = if *tls { Protocol::Tls } else { Protocol::Tcp };
                 Ok((answer, protocol))

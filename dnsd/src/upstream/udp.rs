@@ -121,15 +121,19 @@ impl UdpPool {
         };
         let mut wire = prepared.wire().to_vec();
         set_id(&mut wire, id);
-        chan.sock.send(&wire).await.map_err(refused_or(self.addr))?;
-        let resp = match timeout_at(deadline, rx).await {
-            Ok(Ok(reply)) => reply?,
-            Ok(Err(_)) => {
-                return Err(UpstreamError::Io {
+        // One timer for the send (which waits only when the socket buffer is full) and the
+        // answer: the only bound on this exchange.
+        let sent_and_answered = async {
+            chan.sock.send(&wire).await.map_err(refused_or(self.addr))?;
+            rx.await.unwrap_or_else(|_| {
+                Err(UpstreamError::Io {
                     addr: self.addr,
                     source: Arc::new(std::io::Error::other("upstream socket closed")),
-                });
-            }
+                })
+            })
+        };
+        let resp = match timeout_at(deadline, sent_and_answered).await {
+            Ok(reply) => reply?,
             Err(_) => return Err(UpstreamError::Timeout { addr: self.addr }),
         };
         // A forged TC can only make us ask again over TCP, so it needs no further checks.
@@ -342,7 +346,10 @@ async fn exchange_alone(
     let id = rand::random::<u16>();
     let mut wire = prepared.wire().to_vec();
     set_id(&mut wire, id);
-    sock.send(&wire).await.map_err(refused_or(addr))?;
+    match timeout_at(deadline, sock.send(&wire)).await {
+        Ok(sent) => sent.map_err(refused_or(addr))?,
+        Err(_) => return Err(UpstreamError::Timeout { addr }),
+    };
 
     // Sized by the client's EDNS payload size, which we forward: a server must not send more.
     let mut buf = vec![0; prepared.udp_payload() + RECV_SLACK];
