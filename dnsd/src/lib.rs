@@ -3,6 +3,7 @@
 
 pub mod answer;
 pub mod authorize;
+mod batch;
 pub mod cache;
 pub mod config;
 pub mod control;

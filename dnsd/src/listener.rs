@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::batch::RecvBatch;
 use crate::config::{Config, ListenConfig, TlsListenConfig};
 use crate::handler::{Early, Handler, Transport};
 
@@ -333,6 +334,9 @@ impl StreamSettings {
     }
 }
 
+/// Datagrams read per system call on a UDP listener (see [`crate::batch`]).
+const UDP_BATCH: usize = 32;
+
 /// Serves UDP queries on `sock` until `shutdown`; query tasks are tracked by `tasks`.
 pub async fn serve_udp(
     sock: UdpSocket,
@@ -343,69 +347,83 @@ pub async fn serve_udp(
     let sock = Arc::new(sock);
     // Room for the largest datagram, so that oversized junk is read whole and rejected
     // rather than silently cut to a parseable prefix.
-    let mut buf = vec![0u8; 65_536];
+    let mut batch = RecvBatch::new(UDP_BATCH, 65_536);
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = sock.recv_from(&mut buf) => r,
+            r = batch.recv(&sock) => r,
         };
-        let (n, peer) = match received {
-            Ok(r) => r,
+        let count = match received {
+            Ok(n) => n,
             Err(e) => {
                 // ICMP errors from earlier sends surface here on Linux; keep serving.
                 tracing::debug!(error = %e, "udp recv error");
                 continue;
             }
         };
-        let data = buf.get(..n).unwrap_or_default();
-        let later = match handler.begin(data, peer, Transport::Udp) {
-            Early::Answered(None) => continue,
-            Early::Answered(Some(resp)) => {
-                // Answered without waiting (most cache hits): no task, and no await unless
-                // the socket buffer is full.
-                match sock.try_send_to(&resp, peer) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let sock = sock.clone();
-                        tasks.spawn(async move {
-                            if let Err(e) = sock.send_to(&resp, peer).await {
-                                tracing::debug!(error = %e, "udp send failed");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::debug!(error = %e, "udp send failed"),
-                }
+        for i in 0..count {
+            let Some((data, Some(peer))) = batch.get(i) else {
                 continue;
-            }
-            Early::Later(later) => later,
-        };
-        let Some(admission) = handler.admit() else {
-            handler.metrics().dropped("overload");
-            continue;
-        };
-        let data = data.to_vec();
-        let handler = handler.clone();
-        let sock = sock.clone();
-        let fut = async move {
-            // The query's own state is boxed: the task itself stays small, and a spawn copies
-            // a task's future several times.
-            let Some(resp) =
-                Box::pin(handler.finish(admission, later, &data, Transport::Udp)).await
-            else {
-                return;
             };
-            let sent = match sock.try_send_to(&resp, peer) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    Box::pin(sock.send_to(&resp, peer)).await
-                }
-                other => other,
-            };
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "udp send failed");
-            }
-        };
-        tasks.spawn(fut);
+            serve_datagram(&sock, &handler, &tasks, data, peer);
+        }
     }
+}
+
+/// Answers one datagram, at once when it can (most cache hits), else in a task of its own.
+fn serve_datagram(
+    sock: &Arc<UdpSocket>,
+    handler: &Arc<Handler>,
+    tasks: &TaskTracker,
+    data: &[u8],
+    peer: SocketAddr,
+) {
+    let later = match handler.begin(data, peer, Transport::Udp) {
+        Early::Answered(None) => return,
+        Early::Answered(Some(resp)) => {
+            // Answered without waiting (most cache hits): no task, and no await unless
+            // the socket buffer is full.
+            match sock.try_send_to(&resp, peer) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = sock.clone();
+                    tasks.spawn(async move {
+                        if let Err(e) = sock.send_to(&resp, peer).await {
+                            tracing::debug!(error = %e, "udp send failed");
+                        }
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "udp send failed"),
+            }
+            return;
+        }
+        Early::Later(later) => later,
+    };
+    let Some(admission) = handler.admit() else {
+        handler.metrics().dropped("overload");
+        return;
+    };
+    let data = data.to_vec();
+    let handler = handler.clone();
+    let sock = sock.clone();
+    let fut = async move {
+        // The query's own state is boxed: the task itself stays small, and a spawn copies
+        // a task's future several times.
+        let Some(resp) = Box::pin(handler.finish(admission, later, &data, Transport::Udp)).await
+        else {
+            return;
+        };
+        let sent = match sock.try_send_to(&resp, peer) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Box::pin(sock.send_to(&resp, peer)).await
+            }
+            other => other,
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "udp send failed");
+        }
+    };
+    tasks.spawn(fut);
 }
 
 /// Accepts TCP (or, with `tls`, DoT) connections until `shutdown`.

@@ -1,0 +1,205 @@
+//! Reading many datagrams per system call (`recvmmsg`), for the UDP listeners and the
+//! upstream sockets.
+//!
+//! Under load a UDP socket seldom drains between two reads, so one call returns what is
+//! queued (up to the batch size) and the per-call cost (the system call, the socket lookup,
+//! tokio's readiness bookkeeping) is paid once for the lot. An idle socket costs what a
+//! `recv_from` costs: the call returns the one datagram there is.
+
+use std::cell::RefCell;
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Buffers for reading up to `count` datagrams of up to `size` octets at once.
+pub(crate) struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    /// Length and sender of each datagram the last read returned.
+    got: Vec<(usize, Option<SocketAddr>)>,
+    /// Whether the socket is IPv6 (learnt at the first read).
+    v6: Option<bool>,
+}
+
+/// Headers for `recvmmsg` with room for so many datagrams.
+type Headers = (usize, Option<MultiHeaders<SockaddrStorage>>);
+
+thread_local! {
+    /// The `recvmmsg` headers, one set for IPv4 sockets and one for IPv6 sockets. They
+    /// hold raw pointers, so they cannot live in a `RecvBatch` held across an await by a
+    /// task that may move between threads; they are filled and read within one call, on
+    /// one thread. One set per family, because the kernel leaves each header's address
+    /// length at what it wrote last (16 octets for IPv4, 28 for IPv6) and nix does not
+    /// reset it: an IPv6 read through headers an IPv4 read shrank would cut the address.
+    static HEADERS: RefCell<[Headers; 2]> = const { RefCell::new([(0, None), (0, None)]) };
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("count", &self.bufs.len())
+            .field("got", &self.got.len())
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    /// Room for `count` datagrams (at least one) of `size` octets each. A datagram longer
+    /// than `size` is cut (as `recv_from` cuts it); callers that must see oversized junk
+    /// whole pass the largest datagram size.
+    pub(crate) fn new(count: usize, size: usize) -> Self {
+        let count = count.max(1);
+        RecvBatch {
+            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            got: Vec::with_capacity(count),
+            v6: None,
+        }
+    }
+
+    /// Waits until `sock` is readable and reads every queued datagram, up to the batch
+    /// size; returns how many (at least one). Read them with [`RecvBatch::get`].
+    pub(crate) async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        let v6 = match self.v6 {
+            Some(v6) => v6,
+            None => *self.v6.insert(sock.local_addr()?.is_ipv6()),
+        };
+        loop {
+            sock.readable().await?;
+            match sock.try_io(Interest::READABLE, || self.read(sock.as_raw_fd(), v6)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Datagram `i` of the last read, and its sender (`None` for a sender that is neither
+    /// IPv4 nor IPv6, which a UDP socket does not produce).
+    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], Option<SocketAddr>)> {
+        let &(len, from) = self.got.get(i)?;
+        Some((self.bufs.get(i)?.get(..len)?, from))
+    }
+
+    fn read(&mut self, fd: std::os::fd::RawFd, v6: bool) -> io::Result<usize> {
+        let count = self.bufs.len();
+        let bufs = &mut self.bufs;
+        let got = &mut self.got;
+        got.clear();
+        HEADERS.with_borrow_mut(|sets| {
+            let Some((room, headers)) = sets.get_mut(usize::from(v6)) else {
+                return Err(io::Error::other("no recvmmsg headers"));
+            };
+            if *room < count || headers.is_none() {
+                *headers = Some(MultiHeaders::preallocate(count, None));
+                *room = count;
+            }
+            let Some(headers) = headers.as_mut() else {
+                return Err(io::Error::other("no recvmmsg headers"));
+            };
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+            let results = recvmmsg(fd, headers, iovs.iter_mut(), MsgFlags::empty(), None)
+                .map_err(io::Error::from)?;
+            got.extend(results.map(|r| (r.bytes, r.address.and_then(|a| std_addr(&a)))));
+            Ok(())
+        })?;
+        if got.is_empty() {
+            // recvmmsg reports an empty queue as EAGAIN; never claim a read that returned
+            // nothing.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got.len())
+    }
+}
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_what_is_queued_in_one_call_with_each_sender() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        a.send_to(b"one", to).await.unwrap();
+        b.send_to(b"two", to).await.unwrap();
+        a.send_to(&[7u8; 3000], to).await.unwrap();
+        let mut batch = RecvBatch::new(8, 2048);
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let n = batch.recv(&rx).await.unwrap();
+            for i in 0..n {
+                let (data, from) = batch.get(i).unwrap();
+                seen.push((data.to_vec(), from.unwrap()));
+            }
+        }
+        assert_eq!(seen[0], (b"one".to_vec(), a.local_addr().unwrap()));
+        assert_eq!(seen[1], (b"two".to_vec(), b.local_addr().unwrap()));
+        // Longer than a slot: cut to the slot, as recv_from cuts to its buffer.
+        assert_eq!(seen[2].0.len(), 2048);
+        assert!(batch.get(batch.got.len()).is_none());
+    }
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_reads_on_one_thread_keep_whole_addresses() {
+        let rx4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx6 = UdpSocket::bind("[::1]:0").await.unwrap();
+        let tx4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx6 = UdpSocket::bind("[::1]:0").await.unwrap();
+        let mut b4 = RecvBatch::new(2, 64);
+        let mut b6 = RecvBatch::new(2, 64);
+        for round in 0..3u8 {
+            tx4.send_to(&[round], rx4.local_addr().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(b4.recv(&rx4).await.unwrap(), 1);
+            assert_eq!(
+                b4.get(0).unwrap(),
+                (&[round][..], Some(tx4.local_addr().unwrap()))
+            );
+            tx6.send_to(&[round], rx6.local_addr().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(b6.recv(&rx6).await.unwrap(), 1);
+            assert_eq!(
+                b6.get(0).unwrap(),
+                (&[round][..], Some(tx6.local_addr().unwrap()))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn more_than_a_batch_is_read_over_several_calls_in_order() {
+        let rx = UdpSocket::bind("[::1]:0").await.unwrap();
+        let tx = UdpSocket::bind("[::1]:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        for i in 0..10u8 {
+            tx.send_to(&[i], to).await.unwrap();
+        }
+        let mut batch = RecvBatch::new(4, 16);
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let n = batch.recv(&rx).await.unwrap();
+            assert!((1..=4).contains(&n), "{n}");
+            for i in 0..n {
+                let (data, from) = batch.get(i).unwrap();
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                got.push(data[0]);
+            }
+        }
+        assert_eq!(got, (0..10).collect::<Vec<u8>>());
+    }
+}
