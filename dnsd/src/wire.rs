@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use crate::answer::{Chain, ChainAddr, MAX_CHAIN};
@@ -187,15 +187,26 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
         pos = f.end;
     }
     let end = pos;
-    // The additional section is cut off whole: glue and one OPT record, nothing else.
+    // The additional section is cut off whole: glue and one OPT record, nothing else. It is
+    // still checked as the `Message` path's decoder checks it (owner names with backward
+    // pointers only, OPT options framed), so that an answer that path refuses as unparsable
+    // is refused here too, and authorizes nothing.
     let mut opts = 0;
     for _ in 0..arcount {
-        let f = fixed(resp, crate::upstream::name_end(resp, pos)?)?;
+        let (_, at) = name_at(resp, pos)?;
+        let f = fixed(resp, at)?;
         match f.rtype {
             TYPE_A if f.end - f.rdata == 4 => {}
             TYPE_AAAA if f.end - f.rdata == 16 => {}
             // An extended RCODE lives in the OPT record's TTL field: only plain NOERROR here.
-            TYPE_OPT if f.ttl >> 24 == 0 && resp.get(pos) == Some(&0) => opts += 1,
+            TYPE_OPT if f.ttl >> 24 == 0 && at == pos + 1 => {
+                if f.end > f.rdata {
+                    // Options: hickory's own reading decides, as it does on the other path.
+                    let mut d = BinDecoder::new(resp).clone(u16::try_from(pos).ok()?);
+                    Record::read(&mut d).ok()?;
+                }
+                opts += 1;
+            }
             _ => return None,
         }
         pos = f.end;
@@ -445,7 +456,9 @@ mod tests {
         );
     }
 
-    /// Mutated answers never panic, and whatever is accepted can be stored and decoded.
+    /// Mutated answers never panic, and whatever is accepted is an answer hickory decodes
+    /// whole (an answer that cannot be parsed authorizes nothing, on either path) and can be
+    /// stored and decoded.
     #[test]
     fn mutated_answers_never_panic() {
         let base = nsd_like("u1.w.bench.test.");
@@ -473,6 +486,10 @@ mod tests {
             let q = question(&base);
             if let Some(s) = scan(&resp, q, &qname, RecordType::A) {
                 accepted += 1;
+                assert!(
+                    hickory_proto::op::Message::from_vec(&resp).is_ok(),
+                    "accepted an answer hickory refuses: {resp:02x?}"
+                );
                 let stored = s.into_answer(&resp, 0, u32::MAX, u32::MAX).unwrap();
                 assert!(
                     stored.decode().is_some(),
