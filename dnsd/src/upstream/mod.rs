@@ -36,7 +36,7 @@ pub use message::{
 };
 pub use tls::spki_pin;
 
-pub(crate) use message::{HEADER_LEN, id_of, name_end};
+pub(crate) use message::{HEADER_LEN, id_of};
 
 use health::{Health, Policy, State};
 use message::Prepared;
