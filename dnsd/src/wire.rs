@@ -35,6 +35,9 @@ const CLASS_IN: u16 = 1;
 /// Answer records beyond this many take the `Message` path (the chain walk is quadratic).
 const MAX_ANSWERS: usize = 64;
 
+/// A compression pointer to offset 12, the name right after the header: the question's.
+const QUESTION_POINTER: [u8; 2] = [0xc0, 0x0c];
+
 /// An upstream answer [`scan`] accepted.
 #[derive(Debug)]
 pub struct Scanned {
@@ -142,7 +145,19 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
     let mut recs: Vec<Rec> = Vec::with_capacity(ancount);
     let mut pos = qend;
     for _ in 0..ancount {
-        let (name, f) = kept_record(resp, pos)?;
+        // An owner name that is a pointer to the question's name (an answer to the question
+        // itself, the commonest record) is `qname`, which the client's query already gave
+        // decoded: the response's question equals the client's but for case, which names
+        // compare without. Any other owner is read with hickory's decoder.
+        let (name, f) = if resp.get(pos..pos + 2) == Some(&QUESTION_POINTER[..]) {
+            let f = fixed(resp, pos + 2)?;
+            if f.class != CLASS_IN {
+                return None;
+            }
+            (qname.clone(), f)
+        } else {
+            kept_record(resp, pos)?
+        };
         let data = match f.rtype {
             TYPE_CNAME => {
                 let (target, name_end) = name_at(resp, f.rdata)?;
@@ -230,7 +245,12 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
 /// every record is on it and it ends in data of the query type (anything else needs edits
 /// or negative caching: the `Message` path).
 fn follow(recs: &[Rec], qname: &Name) -> Option<Chain> {
-    let mut used = vec![false; recs.len()];
+    // Which records the chain used, a bit each (`scan` admits at most 64).
+    let mut used = 0u64;
+    let bit = |i: usize| {
+        1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX))
+            .unwrap_or(0)
+    };
     let mut current = qname;
     let mut seen: Vec<&Name> = vec![qname];
     let mut min_ttl: Option<u32> = None;
@@ -246,7 +266,7 @@ fn follow(recs: &[Rec], qname: &Name) -> Option<Chain> {
             // A broken chain: the `Message` path answers it (SERVFAIL).
             return None;
         }
-        used[i] = true;
+        used |= bit(i);
         min_ttl = Some(min_ttl.map_or(ttl, |m| m.min(ttl)));
         seen.push(target);
         current = target;
@@ -258,13 +278,18 @@ fn follow(recs: &[Rec], qname: &Name) -> Option<Chain> {
         if r.name != *current {
             continue;
         }
-        used[i] = true;
+        used |= bit(i);
         min_ttl = Some(min_ttl.map_or(r.ttl, |m| m.min(r.ttl)));
         if !addrs.iter().any(|a| a.ip == ip) {
             addrs.push(ChainAddr { ip, ttl: r.ttl });
         }
     }
-    if addrs.is_empty() || used.contains(&false) {
+    let all = if recs.len() >= 64 {
+        u64::MAX
+    } else {
+        bit(recs.len()) - 1
+    };
+    if addrs.is_empty() || used != all {
         return None;
     }
     Some(Chain {
