@@ -175,8 +175,9 @@ enum Resolved {
     /// A response still to be finalized for the client.
     Message(Message),
     /// An upstream's answer still to be finalized for the client, then cached as `Store`
-    /// says (cached after encoding, so that it is not cloned).
-    Fresh(Message, Option<Store>),
+    /// says (cached after encoding, so that it is not cloned). Boxed, so that every
+    /// `Resolved` moved up through the miss path's futures is half the size.
+    Fresh(Message, Option<Box<Store>>),
     /// The client's answer, ready to send, and its response code (a cache hit served from
     /// its wire form).
     Wire(Vec<u8>, ResponseCode),
@@ -771,13 +772,15 @@ impl Handler {
             }
         }
         let scope = self.settings.per_client.then_some(client);
-        let store = (ttl > 0).then_some(Store {
-            key,
-            ttl,
-            negative,
-            needs_grant,
-            grant: until_ms.map(|u| (scope, u)),
-            epoch,
+        let store = (ttl > 0).then(|| {
+            Box::new(Store {
+                key,
+                ttl,
+                negative,
+                needs_grant,
+                grant: until_ms.map(|u| (scope, u)),
+                epoch,
+            })
         });
         Resolved::Fresh(msg, store)
     }
@@ -954,13 +957,15 @@ impl Handler {
         answer::cap_ttls(&mut msg, chain_ttl);
         let until_ms = self.apply_verdicts(&mut msg, result, &mut ttl);
         let scope = s.per_client.then_some(client);
-        let store = (ttl > 0).then_some(Store {
-            key,
-            ttl,
-            negative: false,
-            needs_grant: until_ms.is_some(),
-            grant: until_ms.map(|u| (scope, u)),
-            epoch,
+        let store = (ttl > 0).then(|| {
+            Box::new(Store {
+                key,
+                ttl,
+                negative: false,
+                needs_grant: until_ms.is_some(),
+                grant: until_ms.map(|u| (scope, u)),
+                epoch,
+            })
         });
         Resolved::Fresh(msg, store)
     }

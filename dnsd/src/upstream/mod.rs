@@ -294,11 +294,16 @@ impl Upstreams {
         let order = self.order(started);
         let mut last_error = None;
         let mut attempts = 0;
+        // The clock is read once before each attempt (the first reuses `started`) and once
+        // after it: a read costs as much as some whole steps of a cache miss.
+        let mut now = started;
         for (pos, &idx) in order.iter().enumerate() {
             let Some(up) = inner.upstreams.get(idx) else {
                 continue;
             };
-            let now = Instant::now();
+            if attempts > 0 {
+                now = Instant::now();
+            }
             if now >= deadline {
                 break;
             }
@@ -308,15 +313,18 @@ impl Upstreams {
                 (now + inner.attempt_timeout).min(deadline)
             };
             attempts += 1;
-            match up.attempt(&prepared, attempt_deadline, inner.padding).await {
-                Ok((response, protocol)) => {
+            match up
+                .attempt(&prepared, now, attempt_deadline, inner.padding)
+                .await
+            {
+                Ok((response, protocol, done)) => {
                     return Ok(Answer {
                         response,
                         upstream: idx,
                         url: up.url.clone(),
                         protocol,
-                        latency: now.elapsed(),
-                        elapsed: started.elapsed(),
+                        latency: done.saturating_duration_since(now),
+                        elapsed: done.saturating_duration_since(started),
                         attempts,
                     });
                 }
@@ -443,8 +451,9 @@ impl Upstreams {
             };
             match probe_query() {
                 Ok(prepared) => {
-                    let deadline = Instant::now() + inner.attempt_timeout;
-                    match up.attempt(&prepared, deadline, inner.padding).await {
+                    let start = Instant::now();
+                    let deadline = start + inner.attempt_timeout;
+                    match up.attempt(&prepared, start, deadline, inner.padding).await {
                         Ok(_) => tracing::info!(upstream = %up.url, "health check succeeded"),
                         Err(e) => {
                             tracing::debug!(upstream = %up.url, error = %e, "health check failed")
@@ -472,26 +481,31 @@ fn probe_query() -> Result<Prepared, UpstreamError> {
 // === impl Upstream ===
 
 impl Upstream {
-    /// One attempt on this upstream, recorded in its health.
+    /// One attempt on this upstream, begun at `start`, recorded in its health. An answer
+    /// comes with when it came.
     async fn attempt(
         &self,
         prepared: &Prepared,
+        start: Instant,
         deadline: Instant,
         padding: bool,
-    ) -> Result<(Vec<u8>, Protocol), UpstreamError> {
-        let start = Instant::now();
+    ) -> Result<(Vec<u8>, Protocol, Instant), UpstreamError> {
         self.health.on_attempt();
         let result = self.exchange(prepared, deadline, padding).await;
-        match &result {
-            Ok(_) => self.health.on_success(start.elapsed()),
+        let done = Instant::now();
+        match result {
+            Ok((answer, protocol)) => {
+                self.health
+                    .on_success(done.saturating_duration_since(start));
+                Ok((answer, protocol, done))
+            }
             Err(e) => {
                 let timed_out =
                     matches!(e, UpstreamError::Timeout { .. }).then(|| deadline - start);
-                self.health
-                    .on_failure(&e.to_string(), timed_out, Instant::now());
+                self.health.on_failure(&e.to_string(), timed_out, done);
+                Err(e)
             }
         }
-        result
     }
 
     async fn exchange(
