@@ -2134,7 +2134,6 @@ mod tests {
         }
     }
 
-    /// Elements of an auth set as the kernel reports them through `nft -j` (independent of sys).
     /// Seconds left on `ip`'s element of AUTH4, as `nft` lists it (`None`: absent or no
     /// timeout).
     fn kernel_left(ip: &str) -> Option<u64> {
@@ -2144,6 +2143,7 @@ mod tests {
             .flatten()
     }
 
+    /// Elements of an auth set as the kernel reports them through `nft -j` (independent of sys).
     fn kernel(set: &str) -> Vec<(String, Option<u64>)> {
         let out = Command::new("nft")
             .args(["-j", "list", "set", "inet", "guard", set])
