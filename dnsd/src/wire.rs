@@ -74,9 +74,14 @@ fn u16_at(wire: &[u8], at: usize) -> Option<u16> {
 
 /// A name read with hickory's decoder starting at `at`; returns it and where it ends.
 fn name_at(wire: &[u8], at: usize) -> Option<(Name, usize)> {
-    let mut d = BinDecoder::new(wire).clone(u16::try_from(at).ok()?);
+    let mut d = decoder_at(wire, at)?;
     let name = Name::read(&mut d).ok()?;
     Some((name, d.index()))
+}
+
+/// hickory's decoder over `wire`, positioned at `at`.
+fn decoder_at(wire: &[u8], at: usize) -> Option<BinDecoder<'_>> {
+    Some(BinDecoder::new(wire).clone(u16::try_from(at).ok()?))
 }
 
 /// A record's fields after its owner name.
@@ -110,8 +115,12 @@ fn fixed(wire: &[u8], at: usize) -> Option<Fields> {
 /// and fields; class IN only.
 fn kept_record(wire: &[u8], pos: usize) -> Option<(Name, Fields)> {
     let (name, at) = name_at(wire, pos)?;
-    let f = fixed(wire, at)?;
-    (f.class == CLASS_IN).then_some((name, f))
+    Some((name, kept_fields(wire, at)?))
+}
+
+/// The fields of a kept record whose owner name ends at `at`; class IN only.
+fn kept_fields(wire: &[u8], at: usize) -> Option<Fields> {
+    fixed(wire, at).filter(|f| f.class == CLASS_IN)
 }
 
 /// Checks `resp` (an upstream's answer to `question`, the client's question bytes after the
@@ -150,11 +159,7 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
         // decoded: the response's question equals the client's but for case, which names
         // compare without. Any other owner is read with hickory's decoder.
         let (name, f) = if resp.get(pos..pos + 2) == Some(&QUESTION_POINTER[..]) {
-            let f = fixed(resp, pos + 2)?;
-            if f.class != CLASS_IN {
-                return None;
-            }
-            (qname.clone(), f)
+            (qname.clone(), kept_fields(resp, pos + 2)?)
         } else {
             kept_record(resp, pos)?
         };
@@ -217,8 +222,7 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
             TYPE_OPT if f.ttl >> 24 == 0 && at == pos + 1 => {
                 if f.end > f.rdata {
                     // Options: hickory's own reading decides, as it does on the other path.
-                    let mut d = BinDecoder::new(resp).clone(u16::try_from(pos).ok()?);
-                    Record::read(&mut d).ok()?;
+                    Record::read(&mut decoder_at(resp, pos)?).ok()?;
                 }
                 opts += 1;
             }
