@@ -383,17 +383,9 @@ fn serve_datagram(
         Early::Answered(Some(resp)) => {
             // Answered without waiting (most cache hits): no task, and no await unless
             // the socket buffer is full.
-            match sock.try_send_to(&resp, peer) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let sock = sock.clone();
-                    tasks.spawn(async move {
-                        if let Err(e) = sock.send_to(&resp, peer).await {
-                            tracing::debug!(error = %e, "udp send failed");
-                        }
-                    });
-                }
-                Err(e) => tracing::debug!(error = %e, "udp send failed"),
+            if let Some(resp) = try_answer(sock, resp, peer) {
+                let sock = sock.clone();
+                tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
             }
             return;
         }
@@ -413,17 +405,33 @@ fn serve_datagram(
         else {
             return;
         };
-        let sent = match sock.try_send_to(&resp, peer) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Box::pin(sock.send_to(&resp, peer)).await
-            }
-            other => other,
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "udp send failed");
+        if let Some(resp) = try_answer(&sock, resp, peer) {
+            answer_when_writable(&sock, &resp, peer).await;
         }
     };
     tasks.spawn(fut);
+}
+
+/// Sends an answer now, or gives it back when the socket buffer is full (for
+/// [`answer_when_writable`]). Other errors are logged and the answer dropped, as a lost
+/// datagram would be.
+fn try_answer(sock: &UdpSocket, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+    match sock.try_send_to(&resp, peer) {
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(resp),
+        Err(e) => {
+            tracing::debug!(error = %e, "udp send failed");
+            None
+        }
+    }
+}
+
+/// Sends an answer once the socket has room. Boxed: rarely needed, and its state would
+/// otherwise enlarge every query's task.
+async fn answer_when_writable(sock: &UdpSocket, resp: &[u8], peer: SocketAddr) {
+    if let Err(e) = Box::pin(sock.send_to(resp, peer)).await {
+        tracing::debug!(error = %e, "udp send failed");
+    }
 }
 
 /// Accepts TCP (or, with `tls`, DoT) connections until `shutdown`.
