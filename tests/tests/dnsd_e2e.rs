@@ -1017,7 +1017,7 @@ fn acl_refuses_other_clients() {
 // === 10. domain policy ===
 
 #[test]
-fn domain_deny_list_answers_per_config_and_never_forwards() {
+fn domain_policy_answers_per_config_and_never_forwards() {
     let (x, y, z) = (service_v4(14), service_v4(15), service_v4(1));
     let up = SocketAddr::new(IpAddr::V4(NET_V4), 5300);
     let deny = |c: DnsdConfig| {
@@ -1075,6 +1075,31 @@ fn domain_deny_list_answers_per_config_and_never_forwards() {
     assert!(asked.contains(&"blocked.test. A".to_owned()), "{asked:?}");
     probe::expect_tcp_refused(env.ns(), y).or_fail("denied name's address");
     assert!(!env.granted(y));
+
+    // Allow mode: only the listed names resolve; every other name gets the action and is
+    // never forwarded.
+    let cfg = default_dnsd(&env.fwd, &env.unbound)
+        .set("upstream.servers", vec![format!("udp://{up}")])
+        .set("domains.mode", "allow")
+        .set("domains.names", vec!["ok.test", "*.blocked.test"])
+        .set("domains.action", "nxdomain");
+    env.dnsd.reload(cfg).or_fail("reload with mode = allow");
+    let before = scripted.asked().len();
+    env.resolve("OK.test", "A", &[x]);
+    env.resolve("deep.x.blocked.test", "A", &[y]);
+    for name in ["blocked.test", "other.test", "sub.ok.test"] {
+        let r = env.dig(name, "A");
+        r.expect_status("NXDOMAIN").or_fail(name);
+        assert!(r.addrs().is_empty(), "{name}");
+    }
+    let asked = scripted.asked();
+    let forwarded = &asked[before..];
+    assert!(
+        forwarded
+            .iter()
+            .all(|q| q == "ok.test. A" || q == "deep.x.blocked.test. A"),
+        "names outside the allow list were forwarded: {forwarded:?}"
+    );
 }
 
 // === DoT listener ===
