@@ -18,6 +18,23 @@ use ipnet::IpNet;
 /// answer can cause.
 pub const MAX_CHAIN: usize = 16;
 
+/// Whether two names are the same name, letter case aside: what `Name`'s `==` says (both
+/// fully qualified or both not, the same labels up to ASCII case), in one pass from the first
+/// label, without ordering them.
+pub fn same_name(a: &Name, b: &Name) -> bool {
+    if a.is_fqdn() != b.is_fqdn() {
+        return false;
+    }
+    let (mut x, mut y) = (a.iter(), b.iter());
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(l), Some(r)) if l.eq_ignore_ascii_case(r) => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Why an answer's chain could not be followed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -362,6 +379,30 @@ mod tests {
         );
         let c = follow_chain(&m, &n("www.example.com."), RecordType::A).unwrap();
         assert_eq!(ips(&c), ["198.51.100.7"]);
+    }
+
+    #[test]
+    fn same_name_says_what_names_equality_says() {
+        let names = [
+            "a.example.",
+            "A.EXAMPLE.",
+            "a.example",
+            "a.exampl.",
+            "ab.example.",
+            "a.b.example.",
+            "b.a.example.",
+            ".",
+            "*.example.",
+            "example.",
+            "a\\.b.example.",
+            "a.b\\.example.",
+        ];
+        for x in names {
+            for y in names {
+                let (a, b) = (Name::from_str(x).unwrap(), Name::from_str(y).unwrap());
+                assert_eq!(same_name(&a, &b), a == b, "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

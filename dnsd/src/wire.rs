@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use crate::answer::{Chain, ChainAddr, MAX_CHAIN};
+use crate::answer::{Chain, ChainAddr, MAX_CHAIN, same_name};
 use crate::cache::WireAnswer;
 use crate::upstream::HEADER_LEN;
 
@@ -57,9 +57,21 @@ pub struct Scanned {
 
 /// One answer-section record.
 struct Rec {
-    name: Name,
+    /// The owner; `None` for a pointer to the question's name, which is `qname`.
+    name: Option<Name>,
     ttl: u32,
     data: Data,
+}
+
+impl Rec {
+    /// Whether `name` owns this record; `qname` is the question's name (a chain starts at
+    /// it, so most records are owned by it, and then no name is compared).
+    fn owned_by(&self, name: &Name, qname: &Name) -> bool {
+        match &self.name {
+            None => std::ptr::eq(name, qname) || same_name(qname, name),
+            Some(owner) => same_name(owner, name),
+        }
+    }
 }
 
 enum Data {
@@ -159,9 +171,10 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
         // decoded: the response's question equals the client's but for case, which names
         // compare without. Any other owner is read with hickory's decoder.
         let (name, f) = if resp.get(pos..pos + 2) == Some(&QUESTION_POINTER[..]) {
-            (qname.clone(), kept_fields(resp, pos + 2)?)
+            (None, kept_fields(resp, pos + 2)?)
         } else {
-            kept_record(resp, pos)?
+            let (name, f) = kept_record(resp, pos)?;
+            (Some(name), f)
         };
         let data = match f.rtype {
             TYPE_CNAME => {
@@ -256,30 +269,31 @@ fn follow(recs: &[Rec], qname: &Name) -> Option<Chain> {
             .unwrap_or(0)
     };
     let mut current = qname;
-    let mut seen: Vec<&Name> = vec![qname];
     let mut min_ttl: Option<u32> = None;
     let mut cnames = 0usize;
     loop {
         let next = recs.iter().enumerate().find_map(|(i, r)| match &r.data {
-            Data::Cname(target) if r.name == *current => Some((i, target, r.ttl)),
+            Data::Cname(target) if r.owned_by(current, qname) => Some((i, target, r.ttl)),
             _ => None,
         });
         let Some((i, target, ttl)) = next else { break };
         cnames += 1;
-        if cnames > MAX_CHAIN || seen.contains(&target) {
-            // A broken chain: the `Message` path answers it (SERVFAIL).
+        // A CNAME followed a second time is a loop: every name on the chain but the last
+        // was left through the first CNAME it owns, so a target naming any of them leads
+        // back to a record already used. Either way a broken chain: the `Message` path
+        // answers it (SERVFAIL).
+        if cnames > MAX_CHAIN || used & bit(i) != 0 {
             return None;
         }
         used |= bit(i);
         min_ttl = Some(min_ttl.map_or(ttl, |m| m.min(ttl)));
-        seen.push(target);
         current = target;
     }
     let mut addrs: Vec<ChainAddr> = Vec::new();
     for (i, r) in recs.iter().enumerate() {
         let Data::Addr(ip) = r.data else { continue };
         // The scan only admits addresses of the query type.
-        if r.name != *current {
+        if !r.owned_by(current, qname) {
             continue;
         }
         used |= bit(i);
@@ -470,6 +484,28 @@ mod tests {
                 base(&|m| m.metadata.response_code = hickory_proto::op::ResponseCode::NXDomain),
             ),
             ("truncated", base(&|m| m.metadata.truncation = true)),
+            (
+                "CNAME loop",
+                base(&|m| {
+                    m.answers.insert(
+                        0,
+                        Record::from_rdata(q.clone(), 300, RData::CNAME(CNAME(n("B.test.")))),
+                    );
+                    m.answers.insert(
+                        1,
+                        Record::from_rdata(n("b.TEST."), 300, RData::CNAME(CNAME(n("A.test.")))),
+                    );
+                }),
+            ),
+            (
+                "CNAME to itself",
+                base(&|m| {
+                    m.answers.insert(
+                        0,
+                        Record::from_rdata(q.clone(), 300, RData::CNAME(CNAME(n("a.TEST.")))),
+                    );
+                }),
+            ),
         ];
         for (what, resp) in cases {
             assert!(
@@ -479,6 +515,24 @@ mod tests {
         }
         let resp = base(&|_| {});
         assert!(scan(&resp, question(&resp), &q, RecordType::A).is_some());
+        // A chain whose names differ in letter case only is followed.
+        let resp = base(&|m| {
+            m.answers.clear();
+            m.add_answer(Record::from_rdata(
+                q.clone(),
+                60,
+                RData::CNAME(CNAME(n("C.Test."))),
+            ));
+            m.add_answer(Record::from_rdata(
+                n("c.tEST."),
+                300,
+                RData::A(A::new(192, 0, 2, 3)),
+            ));
+        });
+        let s = scan(&resp, question(&resp), &q, RecordType::A).unwrap();
+        assert_eq!(s.chain.cnames, 1);
+        assert_eq!(s.chain.min_ttl, Some(60));
+        assert_eq!(s.chain.addrs.len(), 1);
         assert!(
             scan(&resp, question(&resp), &q, RecordType::TXT).is_none(),
             "not an address query"
