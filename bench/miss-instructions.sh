@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Counts the user-space instructions dnsd spends per UDP cache miss, under valgrind's callgrind,
+# for two dnsd binaries in one run, and prints the ratio. Instruction counts do not move with
+# other load on the machine, so a change of a few percent shows, where qps on this shared
+# 2-core box moves by 10-15 % between identical runs (bench/dnsd.sh measures the qps).
+#
+# Usage: bench/miss-instructions.sh [BASE_DNSD [NEW_DNSD]]   (run as root: network namespace)
+#   BASE_DNSD defaults to target/release/dnsd; with no NEW_DNSD only BASE is counted.
+# What runs (127.0.0.1 inside a private namespace, nothing else touched):
+#   nsd on 5300 answering *.w.bench.test A 192.0.2.1 (RRL off); dnsd on 5322 under callgrind
+#   (threads = 1, upstream udp://nsd, no authorization: never_authorize = everything, cache of
+#   2,000 entries so that every insert also evicts, as under a long miss run). dnsperf sends
+#   WARM warm-up misses, the counters are zeroed, then N unique names (each a miss) at QPS
+#   queries per second, one query per wake-up; the counters are dumped after the last answer.
+# Knobs (env): N (10000) QPS (400) WARM (3000) OUT (keep the callgrind files in this directory)
+# Needs: valgrind, nsd, dnsperf, dig, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BASE=${1:-${CARGO_TARGET_DIR:-target}/release/dnsd}
+NEW=${2:-}
+N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}
+[ "$(id -u)" = 0 ] || { echo "bench/miss-instructions.sh must run as root (network namespace)" >&2; exit 1; }
+for c in valgrind callgrind_control nsd dnsperf dig python3; do
+  command -v "$c" >/dev/null || { echo "missing $c (apt-get install valgrind nsd dnsperf bind9-dnsutils python3)" >&2; exit 1; }
+done
+for b in "$BASE" ${NEW:+"$NEW"}; do [ -x "$b" ] || { echo "no dnsd binary at $b" >&2; exit 1; }; done
+
+NS="guard-miss-ir-$$"
+W=$(mktemp -d /tmp/guard-miss-ir.XXXXXX)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+ip netns add "$NS"
+ip netns exec "$NS" ip link set lo up
+
+python3 - "$W" "$N" "$WARM" <<'PY'
+import sys
+w, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+open(f"{w}/zone", "w").write("$ORIGIN bench.test.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n"
+                             "@ NS ns\nns A 127.0.0.1\nready A 127.0.0.2\n*.w A 192.0.2.1\n")
+open(f"{w}/warm", "w").write("".join(f"warm{i}.w.bench.test A\n" for i in range(warm)))
+PY
+cat >"$W/nsd.conf" <<EOF
+server:
+  ip-address: 127.0.0.1@5300
+  server-count: 1
+  username: ""
+  chroot: ""
+  zonesdir: $W
+  database: ""
+  zonelistfile: $W/zonelist
+  xfrdfile: $W/xfrd
+  xfrdir: $W
+  pidfile: $W/nsd.pid
+  logfile: $W/nsd.log
+  rrl-ratelimit: 0
+  verbosity: 0
+remote-control:
+  control-enable: no
+zone:
+  name: bench.test
+  zonefile: zone
+EOF
+cat >"$W/dnsd.toml" <<EOF
+threads = 1
+[listen]
+udp = ["127.0.0.1:5322"]
+[upstream]
+servers = ["udp://127.0.0.1:5300"]
+timeout = "5s"
+[cache]
+size = 2000
+[authorize]
+socket = "$W/fwd.sock"
+never_authorize = ["0.0.0.0/0", "::/0"]
+[control]
+socket = "$W/dnsd.sock"
+EOF
+ip netns exec "$NS" nsd -d -c "$W/nsd.conf" &
+PIDS+=($!)
+
+# count BINARY TAG ROUND: prints the instructions per miss
+count() {
+  local bin=$1 tag=$2 round=$3 pid i out
+  "$bin" --validate --config "$W/dnsd.toml" >/dev/null
+  python3 -c "import sys; print(''.join(f'r{sys.argv[1]}{sys.argv[2]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[3]))), end='')" \
+    "$round" "$tag" "$N" >"$W/q"
+  ip netns exec "$NS" valgrind --tool=callgrind --callgrind-out-file="$W/cg-$tag.%p" \
+    "$bin" --config "$W/dnsd.toml" >"$W/dnsd-$tag.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  for i in $(seq 300); do
+    ip netns exec "$NS" dig +time=1 +tries=1 @127.0.0.1 -p 5322 ready.bench.test A 2>/dev/null | grep -q NOERROR && break
+    kill -0 "$pid" 2>/dev/null || { echo "dnsd ($tag) exited: $(tail -3 "$W/dnsd-$tag.log")" >&2; exit 1; }
+    sleep 0.2
+  done
+  ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/warm" -n 1 -Q "$QPS" -t 5 >/dev/null 2>&1
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/q" -n 1 -Q "$QPS" -t 5 >"$W/perf-$tag.txt"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  grep -q "Queries lost:         0 " "$W/perf-$tag.txt" || { echo "$tag: queries lost: $(grep 'Queries lost' "$W/perf-$tag.txt")" >&2; exit 1; }
+  # The first dump file after the zeroing is the measured one (the exit writes another).
+  out=$(ls "$W"/cg-"$tag".*.1 2>/dev/null || ls -tr "$W"/cg-"$tag".* | head -1)
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out" "$OUT/callgrind-$tag-$round.out"
+  awk -v n="$N" '/^(summary|totals):/ {printf "%.0f\n", $2 / n; exit}' "$out"
+}
+
+echo "instructions per UDP cache miss (user space, callgrind; $N misses at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
+b=$(count "$BASE" base 1)
+echo "base $BASE: $b"
+if [ -n "$NEW" ]; then
+  n=$(count "$NEW" new 1)
+  echo "new  $NEW: $n"
+  python3 -c "import sys; b, n = map(int, sys.argv[1:]); print(f'new/base: {n / b:.3f}')" "$b" "$n"
+fi
