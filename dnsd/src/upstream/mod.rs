@@ -53,6 +53,18 @@ const EXPLORE_ONE_IN: u32 = 20;
 /// query).
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 
+/// `fut`'s result, or [`UpstreamError::Timeout`] for `addr` once `deadline` has passed. A
+/// mapped future rather than an `async fn`: the UDP miss path awaits it, and another state
+/// machine around the timer cost ~400 instructions per miss (callgrind).
+pub(crate) fn by_deadline<T>(
+    deadline: Instant,
+    addr: SocketAddr,
+    fut: impl Future<Output = Result<T, UpstreamError>>,
+) -> impl Future<Output = Result<T, UpstreamError>> {
+    use futures_util::FutureExt;
+    timeout_at(deadline, fut).map(move |r| r.unwrap_or(Err(UpstreamError::Timeout { addr })))
+}
+
 /// Errors of the upstream layer. Per-query errors mean "answer SERVFAIL".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -520,12 +532,7 @@ impl Upstream {
         };
         // Bounds a stream exchange from outside too, in case a connect or a lock wait
         // overstays its deadline.
-        let backstop = |fut| async move {
-            match timeout_at(deadline + DEADLINE_SLACK, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Timeout { addr: self.addr }),
-            }
-        };
+        let backstop = |fut| by_deadline(deadline + DEADLINE_SLACK, self.addr, fut);
         match &self.transport {
             Transport::Udp { udp, tcp } => match udp.exchange(prepared, deadline).await? {
                 UdpReply::Answer(answer) => Ok((answer, Protocol::Udp)),

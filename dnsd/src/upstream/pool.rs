@@ -16,10 +16,10 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::UpstreamError;
 use super::message::{HEADER_LEN, id_of, set_id, unused_id};
 use super::tcp::{self, frame, read_frame};
 use super::tls::{self, HandshakeStats};
+use super::{UpstreamError, by_deadline};
 
 /// Most queries in flight on one connection. Far below 65536 so that a random free ID is
 /// found in a couple of tries.
@@ -331,11 +331,13 @@ impl Conn {
             seq,
         };
         set_id(&mut framed[2..], id);
-        match timeout_at(deadline, self.tx.send(framed)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(lost(addr, "connection closed")),
-            Err(_) => return Err(UpstreamError::Timeout { addr }),
-        }
+        by_deadline(deadline, addr, async {
+            self.tx
+                .send(framed)
+                .await
+                .map_err(|_| lost(addr, "connection closed"))
+        })
+        .await?;
         match timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(lost(addr, "connection closed")),

@@ -9,9 +9,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
-use super::UpstreamError;
+use super::{UpstreamError, by_deadline};
 
 /// An upstream TCP connection that acknowledges what it reads at once (`TCP_QUICKACK` after
 /// every read). An upstream that writes an answer in two segments without `TCP_NODELAY` (nsd
@@ -70,16 +70,15 @@ impl AsyncWrite for Stream {
 
 /// Opens a TCP connection to `addr`, giving up at `deadline`.
 pub(crate) async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Stream, UpstreamError> {
-    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(UpstreamError::Connect {
+    let stream = by_deadline(deadline, addr, async {
+        TcpStream::connect(addr)
+            .await
+            .map_err(|e| UpstreamError::Connect {
                 addr,
                 source: Arc::new(e),
-            });
-        }
-        Err(_) => return Err(UpstreamError::Timeout { addr }),
-    };
+            })
+    })
+    .await?;
     // Queries are small and latency-bound: never wait to coalesce them.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");

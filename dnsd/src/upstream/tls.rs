@@ -11,12 +11,12 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::UpstreamError;
 use super::config::{UpstreamConfig, load_ca_file, parse_pin};
+use super::{UpstreamError, by_deadline};
 
 /// TLS sessions remembered for resumption (a few per upstream is plenty).
 const SESSION_CACHE_SIZE: usize = 64;
@@ -92,17 +92,17 @@ pub(crate) async fn handshake(
     stats: &HandshakeStats,
 ) -> Result<TlsStream<super::tcp::Stream>, UpstreamError> {
     let name_text = name.to_str().into_owned();
-    let stream = match timeout_at(deadline, connector.connect(name, tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(UpstreamError::TlsHandshake {
+    let stream = by_deadline(deadline, addr, async {
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| UpstreamError::TlsHandshake {
                 addr,
                 name: name_text,
                 source: Arc::new(e),
-            });
-        }
-        Err(_) => return Err(UpstreamError::Timeout { addr }),
-    };
+            })
+    })
+    .await?;
     match stream.get_ref().1.handshake_kind() {
         Some(HandshakeKind::Resumed) => stats.resumed.fetch_add(1, Ordering::Relaxed),
         _ => stats.full.fetch_add(1, Ordering::Relaxed),

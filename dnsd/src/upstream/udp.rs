@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
-use super::UpstreamError;
 use super::health::Health;
 use super::message::{
     HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id, unused_id,
 };
+use super::{UpstreamError, by_deadline};
 
 /// Receive room beyond the client's advertised payload size, so that an oversized answer is
 /// seen whole (and fails to match) rather than cut.
@@ -132,10 +132,7 @@ impl UdpPool {
                 })
             })
         };
-        let resp = match timeout_at(deadline, sent_and_answered).await {
-            Ok(reply) => reply?,
-            Err(_) => return Err(UpstreamError::Timeout { addr: self.addr }),
-        };
+        let resp = by_deadline(deadline, self.addr, sent_and_answered).await?;
         // A forged TC can only make us ask again over TCP, so it needs no further checks.
         if is_truncated(&resp) {
             return Ok(UdpReply::Truncated);
@@ -346,18 +343,18 @@ async fn exchange_alone(
     let id = rand::random::<u16>();
     let mut wire = prepared.wire().to_vec();
     set_id(&mut wire, id);
-    match timeout_at(deadline, sock.send(&wire)).await {
-        Ok(sent) => sent.map_err(refused_or(addr))?,
-        Err(_) => return Err(UpstreamError::Timeout { addr }),
-    };
+    by_deadline(deadline, addr, async {
+        sock.send(&wire).await.map_err(refused_or(addr))
+    })
+    .await?;
 
     // Sized by the client's EDNS payload size, which we forward: a server must not send more.
     let mut buf = vec![0; prepared.udp_payload() + RECV_SLACK];
     loop {
-        let len = match timeout_at(deadline, sock.recv(&mut buf)).await {
-            Ok(r) => r.map_err(refused_or(addr))?,
-            Err(_) => return Err(UpstreamError::Timeout { addr }),
-        };
+        let len = by_deadline(deadline, addr, async {
+            sock.recv(&mut buf).await.map_err(refused_or(addr))
+        })
+        .await?;
         let resp = buf.get(..len).unwrap_or_default();
         let bad = |reason: String| {
             tracing::debug!(%addr, reason, "ignoring bad UDP response");
