@@ -85,12 +85,13 @@ EOF
 ip netns exec "$NS" nsd -d -c "$W/nsd.conf" &
 PIDS+=($!)
 
-# count BINARY TAG ROUND: prints the instructions per miss
+# count BINARY TAG: sets IR to the instructions per miss. It runs in this shell, not in $(...),
+# so that the PID it records reaches the cleanup.
 count() {
-  local bin=$1 tag=$2 round=$3 pid i out
+  local bin=$1 tag=$2 pid i out
   "$bin" --validate --config "$W/dnsd.toml" >/dev/null
-  python3 -c "import sys; print(''.join(f'r{sys.argv[1]}{sys.argv[2]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[3]))), end='')" \
-    "$round" "$tag" "$N" >"$W/q"
+  python3 -c "import sys; print(''.join(f'{sys.argv[1]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[2]))), end='')" \
+    "$tag" "$N" >"$W/q"
   ip netns exec "$NS" valgrind --tool=callgrind --callgrind-out-file="$W/cg-$tag.%p" \
     "$bin" --config "$W/dnsd.toml" >"$W/dnsd-$tag.log" 2>&1 &
   pid=$!
@@ -109,15 +110,17 @@ count() {
   grep -q "Queries lost:         0 " "$W/perf-$tag.txt" || { echo "$tag: queries lost: $(grep 'Queries lost' "$W/perf-$tag.txt")" >&2; exit 1; }
   # The first dump file after the zeroing is the measured one (the exit writes another).
   out=$(ls "$W"/cg-"$tag".*.1 2>/dev/null || ls -tr "$W"/cg-"$tag".* | head -1)
-  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out" "$OUT/callgrind-$tag-$round.out"
-  awk -v n="$N" '/^(summary|totals):/ {printf "%.0f\n", $2 / n; exit}' "$out"
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp "$out" "$OUT/callgrind-$tag.out"; fi
+  IR=$(awk -v n="$N" '/^(summary|totals):/ {printf "%.0f\n", $2 / n; exit}' "$out")
 }
 
 echo "instructions per UDP cache miss (user space, callgrind; $N misses at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
-b=$(count "$BASE" base 1)
+count "$BASE" base
+b=$IR
 echo "base $BASE: $b"
 if [ -n "$NEW" ]; then
-  n=$(count "$NEW" new 1)
+  count "$NEW" new
+  n=$IR
   echo "new  $NEW: $n"
   python3 -c "import sys; b, n = map(int, sys.argv[1:]); print(f'new/base: {n / b:.3f}')" "$b" "$n"
 fi

@@ -61,8 +61,9 @@ static KEY_HASHER: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(R
 /// A key's content for hashing: the name case-insensitively, as `Name`'s own `Hash` does, laid
 /// out as on the wire (length, lowercased label) with the type, class and DO bit after it, and
 /// handed to the hasher in one write (SipHash pays per write: a write per label was 6 % of a
-/// cache miss's instructions). A name longer than the buffer (never one read from a packet)
-/// is written in pieces.
+/// cache miss's instructions). hickory keeps a name within 255 octets on the wire, so the
+/// buffer holds any key; were one longer, its end would be left out of the hash (a collision
+/// at worst, never a wrong match: `eq` compares the names).
 struct Content<'a>(&'a Key);
 
 impl std::hash::Hash for Content<'_> {
@@ -70,32 +71,23 @@ impl std::hash::Hash for Content<'_> {
         let k = self.0;
         let mut buf = [0u8; 272];
         let mut len = 0;
-        for label in k.name.iter() {
-            if len + 1 + label.len() > buf.len() {
-                state.write(buf.get(..len).unwrap_or_default());
-                len = 0;
-            }
-            // Labels are at most 63 octets; a longer one (never from a packet) is cut.
-            let label = label.get(..buf.len() - 1).unwrap_or(label);
+        let mut put = |b: u8| {
             if let Some(slot) = buf.get_mut(len) {
-                *slot = label.len() as u8;
+                *slot = b;
+                len += 1;
             }
-            for (d, s) in buf.iter_mut().skip(len + 1).zip(label) {
-                *d = s.to_ascii_lowercase();
+        };
+        for label in k.name.iter() {
+            put(label.len() as u8);
+            for &c in label {
+                put(c.to_ascii_lowercase());
             }
-            len += 1 + label.len();
         }
         let [t0, t1] = u16::from(k.qtype).to_be_bytes();
         let [c0, c1] = u16::from(k.qclass).to_be_bytes();
-        let tail = [t0, t1, c0, c1, u8::from(k.dnssec_ok)];
-        if len + tail.len() > buf.len() {
-            state.write(buf.get(..len).unwrap_or_default());
-            len = 0;
+        for b in [t0, t1, c0, c1, u8::from(k.dnssec_ok)] {
+            put(b);
         }
-        for (d, s) in buf.iter_mut().skip(len).zip(tail) {
-            *d = s;
-        }
-        len += tail.len();
         state.write(buf.get(..len).unwrap_or_default());
     }
 }
