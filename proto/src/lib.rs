@@ -16,6 +16,7 @@ pub mod v1 {
 pub const API_VERSION: &str = "guard.v1";
 
 mod channel;
+mod gather;
 
 pub use channel::UnixChannel;
 
