@@ -266,9 +266,11 @@ mod tests {
         let rec = Recorder::default();
         let mut g = Gather::new(rec.clone());
         g.write_all(b"headers").await.unwrap();
-        g.write_vectored(&[io::IoSlice::new(b"-da"), io::IoSlice::new(b"ta")])
+        let n = g
+            .write_vectored(&[io::IoSlice::new(b"-da"), io::IoSlice::new(b"ta")])
             .await
             .unwrap();
+        assert_eq!(n, 5, "a gathering write takes every slice");
         assert!(rec.writes().is_empty(), "nothing leaves before the flush");
         // The first poll of the flush yields once (and wakes itself); the second writes.
         let mut polls = 0;
