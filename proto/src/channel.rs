@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 use crate::gather::{Gather, Prompt};
+use crate::unix_io::UnixIo;
 
 /// A lazily connected HTTP/2 connection to a Unix socket, for tonic's generated clients.
 ///
@@ -106,6 +107,7 @@ impl Inner {
         let connect = async {
             let io = UnixStream::connect(&self.path)
                 .await
+                .and_then(UnixIo::new)
                 .map_err(|e| unavailable(e.to_string()))?;
             handshake(io).await.map_err(|e| unavailable(e.to_string()))
         };
@@ -119,8 +121,9 @@ impl Inner {
     }
 }
 
-/// An HTTP/2 connection over `io`, whose writes are gathered (with the request bodies made
-/// [`Prompt`], one write per unary call instead of three); its task is spawned.
+/// An HTTP/2 connection over `io` (a [`UnixIo`]: registered for reading only), whose writes
+/// are gathered (with the request bodies made [`Prompt`], one write per unary call instead
+/// of three); its task is spawned.
 async fn handshake<T>(io: T) -> Result<Sender, hyper::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -17,6 +17,7 @@ pub const API_VERSION: &str = "guard.v1";
 
 mod channel;
 mod gather;
+mod unix_io;
 
 pub use channel::UnixChannel;
 
