@@ -13,8 +13,8 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+
+use crate::quiet::QuietUdp;
 
 /// Buffers for reading up to `count` datagrams of up to `size` octets at once.
 pub(crate) struct RecvBatch {
@@ -62,18 +62,12 @@ impl RecvBatch {
 
     /// Waits until `sock` is readable and reads every queued datagram, up to the batch
     /// size; returns how many (at least one). Read them with [`RecvBatch::get`].
-    pub(crate) async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+    pub(crate) async fn recv(&mut self, sock: &QuietUdp) -> io::Result<usize> {
         let v6 = match self.v6 {
             Some(v6) => v6,
             None => *self.v6.insert(sock.local_addr()?.is_ipv6()),
         };
-        loop {
-            sock.readable().await?;
-            match sock.try_io(Interest::READABLE, || self.read(sock.as_raw_fd(), v6)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
+        sock.read_with(|s| self.read(s.as_raw_fd(), v6)).await
     }
 
     /// Datagram `i` of the last read, and its sender (`None` for a sender that is neither
@@ -127,11 +121,17 @@ fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+    use tokio::net::UdpSocket;
+
     use super::*;
+
+    fn quiet(addr: &str) -> QuietUdp {
+        QuietUdp::new(std::net::UdpSocket::bind(addr).unwrap()).unwrap()
+    }
 
     #[tokio::test]
     async fn reads_what_is_queued_in_one_call_with_each_sender() {
-        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx = quiet("127.0.0.1:0");
         let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let to = rx.local_addr().unwrap();
@@ -156,8 +156,8 @@ mod tests {
 
     #[tokio::test]
     async fn ipv4_and_ipv6_reads_on_one_thread_keep_whole_addresses() {
-        let rx4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let rx6 = UdpSocket::bind("[::1]:0").await.unwrap();
+        let rx4 = quiet("127.0.0.1:0");
+        let rx6 = quiet("[::1]:0");
         let tx4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tx6 = UdpSocket::bind("[::1]:0").await.unwrap();
         let mut b4 = RecvBatch::new(2, 64);
@@ -184,7 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn more_than_a_batch_is_read_over_several_calls_in_order() {
-        let rx = UdpSocket::bind("[::1]:0").await.unwrap();
+        let rx = quiet("[::1]:0");
         let tx = UdpSocket::bind("[::1]:0").await.unwrap();
         let to = rx.local_addr().unwrap();
         for i in 0..10u8 {

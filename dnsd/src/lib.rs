@@ -12,6 +12,7 @@ pub mod handler;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+mod quiet;
 pub mod revocations;
 pub mod server;
 pub mod upstream;

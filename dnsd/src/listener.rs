@@ -17,7 +17,9 @@ use nix::sys::socket::{
     setsockopt, socket, sockopt,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
+
+use crate::quiet::QuietUdp;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -338,8 +340,8 @@ impl StreamSettings {
 const UDP_BATCH: usize = 32;
 
 /// Serves UDP queries on `sock` until `shutdown`; query tasks are tracked by `tasks`.
-pub async fn serve_udp(
-    sock: UdpSocket,
+pub(crate) async fn serve_udp(
+    sock: QuietUdp,
     handler: Arc<Handler>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -372,7 +374,7 @@ pub async fn serve_udp(
 
 /// Answers one datagram, at once when it can (most cache hits), else in a task of its own.
 fn serve_datagram(
-    sock: &Arc<UdpSocket>,
+    sock: &Arc<QuietUdp>,
     handler: &Arc<Handler>,
     tasks: &TaskTracker,
     data: &[u8],
@@ -415,7 +417,7 @@ fn serve_datagram(
 /// Sends an answer now, or gives it back when the socket buffer is full (for
 /// [`answer_when_writable`]). Other errors are logged and the answer dropped, as a lost
 /// datagram would be.
-fn try_answer(sock: &UdpSocket, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+fn try_answer(sock: &QuietUdp, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
     match sock.try_send_to(&resp, peer) {
         Ok(_) => None,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(resp),
@@ -428,7 +430,7 @@ fn try_answer(sock: &UdpSocket, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u
 
 /// Sends an answer once the socket has room. Boxed: rarely needed, and its state would
 /// otherwise enlarge every query's task.
-async fn answer_when_writable(sock: &UdpSocket, resp: &[u8], peer: SocketAddr) {
+async fn answer_when_writable(sock: &QuietUdp, resp: &[u8], peer: SocketAddr) {
     if let Err(e) = Box::pin(sock.send_to(resp, peer)).await {
         tracing::debug!(error = %e, "udp send failed");
     }

@@ -186,9 +186,9 @@ pub async fn run(
     }
 
     for sock in sockets.udp {
-        sock.set_nonblocking(true)
-            .map_err(socket_err("udp socket"))?;
-        let sock = tokio::net::UdpSocket::from_std(sock).map_err(socket_err("udp socket"))?;
+        // Registered with epoll for reading only: write space after every answer would
+        // otherwise wake dnsd once more per query.
+        let sock = crate::quiet::QuietUdp::new(sock).map_err(socket_err("udp socket"))?;
         if let Ok(a) = sock.local_addr() {
             addrs.push(format!("udp://{a}"));
         }

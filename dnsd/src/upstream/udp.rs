@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -20,6 +19,7 @@ use super::message::{
     HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id, unused_id,
 };
 use super::{UpstreamError, by_deadline};
+use crate::quiet::QuietUdp;
 
 /// Receive room beyond the client's advertised payload size, so that an oversized answer is
 /// seen whole (and fails to match) rather than cut.
@@ -61,7 +61,8 @@ pub(crate) struct UdpPool {
 /// One connected socket, its pending queries and its receive task.
 #[derive(Debug)]
 struct Channel {
-    sock: UdpSocket,
+    /// Registered for reading only: write space after every query would wake dnsd.
+    sock: QuietUdp,
     state: Mutex<ChannelState>,
     /// Wakes the receive task to end it once the channel is retired and idle.
     done: Notify,
@@ -188,7 +189,7 @@ impl UdpPool {
 
 /// A new UDP socket on a random ephemeral port (RFC 5452), connected to `addr`: the kernel
 /// drops datagrams from other sources and reports ICMP errors.
-fn connected_socket(addr: SocketAddr) -> Result<UdpSocket, UpstreamError> {
+fn connected_socket(addr: SocketAddr) -> Result<QuietUdp, UpstreamError> {
     let io = |source| UpstreamError::Io {
         addr,
         source: Arc::new(source),
@@ -200,8 +201,7 @@ fn connected_socket(addr: SocketAddr) -> Result<UdpSocket, UpstreamError> {
     };
     let sock = std::net::UdpSocket::bind(local).map_err(io)?;
     sock.connect(addr).map_err(io)?;
-    sock.set_nonblocking(true).map_err(io)?;
-    UdpSocket::from_std(sock).map_err(io)
+    QuietUdp::new(sock).map_err(io)
 }
 
 impl Channel {
