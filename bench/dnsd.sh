@@ -64,7 +64,8 @@
 #   the daemons' logs in $OUT/logs/.
 # Knobs (env): REPS DUR LAT_DUR LAT_QPS LOW_QPS SUT_CPU GEN_CPU NICE QUIET_MAX QUIET_WAIT
 #   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
-#   SKIP_BUILD=1 (use the release binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
+#   BUILD_PROFILE (dist: the shipped build, fat LTO; release builds faster) SKIP_BUILD=1 (use the
+#   BUILD_PROFILE binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
 #   PROFILE=1 (perf record, DWARF call graphs, of dnsd (and fwd) during the first saturation run
 #   of each dnsd variant and workload; $OUT/perf-SYSTEM-WORKLOAD.txt and .data)
 set -euo pipefail
@@ -242,11 +243,12 @@ done
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 T_START=$(date +%s)
 
+BUILD_PROFILE=${BUILD_PROFILE:-dist}
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  log "building (cargo build --release -p dnsd -p fwd -p guardctl)"
-  cargo build --release -q -p dnsd -p fwd -p guardctl
+  log "building (cargo build --profile $BUILD_PROFILE -p dnsd -p fwd -p guardctl)"
+  cargo build --profile "$BUILD_PROFILE" -q -p dnsd -p fwd -p guardctl
 fi
-REL=${CARGO_TARGET_DIR:-$ROOT/target}/release
+REL=${CARGO_TARGET_DIR:-$ROOT/target}/$BUILD_PROFILE
 for b in dnsd fwd guardctl; do [ -x "$REL/$b" ] || { echo "missing $REL/$b" >&2; exit 1; }; done
 
 NS="guard-dnsd-bench-$$"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# guard package: builds the release binaries, generates guardctl's completions and man page and
+# guard package: builds the binaries, generates guardctl's completions and man page and
 # the packaged configurations, and runs `cargo deb` (installed once if missing). Prints the path
 # of the .deb on the last line of stdout. Extra arguments go to `cargo deb` (e.g. --fast).
+# GUARD_PROFILE picks the Cargo profile (default `dist`: fat LTO, the build the benchmarks
+# measure; the packaging test uses `release`, which it has built already).
 #
 # Man pages: guardctl(1) from `guardctl man`, fwd(8) and dnsd(8) from their hidden `--man` flag
 # (all clap_mangen).
@@ -10,14 +12,17 @@ cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 log() { printf 'package: %s\n' "$*" >&2; }
 
-# 1. The binaries. Incremental: an up-to-date release build costs nothing.
-log "building release binaries (fwd, dnsd, guardctl)"
-"$CARGO" build --release --locked -p fwd -p dnsd -p guardctl --bins >&2
+PROFILE=${GUARD_PROFILE:-dist}
 
-# cargo-deb maps `target/release/...` assets onto the real target directory; write there too.
+# 1. The binaries. Incremental: an up-to-date build costs nothing.
+log "building $PROFILE binaries (fwd, dnsd, guardctl)"
+"$CARGO" build --profile "$PROFILE" --locked -p fwd -p dnsd -p guardctl --bins >&2
+
+# cargo-deb maps `target/release/...` assets onto the real target directory of the profile;
+# write there too.
 TARGET_DIR=${CARGO_TARGET_DIR:-$("$CARGO" metadata --format-version 1 --no-deps \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}
-REL="$TARGET_DIR/release"
+REL="$TARGET_DIR/$PROFILE"
 OUT="$REL/guard-package"
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -86,7 +91,7 @@ if ! "$CARGO" deb --version >/dev/null 2>&1; then
   "$CARGO" install cargo-deb --locked >&2
 fi
 log "running cargo deb"
-deb=$("$CARGO" deb -p fwd --no-build --strip "$@" | tail -n 1)
+deb=$("$CARGO" deb -p fwd --profile "$PROFILE" --no-build --strip "$@" | tail -n 1)
 [ -f "$deb" ] || { log "cargo deb did not print a package path (got '$deb')"; exit 1; }
 log "built $deb"
 echo "$deb"
