@@ -49,7 +49,7 @@ bench-fwd: deps
 clean:
 	$(CARGO) clean
 
-## deb: build the Debian package target/debian/guard_*.deb (release build, completions, man page, cargo-deb)
+## deb: build the Debian package target/debian/guard_*.deb (dist build: fat LTO; completions, man pages, cargo-deb)
 .PHONY: deb
 deb: deps
 	./scripts/package.sh

@@ -248,13 +248,14 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building (cargo build --profile $BUILD_PROFILE -p dnsd -p fwd -p guardctl)"
   cargo build --profile "$BUILD_PROFILE" -q -p dnsd -p fwd -p guardctl
 fi
-REL=${CARGO_TARGET_DIR:-$ROOT/target}/$BUILD_PROFILE
+# Cargo's dev profile builds into target/debug; every other profile into target/<profile>.
+REL=${CARGO_TARGET_DIR:-$ROOT/target}/$([ "$BUILD_PROFILE" = dev ] && echo debug || echo "$BUILD_PROFILE")
 for b in dnsd fwd guardctl; do [ -x "$REL/$b" ] || { echo "missing $REL/$b" >&2; exit 1; }; done
 
 NS="guard-dnsd-bench-$$"
 W=$(mktemp -d /tmp/guard-dnsd-bench.XXXXXX)
 mkdir -p "$W"/{pids,log,run,conf,out,kresd,kresd-dot,stubby,bin} "$OUT"
-# A snapshot of the binaries: others may rebuild target/release while the benchmark runs.
+# A snapshot of the binaries: others may rebuild them while the benchmark runs.
 cp -p "$REL"/{dnsd,fwd,guardctl} "$W/bin/"
 BIN=$W/bin
 INNS=(ip netns exec "$NS")

@@ -22,7 +22,8 @@ log "building $PROFILE binaries (fwd, dnsd, guardctl)"
 # write there too.
 TARGET_DIR=${CARGO_TARGET_DIR:-$("$CARGO" metadata --format-version 1 --no-deps \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}
-REL="$TARGET_DIR/$PROFILE"
+# Cargo's dev profile builds into target/debug; every other profile into target/<profile>.
+REL="$TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 OUT="$REL/guard-package"
 rm -rf "$OUT"
 mkdir -p "$OUT"

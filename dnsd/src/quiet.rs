@@ -7,16 +7,19 @@
 //! about one such `EPOLLOUT`-only wake-up for every four queries, each a trip out of idle.
 //!
 //! `QuietUdp` asks only for read readiness (and errors, so that an ICMP error on a connected
-//! socket reaches the reader), and sends straight away. A send that would block (a full send
-//! buffer) registers a duplicate of the descriptor for write readiness, only until that send
-//! goes through.
+//! socket reaches the reader), and sends straight away. While sends would block (a full send
+//! buffer), a duplicate of the descriptor is registered for write readiness, shared by every
+//! send that waits, and given up when the last of them is through.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 #[cfg(test)]
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
+use guard_proto::register_with_interest;
+use parking_lot::Mutex;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -24,34 +27,35 @@ use tokio::io::unix::AsyncFd;
 /// reported as `EPOLLERR` alone, which tokio files under write readiness).
 const READ: Interest = Interest::READABLE.add(Interest::ERROR);
 
-/// A UDP socket registered for reading only (see the module documentation).
+/// A socket registered for reading only (see the module documentation).
 #[derive(Debug)]
-pub(crate) struct QuietUdp {
-    io: AsyncFd<UdpSocket>,
+pub(crate) struct Quiet<S: AsRawFd> {
+    io: AsyncFd<S>,
+    /// The write registration (of a duplicate descriptor) while sends wait for room.
+    waiting: Mutex<Option<Arc<AsyncFd<S>>>>,
 }
 
-/// Registers `sock` with tokio for `interest` alone.
-///
-/// tokio 1.54 deprecated this safe constructor because an `AsyncFd` over a type that closes
-/// or replaces its descriptor while registered would break I/O safety; the replacement is
-/// `unsafe`. A `UdpSocket` owns its descriptor, and the `AsyncFd` owns the socket until it
-/// is dropped, deregistering first.
-#[allow(deprecated)]
-fn register(sock: UdpSocket, interest: Interest) -> io::Result<AsyncFd<UdpSocket>> {
-    AsyncFd::with_interest(sock, interest)
+/// A UDP socket registered for reading only.
+pub(crate) type QuietUdp = Quiet<UdpSocket>;
+
+/// A socket that can be duplicated (a second descriptor for the same socket).
+pub(crate) trait Dup: AsRawFd + Sized {
+    fn dup(&self) -> io::Result<Self>;
 }
 
-impl QuietUdp {
-    /// Takes over `sock` (made non-blocking).
-    pub(crate) fn new(sock: UdpSocket) -> io::Result<Self> {
-        sock.set_nonblocking(true)?;
-        Ok(QuietUdp {
-            io: register(sock, READ)?,
-        })
+impl Dup for UdpSocket {
+    fn dup(&self) -> io::Result<Self> {
+        self.try_clone()
     }
+}
 
-    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().local_addr()
+impl<S: Dup> Quiet<S> {
+    /// Takes over `sock`, which must be non-blocking.
+    fn register(sock: S) -> io::Result<Self> {
+        Ok(Quiet {
+            io: register_with_interest(sock, READ)?,
+            waiting: Mutex::new(None),
+        })
     }
 
     #[cfg(test)]
@@ -63,7 +67,7 @@ impl QuietUdp {
     /// non-blocking read, until it does not report `WouldBlock`.
     pub(crate) async fn read_with<R>(
         &self,
-        mut read: impl FnMut(&UdpSocket) -> io::Result<R>,
+        mut read: impl FnMut(&S) -> io::Result<R>,
     ) -> io::Result<R> {
         loop {
             let mut ready = self.io.ready(READ).await?;
@@ -74,6 +78,79 @@ impl QuietUdp {
                 Err(_would_block) => {}
             }
         }
+    }
+
+    /// Runs `write`, a non-blocking write, until it does not report `WouldBlock`. Write
+    /// readiness is asked for only after a write would block, through the shared write
+    /// registration; registering reports room that appeared since the write failed, so no
+    /// wake-up is lost.
+    async fn write_with<R>(&self, mut write: impl FnMut(&S) -> io::Result<R>) -> io::Result<R> {
+        loop {
+            match write(self.io.get_ref()) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                other => return other,
+            }
+        }
+        let waiting = Waiting::join(self)?;
+        loop {
+            let mut ready = waiting.fd.writable().await?;
+            match ready.try_io(|s| write(s.get_ref())) {
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(result) => return result,
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+/// One send's share of the write registration; the last one to go (done or cancelled) gives
+/// the registration up.
+struct Waiting<'a, S: AsRawFd> {
+    quiet: &'a Quiet<S>,
+    fd: Arc<AsyncFd<S>>,
+}
+
+impl<'a, S: Dup> Waiting<'a, S> {
+    fn join(quiet: &'a Quiet<S>) -> io::Result<Self> {
+        let mut slot = quiet.waiting.lock();
+        let fd = match &*slot {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd = Arc::new(register_with_interest(
+                    quiet.io.get_ref().dup()?,
+                    Interest::WRITABLE,
+                )?);
+                *slot = Some(fd.clone());
+                fd
+            }
+        };
+        Ok(Waiting { quiet, fd })
+    }
+}
+
+impl<S: AsRawFd> Drop for Waiting<'_, S> {
+    fn drop(&mut self) {
+        let mut slot = self.quiet.waiting.lock();
+        // Two references left: the slot's and this one.
+        if slot
+            .as_ref()
+            .is_some_and(|fd| Arc::ptr_eq(fd, &self.fd) && Arc::strong_count(fd) == 2)
+        {
+            *slot = None;
+        }
+    }
+}
+
+impl QuietUdp {
+    /// Takes over `sock` (made non-blocking).
+    pub(crate) fn new(sock: UdpSocket) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        Self::register(sock)
+    }
+
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.get_ref().local_addr()
     }
 
     /// Receives one datagram (a connected socket).
@@ -94,48 +171,6 @@ impl QuietUdp {
     /// Sends one datagram to `peer`, waiting for room if the buffer is full.
     pub(crate) async fn send_to(&self, buf: &[u8], peer: SocketAddr) -> io::Result<usize> {
         self.write_with(|s| s.send_to(buf, peer)).await
-    }
-
-    async fn write_with<R>(&self, write: impl FnMut(&UdpSocket) -> io::Result<R>) -> io::Result<R> {
-        write_with(&self.io, write).await
-    }
-}
-
-/// A socket that can be duplicated (a second descriptor for the same socket).
-trait Dup: AsRawFd + Sized {
-    fn dup(&self) -> io::Result<Self>;
-}
-
-impl Dup for UdpSocket {
-    fn dup(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-}
-
-/// Runs `write`, a non-blocking write on `io`'s socket, until it does not report
-/// `WouldBlock`. Write readiness is asked for only after a write would block: on a duplicate
-/// descriptor, given up with it once the write is through. Registering reports room that
-/// appeared since the write failed, so no wake-up is lost.
-async fn write_with<S: Dup, R>(
-    io: &AsyncFd<S>,
-    mut write: impl FnMut(&S) -> io::Result<R>,
-) -> io::Result<R> {
-    loop {
-        match write(io.get_ref()) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            other => return other,
-        }
-    }
-    #[allow(deprecated)] // see `register`
-    let waiting = AsyncFd::with_interest(io.get_ref().dup()?, Interest::WRITABLE)?;
-    loop {
-        let mut ready = waiting.writable().await?;
-        match ready.try_io(|s| write(s.get_ref())) {
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(result) => return result,
-            Err(_would_block) => {}
-        }
     }
 }
 
@@ -238,8 +273,7 @@ mod tests {
         // a Unix datagram pair, whose sender blocks while the receiver's queue is full.
         let (tx, rx) = std::os::unix::net::UnixDatagram::pair().unwrap();
         tx.set_nonblocking(true).unwrap();
-        #[allow(deprecated)]
-        let tx = AsyncFd::with_interest(tx, READ).unwrap();
+        let tx = Quiet::register(tx).unwrap();
         let rx = tokio::net::UnixDatagram::from_std({
             rx.set_nonblocking(true).unwrap();
             rx
@@ -249,35 +283,51 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 64];
-            while got.len() < count as usize {
+            while got.len() < 2 * count as usize {
                 let n = rx.recv(&mut buf).await.unwrap();
                 got.push(u32::from_be_bytes(buf[..n].try_into().unwrap()));
             }
             got
         });
-        let mut blocked = 0;
-        for i in 0..count {
-            let n = write_with(&tx, |s| {
+        let blocked = &std::cell::Cell::new(0);
+        let tx = &tx;
+        let send = move |i: u32| {
+            tx.write_with(move |s| {
                 let r = s.send(&i.to_be_bytes());
                 if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    blocked += 1;
+                    blocked.set(blocked.get() + 1);
                 }
                 r
             })
-            .await
-            .unwrap();
-            assert_eq!(n, 4);
+        };
+        // One sender, then two at once (sharing one write registration).
+        for i in 0..count {
+            assert_eq!(send(i).await.unwrap(), 4);
         }
+        let half = |from: u32| async move {
+            for i in from..from + count / 2 {
+                assert_eq!(send(i).await.unwrap(), 4);
+            }
+        };
+        tokio::join!(half(count), half(count + count / 2));
         assert!(
-            blocked > 0,
+            blocked.get() > 0,
             "the receiver's queue never filled: the test proves nothing"
         );
-        assert_reads_only(tx.as_raw_fd());
-        assert_eq!(
-            reader.await.unwrap(),
-            (0..count).collect::<Vec<_>>(),
-            "all, in order"
+        assert!(
+            tx.waiting.lock().is_none(),
+            "the write registration was given up"
         );
+        assert_reads_only(tx.as_raw_fd());
+        let got = reader.await.unwrap();
+        assert_eq!(
+            got[..count as usize],
+            (0..count).collect::<Vec<_>>(),
+            "in order"
+        );
+        let mut rest = got[count as usize..].to_vec();
+        rest.sort_unstable();
+        assert_eq!(rest, (count..2 * count).collect::<Vec<_>>(), "all of them");
     }
 
     #[tokio::test]

@@ -14,6 +14,12 @@
 //! body task's frames land in the same buffer, and the lot leaves in one `write`. A flush
 //! that finds the buffer empty costs nothing, and a second flush in a row writes at once, so
 //! nothing is held longer than one turn of the scheduler.
+//!
+//! The yield is made only on a current-thread runtime (dnsd with `threads = 1`), where the
+//! ready tasks run in order on the one thread. On a multi-thread runtime a task that wakes
+//! itself makes tokio wake an idle worker, which may take the connection task and run it
+//! beside the body task: a thread wake-up for nothing, and no sure gain. There `Gather`
+//! writes at each flush, and a call takes two writes (`Prompt` still saves the third).
 
 use std::io;
 use std::pin::Pin;
@@ -22,8 +28,9 @@ use std::task::{Context, Poll, ready};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Buffered octets beyond which a write first sends what is held (a large message is not
-/// copied whole before it starts to leave).
+/// Buffered octets beyond which a write first sends what is held, so that the buffer does
+/// not keep growing while writes come faster than flushes. (One write larger than this is
+/// still copied whole; h2 hands over frames of at most 16 KiB.)
 const HOLD_MAX: usize = 64 * 1024;
 
 /// Wraps a stream: reads pass through, writes are gathered until a flush (see the module
@@ -36,15 +43,20 @@ pub(crate) struct Gather<T> {
     sent: usize,
     /// A flush has already yielded once for what `buf` holds.
     yielded: bool,
+    /// Whether a flush yields first: only on a current-thread runtime (module documentation).
+    yield_first: bool,
 }
 
 impl<T> Gather<T> {
     pub(crate) fn new(inner: T) -> Self {
+        let yield_first = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         Gather {
             inner,
             buf: Vec::new(),
             sent: 0,
             yielded: false,
+            yield_first,
         }
     }
 }
@@ -117,7 +129,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Gather<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.buf.len() > me.sent && !me.yielded {
+        if me.yield_first && me.buf.len() > me.sent && !me.yielded {
             // Let the tasks that were woken with this one (the request body's) add their
             // frames first; this task runs again right after them.
             me.yielded = true;
@@ -180,7 +192,10 @@ impl<B: Body + Unpin> Body for Prompt<B> {
                 }
             },
         };
-        if frame.is_ok() {
+        if frame.is_err() {
+            // Nothing is read after an error.
+            me.ended = true;
+        } else {
             // Look ahead once: if the body is over now, say so with this frame.
             match Pin::new(&mut me.inner).poll_frame(cx) {
                 Poll::Ready(None) => me.ended = true,
@@ -293,6 +308,25 @@ mod tests {
         .unwrap();
         assert_eq!(polls, 1);
         assert_eq!(rec.writes().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_thread_runtime_a_flush_writes_at_once() {
+        let rec = Recorder::default();
+        let mut g = Gather::new(rec.clone());
+        g.write_all(b"headers").await.unwrap();
+        let mut polls = 0;
+        poll_fn(|cx| {
+            polls += 1;
+            Pin::new(&mut g).poll_flush(cx)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            polls, 1,
+            "no yield: it could wake another worker for nothing"
+        );
+        assert_eq!(rec.writes(), vec![b"headers".to_vec()]);
     }
 
     #[tokio::test]

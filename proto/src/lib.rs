@@ -20,6 +20,7 @@ mod gather;
 mod unix_io;
 
 pub use channel::UnixChannel;
+pub use unix_io::register_with_interest;
 
 use std::path::{Path, PathBuf};
 

@@ -27,15 +27,19 @@ pub(crate) struct UnixIo {
     write: Option<AsyncFd<UnixStream>>,
 }
 
-/// Registers `stream` with tokio for `interest` alone.
+/// Registers `io` with tokio for `interest` alone (dnsd's UDP sockets use it too).
 ///
 /// tokio 1.54 deprecated this safe constructor because an `AsyncFd` over a type that closes
 /// or replaces its descriptor while registered would break I/O safety, and its replacement
-/// is `unsafe` (this crate forbids `unsafe`). A `UnixStream` owns its descriptor, and the
-/// `AsyncFd` owns the stream until it is dropped, deregistering first.
+/// is `unsafe` (this crate forbids `unsafe`). Callers pass sockets that own their
+/// descriptor (`UnixStream`, `UdpSocket`); the `AsyncFd` owns the socket until it is
+/// dropped, deregistering first.
 #[allow(deprecated)]
-fn register(stream: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
-    AsyncFd::with_interest(stream, interest)
+pub fn register_with_interest<T: std::os::fd::AsRawFd>(
+    io: T,
+    interest: Interest,
+) -> io::Result<AsyncFd<T>> {
+    AsyncFd::with_interest(io, interest)
 }
 
 impl UnixIo {
@@ -44,7 +48,7 @@ impl UnixIo {
         // into_std leaves the socket non-blocking.
         let std = stream.into_std()?;
         Ok(UnixIo {
-            read: register(std, Interest::READABLE)?,
+            read: register_with_interest(std, Interest::READABLE)?,
             write: None,
         })
     }
@@ -90,7 +94,7 @@ impl AsyncWrite for UnixIo {
                         // Registering reports readiness that arrived since the write
                         // failed, so no wake-up is lost.
                         let dup = me.read.get_ref().try_clone()?;
-                        me.write = Some(register(dup, Interest::WRITABLE)?);
+                        me.write = Some(register_with_interest(dup, Interest::WRITABLE)?);
                         continue;
                     }
                     Err(e) => return Poll::Ready(Err(e)),

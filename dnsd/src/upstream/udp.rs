@@ -112,7 +112,7 @@ impl UdpPool {
         let chan = self.channel()?;
         let (tx, rx) = oneshot::channel();
         let Some((id, seq)) = chan.register(question, prepared.wire(), tx) else {
-            // This socket is saturated: a socket of its own for this query.
+            // This socket is saturated (or retired): a socket of its own for this query.
             return exchange_alone(self.addr, prepared, deadline, &self.health).await;
         };
         let _pending = Registration {
@@ -125,7 +125,15 @@ impl UdpPool {
         // One timer for the send (which waits only when the socket buffer is full) and the
         // answer: the only bound on this exchange.
         let sent_and_answered = async {
-            chan.sock.send(&wire).await.map_err(refused_or(self.addr))?;
+            if let Err(e) = chan.sock.send(&wire).await {
+                let err = refused_or(self.addr)(e);
+                // The send took the socket's pending ICMP error, which the receive task
+                // would otherwise have reported to every query on this socket.
+                if matches!(err, UpstreamError::Connect { .. }) {
+                    chan.fail_all(&err);
+                }
+                return Err(err);
+            }
             rx.await.unwrap_or_else(|_| {
                 Err(UpstreamError::Io {
                     addr: self.addr,
@@ -205,7 +213,8 @@ fn connected_socket(addr: SocketAddr) -> Result<QuietUdp, UpstreamError> {
 }
 
 impl Channel {
-    /// Registers a query under a random free ID; `None` when the socket is saturated.
+    /// Registers a query under a random free ID; `None` when the socket is saturated or
+    /// retired.
     fn register(
         &self,
         question: &[u8],
@@ -213,7 +222,9 @@ impl Channel {
         tx: oneshot::Sender<Reply>,
     ) -> Option<(u16, u64)> {
         let mut st = self.state.lock();
-        if st.pending.len() >= MAX_PENDING {
+        // A retired channel takes no new query: its receive task may already have ended (after
+        // an error, or once the last pending query was done), and nobody would read the answer.
+        if st.retired || st.pending.len() >= MAX_PENDING {
             return None;
         }
         let id = unused_id(&st.pending);
@@ -499,6 +510,54 @@ mod tests {
         let err = ups.query(&query("a.example.", 1)).await.unwrap_err();
         assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn queries_in_flight_to_a_closed_port_all_fail_fast() {
+        // Sent together, most of them are registered before the ICMP error comes back: the
+        // receive task (or the send that takes the error) fails them all at once instead of
+        // leaving them to their 1-second attempt timeout.
+        let addr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let ups = Upstreams::new(&config(vec![format!("udp://{addr}")])).unwrap();
+        let started = Instant::now();
+        let queries: Vec<_> = (0..32u16)
+            .map(|i| {
+                let ups = ups.clone();
+                tokio::spawn(async move { ups.query(&query(&format!("q{i}.example."), i)).await })
+            })
+            .collect();
+        for q in queries {
+            let err = q.await.unwrap().unwrap_err();
+            assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
+        }
+        assert!(started.elapsed() < Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn a_retired_channel_takes_no_new_query() {
+        let server = udp_server().await;
+        let addr: SocketAddr = server
+            .udp_url()
+            .trim_start_matches("udp://")
+            .parse()
+            .unwrap();
+        let chan = Channel {
+            sock: connected_socket(addr).unwrap(),
+            state: Mutex::new(ChannelState::default()),
+            done: Notify::new(),
+        };
+        let wire = [0u8; HEADER_LEN];
+        let (tx, _rx) = oneshot::channel();
+        assert!(chan.register(b"q", &wire, tx).is_some());
+        chan.retire();
+        let (tx, _rx) = oneshot::channel();
+        assert!(
+            chan.register(b"q", &wire, tx).is_none(),
+            "its receive task may be gone: nobody would read the answer"
+        );
     }
 
     #[tokio::test]
