@@ -181,53 +181,9 @@ mod tests {
     use std::future::Future;
     use std::time::Duration;
 
+    use guard_proto::test_util::{EPOLLOUT, assert_reads_only, registrations};
+
     use super::*;
-
-    /// The epoll events registered for descriptor `fd` in any epoll instance of this
-    /// process (from /proc/self/fdinfo).
-    pub(crate) fn registrations(fd: RawFd) -> Vec<u32> {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-            let Ok(target) = std::fs::read_link(entry.path()) else {
-                continue;
-            };
-            if target.to_string_lossy() != "anon_inode:[eventpoll]" {
-                continue;
-            }
-            let info = std::fs::read_to_string(format!(
-                "/proc/self/fdinfo/{}",
-                entry.file_name().to_string_lossy()
-            ))
-            .unwrap_or_default();
-            for line in info.lines() {
-                // "tfd:        9 events: 8000201d data: ..."
-                let mut words = line.split_whitespace();
-                if words.next() != Some("tfd:") || words.next() != Some(&fd.to_string()) {
-                    continue;
-                }
-                if words.next() == Some("events:")
-                    && let Some(ev) = words.next().and_then(|h| u32::from_str_radix(h, 16).ok())
-                {
-                    found.push(ev);
-                }
-            }
-        }
-        found
-    }
-
-    const EPOLLIN: u32 = 0x1;
-    const EPOLLOUT: u32 = 0x4;
-
-    /// `fd` is registered, and never for write readiness. (Another test's runtime may still
-    /// hold a stale entry under the same number, so every entry found is checked.)
-    pub(crate) fn assert_reads_only(fd: RawFd) {
-        let regs = registrations(fd);
-        assert!(!regs.is_empty(), "fd {fd} is not registered");
-        assert!(
-            regs.iter().all(|e| e & (EPOLLIN | EPOLLOUT) == EPOLLIN),
-            "{regs:x?}"
-        );
-    }
 
     fn bound(addr: &str) -> QuietUdp {
         QuietUdp::new(UdpSocket::bind(addr).unwrap()).unwrap()

@@ -276,6 +276,18 @@ mod tests {
         }
     }
 
+    /// Flushes `g`; returns how many polls the flush took.
+    async fn flush_counting_polls<T: AsyncWrite + Unpin>(g: &mut Gather<T>) -> usize {
+        let mut polls = 0;
+        poll_fn(|cx| {
+            polls += 1;
+            Pin::new(&mut *g).poll_flush(cx)
+        })
+        .await
+        .unwrap();
+        polls
+    }
+
     #[tokio::test]
     async fn writes_before_a_flush_leave_in_one_write() {
         let rec = Recorder::default();
@@ -288,24 +300,12 @@ mod tests {
         assert_eq!(n, 5, "a gathering write takes every slice");
         assert!(rec.writes().is_empty(), "nothing leaves before the flush");
         // The first poll of the flush yields once (and wakes itself); the second writes.
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut g).poll_flush(cx)
-        })
-        .await
-        .unwrap();
+        let polls = flush_counting_polls(&mut g).await;
         assert_eq!(polls, 2);
         assert_eq!(rec.writes(), vec![b"headers-data".to_vec()]);
         assert_eq!(*rec.flushes.lock().unwrap(), 1);
         // An empty flush goes straight through, without a yield or a write.
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut g).poll_flush(cx)
-        })
-        .await
-        .unwrap();
+        let polls = flush_counting_polls(&mut g).await;
         assert_eq!(polls, 1);
         assert_eq!(rec.writes().len(), 1);
     }
@@ -315,13 +315,7 @@ mod tests {
         let rec = Recorder::default();
         let mut g = Gather::new(rec.clone());
         g.write_all(b"headers").await.unwrap();
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut g).poll_flush(cx)
-        })
-        .await
-        .unwrap();
+        let polls = flush_counting_polls(&mut g).await;
         assert_eq!(
             polls, 1,
             "no yield: it could wake another worker for nothing"

@@ -19,6 +19,11 @@ mod channel;
 mod gather;
 mod unix_io;
 
+/// Test helpers for the crates that use this one (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod test_util;
+
 pub use channel::UnixChannel;
 pub use unix_io::register_with_interest;
 
