@@ -28,10 +28,11 @@ struct QueryLabels {
     rcode: &'static str,
 }
 
-/// Labels of per-upstream series.
+/// Labels of per-upstream series. The name is shared (`Arc`): the latency of every answered
+/// miss is observed under it, and a `String` cost an allocation and a copy per miss.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
-    upstream: String,
+    upstream: Arc<str>,
 }
 
 /// Labels of per-upstream error series.
@@ -331,10 +332,10 @@ impl Metrics {
     }
 
     /// Records one upstream answer's latency.
-    pub fn upstream_latency(&self, upstream: &str, latency: Duration) {
+    pub fn upstream_latency(&self, upstream: &Arc<str>, latency: Duration) {
         self.upstream_latency
             .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_owned(),
+                upstream: Arc::clone(upstream),
             })
             .observe(latency.as_secs_f64());
     }
@@ -511,7 +512,7 @@ mod tests {
         m.answered(None, ResponseCode::FormErr);
         m.cache_hit();
         m.cache_miss();
-        m.upstream_latency("udp://127.0.0.1:53", Duration::from_millis(3));
+        m.upstream_latency(&Arc::from("udp://127.0.0.1:53"), Duration::from_millis(3));
         m.upstream_error("udp://127.0.0.1:53", "timeout");
         m.authorize(Duration::from_millis(1), None);
         m.authorize(Duration::from_millis(1), Some("unavailable"));

@@ -403,6 +403,7 @@ impl Upstreams {
     fn order(&self, now: Instant) -> Vec<usize> {
         let inner = &self.inner;
         let n = inner.upstreams.len();
+        // The strategy's order; the one vector that is returned.
         let base: Vec<usize> = match inner.strategy {
             Strategy::Failover => (0..n).collect(),
             Strategy::RoundRobin => {
@@ -425,27 +426,36 @@ impl Upstreams {
                 v
             }
         };
-        let mut first = Vec::with_capacity(n);
-        let mut retry = Vec::new();
-        let mut down = Vec::new();
-        for i in base {
-            let Some(up) = inner.upstreams.get(i) else {
+        // Up first, then those waiting for a probe, then the down ones, each group in the
+        // strategy's order. Every upstream's state is read once (reading it may start a probe),
+        // and the ranks sit on the stack for the usual few upstreams: this runs per miss.
+        let mut small = [0u8; 8];
+        let mut large = Vec::new();
+        let ranks: &mut [u8] = if n <= small.len() {
+            &mut small
+        } else {
+            large.resize(n, 0);
+            &mut large
+        };
+        for &i in &base {
+            let (Some(up), Some(rank)) = (inner.upstreams.get(i), ranks.get_mut(i)) else {
                 continue;
             };
-            match up.health.state(now) {
-                State::Up => first.push(i),
+            *rank = match up.health.state(now) {
+                State::Up => 0,
                 State::Retry if inner.health_check => {
                     self.spawn_probe(i);
-                    retry.push(i);
+                    1
                 }
                 // Without health checks a client query is the probe.
-                State::Retry => first.push(i),
-                State::Down => down.push(i),
-            }
+                State::Retry => 0,
+                State::Down => 2,
+            };
         }
-        first.extend(retry);
-        first.extend(down);
-        first
+        let mut order = base;
+        // Stable, with keys fixed above: the strategy's order holds within each group.
+        order.sort_by_key(|&i| ranks.get(i).copied().unwrap_or(u8::MAX));
+        order
     }
 
     /// Probes a down upstream whose back-off ended with `. IN NS`, at most one at a time.
@@ -571,6 +581,50 @@ mod tests {
     fn closed_tcp_port() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn down_upstreams_go_last_in_the_strategys_order() {
+        // Nothing listens: `order` only reads the upstreams' health.
+        let urls: Vec<String> = (0..10)
+            .map(|i| format!("udp://127.0.0.1:{}", 9 + i))
+            .collect();
+        let cfg = UpstreamConfig {
+            max_failures: 1,
+            backoff_initial: Duration::from_secs(60),
+            ..config(urls.clone())
+        };
+        let ups = Upstreams::new(&cfg).unwrap();
+        let now = Instant::now();
+        let down = |i: usize| ups.inner.upstreams[i].health.on_failure("test", None, now);
+        down(0);
+        down(2);
+        assert_eq!(ups.order(now), vec![1, 3, 4, 5, 6, 7, 8, 9, 0, 2]);
+        // More upstreams than the ranks kept on the stack: the same order.
+        let many: Vec<String> = (0..12)
+            .map(|i| format!("udp://127.0.0.1:{}", 9 + i))
+            .collect();
+        let ups = Upstreams::new(&UpstreamConfig {
+            max_failures: 1,
+            backoff_initial: Duration::from_secs(60),
+            ..config(many)
+        })
+        .unwrap();
+        for i in [0, 5, 11] {
+            ups.inner.upstreams[i].health.on_failure("test", None, now);
+        }
+        assert_eq!(ups.order(now), vec![1, 2, 3, 4, 6, 7, 8, 9, 10, 0, 5, 11]);
+        // Round robin: rotated, the down one still last.
+        let ups = Upstreams::new(&UpstreamConfig {
+            strategy: Strategy::RoundRobin,
+            max_failures: 1,
+            backoff_initial: Duration::from_secs(60),
+            ..config(urls[..3].to_vec())
+        })
+        .unwrap();
+        ups.inner.upstreams[1].health.on_failure("test", None, now);
+        let orders: Vec<Vec<usize>> = (0..3).map(|_| ups.order(now)).collect();
+        assert_eq!(orders, vec![vec![0, 2, 1], vec![2, 0, 1], vec![2, 0, 1]]);
     }
 
     #[tokio::test]
