@@ -18,8 +18,6 @@ use nix::sys::socket::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-use crate::quiet::QuietUdp;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -29,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::batch::RecvBatch;
 use crate::config::{Config, ListenConfig, TlsListenConfig};
 use crate::handler::{Early, Handler, Transport};
+use crate::quiet::QuietUdp;
 
 /// Why sockets could not be set up.
 #[derive(Debug, thiserror::Error)]

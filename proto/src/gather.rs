@@ -102,10 +102,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Gather<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let me = self.get_mut();
-        ready!(me.poll_room(cx))?;
-        me.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
