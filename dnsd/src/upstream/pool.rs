@@ -2,7 +2,6 @@
 //! queries in flight per connection, IDs rewritten per connection, idle close, and retry of
 //! in-flight queries when a connection dies.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +15,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::message::{HEADER_LEN, id_of, set_id, unused_id};
+use super::message::{HEADER_LEN, IdMap, id_of, set_id, unused_id};
 use super::tcp::{self, frame, read_frame};
 use super::tls::{self, HandshakeStats};
 use super::{UpstreamError, by_deadline};
@@ -287,7 +286,7 @@ struct Shared {
 struct ConnState {
     /// In-flight queries by the ID used on this connection; the sequence number tells a
     /// query's own entry from a later one that reused its ID.
-    pending: HashMap<u16, (u64, oneshot::Sender<Reply>)>,
+    pending: IdMap<(u64, oneshot::Sender<Reply>)>,
     next_seq: u64,
     closed: bool,
     last_activity: Instant,
@@ -381,7 +380,7 @@ impl Shared {
         Self {
             addr,
             state: Mutex::new(ConnState {
-                pending: HashMap::new(),
+                pending: IdMap::default(),
                 next_seq: 0,
                 closed: false,
                 last_activity: now,

@@ -5,7 +5,6 @@
 //! cut a query short. A socket is replaced after [`RETIRE_AFTER`] queries, so that the source
 //! port keeps changing (RFC 5452) without paying a socket per query.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +15,8 @@ use tokio::time::Instant;
 
 use super::health::Health;
 use super::message::{
-    HEADER_LEN, Prepared, id_of, is_truncated, records_framed, response_matches, set_id, unused_id,
+    HEADER_LEN, IdMap, Prepared, id_of, is_truncated, records_framed, response_matches, set_id,
+    unused_id,
 };
 use super::{UpstreamError, by_deadline};
 use crate::quiet::QuietUdp;
@@ -72,7 +72,7 @@ struct Channel {
 struct ChannelState {
     /// In-flight queries by ID; the sequence number tells a query's own entry from a later
     /// one that reused its ID.
-    pending: HashMap<u16, Waiter>,
+    pending: IdMap<Waiter>,
     next_seq: u64,
     /// Queries sent so far.
     sent: u64,
