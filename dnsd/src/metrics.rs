@@ -53,6 +53,9 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// Most upstream latency series kept for lookup by label address (see `latency_series`).
+const LATENCY_SERIES_MAX: usize = 64;
+
 /// Every metric dnsd exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -65,6 +68,12 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    /// The `upstream_latency` series already created, by the address of the upstream's label
+    /// (each upstream keeps one `Arc<str>` for its life): observing a miss's latency is then a
+    /// pointer comparison per upstream, instead of hashing the label (about 1 % of dnsd's
+    /// instructions per miss). Cleared when it reaches [`LATENCY_SERIES_MAX`], which only
+    /// reloads that replace the upstreams again and again can do.
+    latency_series: parking_lot::RwLock<Vec<(Arc<str>, Histogram)>>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     authorize_latency: Histogram,
     authorize_failures: Family<ReasonLabels, Counter>,
@@ -273,6 +282,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             upstream_latency,
+            latency_series: parking_lot::RwLock::new(Vec::new()),
             upstream_errors,
             authorize_latency,
             authorize_failures,
@@ -333,11 +343,28 @@ impl Metrics {
 
     /// Records one upstream answer's latency.
     pub fn upstream_latency(&self, upstream: &Arc<str>, latency: Duration) {
-        self.upstream_latency
+        let seconds = latency.as_secs_f64();
+        if let Some((_, h)) = self
+            .latency_series
+            .read()
+            .iter()
+            .find(|(label, _)| Arc::ptr_eq(label, upstream))
+        {
+            h.observe(seconds);
+            return;
+        }
+        let h = self
+            .upstream_latency
             .get_or_create(&UpstreamLabels {
                 upstream: Arc::clone(upstream),
             })
-            .observe(latency.as_secs_f64());
+            .clone();
+        h.observe(seconds);
+        let mut series = self.latency_series.write();
+        if series.len() >= LATENCY_SERIES_MAX {
+            series.clear();
+        }
+        series.push((Arc::clone(upstream), h));
     }
 
     /// Counts one upstream failure.
@@ -502,6 +529,38 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    /// Latency series found by label address count into the family's series, the same one
+    /// for equal labels held in different `Arc`s, and none is lost when the lookup list is
+    /// cleared.
+    #[test]
+    fn upstream_latency_series_by_label_address() {
+        let m = Metrics::new();
+        let a: Arc<str> = Arc::from("udp://192.0.2.1:53");
+        let same_text: Arc<str> = Arc::from("udp://192.0.2.1:53");
+        let b: Arc<str> = Arc::from("tls://192.0.2.2:853");
+        m.upstream_latency(&a, Duration::from_millis(1));
+        m.upstream_latency(&a, Duration::from_millis(1));
+        m.upstream_latency(&same_text, Duration::from_millis(1));
+        m.upstream_latency(&b, Duration::from_millis(1));
+        // More distinct labels than the lookup list keeps, then `a` once more.
+        let others: Vec<Arc<str>> = (0..LATENCY_SERIES_MAX)
+            .map(|i| Arc::from(format!("udp://198.51.100.{i}:53")))
+            .collect();
+        for o in &others {
+            m.upstream_latency(o, Duration::from_millis(1));
+        }
+        assert!(m.latency_series.read().len() <= LATENCY_SERIES_MAX);
+        m.upstream_latency(&a, Duration::from_millis(1));
+        let text = m.encode();
+        for want in [
+            "dnsd_upstream_latency_seconds_count{upstream=\"udp://192.0.2.1:53\"} 4",
+            "dnsd_upstream_latency_seconds_count{upstream=\"tls://192.0.2.2:853\"} 1",
+            "dnsd_upstream_latency_seconds_count{upstream=\"udp://198.51.100.0:53\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in:\n{text}");
+        }
+    }
 
     #[test]
     fn counters_and_text() {
