@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Counts the user-space instructions dnsd spends per UDP cache miss, under valgrind's callgrind,
-# for two dnsd binaries in one run, and prints the ratio. Instruction counts do not move with
-# other load on the machine, so a change of a few percent shows, where qps on this shared
-# 2-core box moves by 10-15 % between identical runs (bench/dnsd.sh measures the qps).
+# Counts the user-space instructions dnsd spends per UDP cache miss (or hit: WORKLOAD=hit),
+# under valgrind's callgrind, for two dnsd binaries in one run, and prints the ratio.
+# Instruction counts do not move with other load on the machine, so a change of a few percent
+# shows, where qps on this shared 2-core box moves by 10-15 % between identical runs
+# (bench/dnsd.sh measures the qps).
 #
 # Usage: bench/miss-instructions.sh [BASE_DNSD [NEW_DNSD]]   (run as root: network namespace)
 #   BASE_DNSD defaults to target/release/dnsd; with no NEW_DNSD only BASE is counted.
@@ -12,13 +13,21 @@
 #   2,000 entries so that every insert also evicts, as under a long miss run). dnsperf sends
 #   WARM warm-up misses, the counters are zeroed, then N unique names (each a miss) at QPS
 #   queries per second, one query per wake-up; the counters are dumped after the last answer.
+#   WORKLOAD=hit counts cache hits instead: the warm-up asks 1,000 names once, and the measured
+#   N queries ask the same names over and over (every one a hit, answered without a task).
 # Knobs (env): N (10000) QPS (400) WARM (3000) OUT (keep the callgrind files in this directory)
+#   WORKLOAD (miss | hit)
 # Needs: valgrind, nsd, dnsperf, dig, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-${CARGO_TARGET_DIR:-target}/release/dnsd}
 NEW=${2:-}
-N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}
+N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}; WORKLOAD=${WORKLOAD:-miss}
+case $WORKLOAD in
+  miss) ;;
+  hit) WARM=1000 ;;
+  *) echo "WORKLOAD must be miss or hit" >&2; exit 2 ;;
+esac
 [ "$(id -u)" = 0 ] || { echo "bench/miss-instructions.sh must run as root (network namespace)" >&2; exit 1; }
 for c in valgrind callgrind_control nsd dnsperf dig python3; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install valgrind nsd dnsperf bind9-dnsutils python3)" >&2; exit 1; }
@@ -46,6 +55,7 @@ open(f"{w}/zone", "w").write("$ORIGIN bench.test.\n$TTL 300\n@ SOA ns hostmaster
                              "@ NS ns\nns A 127.0.0.1\nready A 127.0.0.2\n*.w A 192.0.2.1\n")
 open(f"{w}/warm", "w").write("".join(f"warm{i}.w.bench.test A\n" for i in range(warm)))
 PY
+[ "$WORKLOAD" = hit ] && cp "$W/warm" "$W/hit-names"
 cat >"$W/nsd.conf" <<EOF
 server:
   ip-address: 127.0.0.1@5300
@@ -85,13 +95,18 @@ EOF
 ip netns exec "$NS" nsd -d -c "$W/nsd.conf" &
 PIDS+=($!)
 
-# count BINARY TAG: sets IR to the instructions per miss. It runs in this shell, not in $(...),
+# count BINARY TAG: sets IR to the instructions per query. It runs in this shell, not in $(...),
 # so that the PID it records reaches the cleanup.
 count() {
   local bin=$1 tag=$2 pid i out
   "$bin" --validate --config "$W/dnsd.toml" >/dev/null
-  python3 -c "import sys; print(''.join(f'{sys.argv[1]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[2]))), end='')" \
-    "$tag" "$N" >"$W/q"
+  if [ "$WORKLOAD" = hit ]; then
+    python3 -c "import sys; names = open(sys.argv[1]).read().splitlines(); print(''.join(names[i % len(names)] + '\n' for i in range(int(sys.argv[2]))), end='')" \
+      "$W/hit-names" "$N" >"$W/q"
+  else
+    python3 -c "import sys; print(''.join(f'{sys.argv[1]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[2]))), end='')" \
+      "$tag" "$N" >"$W/q"
+  fi
   ip netns exec "$NS" valgrind --tool=callgrind --callgrind-out-file="$W/cg-$tag.%p" \
     "$bin" --config "$W/dnsd.toml" >"$W/dnsd-$tag.log" 2>&1 &
   pid=$!
@@ -114,7 +129,7 @@ count() {
   IR=$(awk -v n="$N" '/^(summary|totals):/ {printf "%.0f\n", $2 / n; exit}' "$out")
 }
 
-echo "instructions per UDP cache miss (user space, callgrind; $N misses at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
+echo "instructions per UDP cache $WORKLOAD (user space, callgrind; $N queries at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
 count "$BASE" base
 b=$IR
 echo "base $BASE: $b"
