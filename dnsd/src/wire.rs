@@ -103,6 +103,10 @@ fn name_at(wire: &[u8], at: usize) -> Option<(Name, usize)> {
 /// reached through a pointer must not reach the start of the run that pointed to it; and the
 /// name, as encoded without compression, is at most 255 octets.
 fn name_end(wire: &[u8], at: usize) -> Option<usize> {
+    // hickory's decoder addresses a message with 16-bit offsets (as `name_at` does).
+    if at > usize::from(u16::MAX) {
+        return None;
+    }
     let mut pos = at;
     // Where the current run of labels started, and the bound a run reached through a
     // pointer must stay below.
@@ -657,6 +661,14 @@ mod tests {
                 2,
                 None,
             ),
+            // Only the overlap rule refuses this one: the pointer at 2 goes back to 0, whose
+            // label runs over the pointer's own octets to the root octet at 4.
+            (
+                "label over the pointer's octets",
+                b"\x03x\xc0\x00\x00".to_vec(),
+                2,
+                None,
+            ),
             (
                 "label that is a pointer's octets",
                 b"\x00\x01\xc0\x00\xc0\x01".to_vec(),
@@ -672,13 +684,20 @@ mod tests {
             assert_eq!(name_end(&wire, at), want, "{what}");
             assert_name_end_agrees(&wire);
         }
-        // 256 octets reached through a pointer: the limit counts the name, not the wire.
-        let mut w = long(63, 200);
-        let at = w.len();
-        w.extend_from_slice(&long(30, 57)[..56]);
-        w.extend_from_slice(&[0xc0, 0x00]);
-        assert_eq!(name_end(&w, at), None);
-        assert_name_end_agrees(&w);
+        // 255 and 256 octets reached through a pointer: the limit counts the name, not the
+        // wire.
+        for (labels, want) in [(55, true), (56, false)] {
+            let mut w = long(63, 200);
+            let at = w.len();
+            w.extend_from_slice(&long(30, labels + 1)[..labels]);
+            w.extend_from_slice(&[0xc0, 0x00]);
+            assert_eq!(
+                name_end(&w, at),
+                want.then_some(at + labels + 2),
+                "{labels}"
+            );
+            assert_name_end_agrees(&w);
+        }
     }
 
     #[test]
