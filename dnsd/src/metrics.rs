@@ -53,7 +53,7 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
-/// Most upstream latency series kept for lookup by label address (see `latency_series`).
+/// Most upstream latency series found by label address (see `latency_series`).
 const LATENCY_SERIES_MAX: usize = 64;
 
 /// Every metric dnsd exports.
@@ -71,8 +71,9 @@ pub struct Metrics {
     /// The `upstream_latency` series already created, by the address of the upstream's label
     /// (each upstream keeps one `Arc<str>` for its life): observing a miss's latency is then a
     /// pointer comparison per upstream, instead of hashing the label (about 1 % of dnsd's
-    /// instructions per miss). Cleared when it reaches [`LATENCY_SERIES_MAX`], which only
-    /// reloads that replace the upstreams again and again can do.
+    /// instructions per miss). At most [`LATENCY_SERIES_MAX`] entries: when full, entries of
+    /// upstreams a reload dropped (only this list still holds their label) make room, and an
+    /// upstream beyond the limit is observed through the family's hash as before.
     latency_series: parking_lot::RwLock<Vec<(Arc<str>, Histogram)>>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     authorize_latency: Histogram,
@@ -353,18 +354,26 @@ impl Metrics {
             h.observe(seconds);
             return;
         }
+        // The family's key gets a label of its own: a clone of the upstream's would keep it
+        // alive, and the list below tells dropped upstreams by their label's count.
         let h = self
             .upstream_latency
             .get_or_create(&UpstreamLabels {
-                upstream: Arc::clone(upstream),
+                upstream: Arc::from(&**upstream),
             })
             .clone();
         h.observe(seconds);
         let mut series = self.latency_series.write();
-        if series.len() >= LATENCY_SERIES_MAX {
-            series.clear();
+        // Another thread may have added it since the read.
+        if series.iter().any(|(label, _)| Arc::ptr_eq(label, upstream)) {
+            return;
         }
-        series.push((Arc::clone(upstream), h));
+        if series.len() >= LATENCY_SERIES_MAX {
+            series.retain(|(label, _)| Arc::strong_count(label) > 1);
+        }
+        if series.len() < LATENCY_SERIES_MAX {
+            series.push((Arc::clone(upstream), h));
+        }
     }
 
     /// Counts one upstream failure.
@@ -531,35 +540,49 @@ mod tests {
     use super::*;
 
     /// Latency series found by label address count into the family's series, the same one
-    /// for equal labels held in different `Arc`s, and none is lost when the lookup list is
-    /// cleared.
+    /// for equal labels held in different `Arc`s; beyond the list's limit, upstreams are
+    /// still counted, and the labels of dropped upstreams make room.
     #[test]
     fn upstream_latency_series_by_label_address() {
         let m = Metrics::new();
+        let ms = Duration::from_millis(1);
         let a: Arc<str> = Arc::from("udp://192.0.2.1:53");
         let same_text: Arc<str> = Arc::from("udp://192.0.2.1:53");
         let b: Arc<str> = Arc::from("tls://192.0.2.2:853");
-        m.upstream_latency(&a, Duration::from_millis(1));
-        m.upstream_latency(&a, Duration::from_millis(1));
-        m.upstream_latency(&same_text, Duration::from_millis(1));
-        m.upstream_latency(&b, Duration::from_millis(1));
-        // More distinct labels than the lookup list keeps, then `a` once more.
+        m.upstream_latency(&a, ms);
+        m.upstream_latency(&a, ms);
+        m.upstream_latency(&same_text, ms);
+        m.upstream_latency(&b, ms);
+        assert_eq!(m.latency_series.read().len(), 3, "one entry per label Arc");
+        // More live upstreams than the list keeps: the extra ones go through the family.
         let others: Vec<Arc<str>> = (0..LATENCY_SERIES_MAX)
             .map(|i| Arc::from(format!("udp://198.51.100.{i}:53")))
             .collect();
-        for o in &others {
-            m.upstream_latency(o, Duration::from_millis(1));
+        for o in others.iter().chain(&others) {
+            m.upstream_latency(o, ms);
         }
-        assert!(m.latency_series.read().len() <= LATENCY_SERIES_MAX);
-        m.upstream_latency(&a, Duration::from_millis(1));
+        assert_eq!(m.latency_series.read().len(), LATENCY_SERIES_MAX);
+        m.upstream_latency(&a, ms);
         let text = m.encode();
         for want in [
             "dnsd_upstream_latency_seconds_count{upstream=\"udp://192.0.2.1:53\"} 4",
             "dnsd_upstream_latency_seconds_count{upstream=\"tls://192.0.2.2:853\"} 1",
-            "dnsd_upstream_latency_seconds_count{upstream=\"udp://198.51.100.0:53\"} 1",
+            "dnsd_upstream_latency_seconds_count{upstream=\"udp://198.51.100.0:53\"} 2",
+            "dnsd_upstream_latency_seconds_count{upstream=\"udp://198.51.100.63:53\"} 2",
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }
+        // A reload drops the old upstreams: their entries make room for a new one.
+        drop(others);
+        let new: Arc<str> = Arc::from("udp://203.0.113.1:53");
+        m.upstream_latency(&new, ms);
+        let series = m.latency_series.read();
+        assert!(series.iter().any(|(label, _)| Arc::ptr_eq(label, &new)));
+        assert!(
+            series.len() <= 4,
+            "dropped upstreams' entries pruned: {}",
+            series.len()
+        );
     }
 
     #[test]
