@@ -25,7 +25,12 @@ NEW=${2:-}
 N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}; WORKLOAD=${WORKLOAD:-miss}
 case $WORKLOAD in
   miss) ;;
-  hit) WARM=1000 ;;
+  hit)
+    WARM=1000   # the hit names (WARM is not a knob here)
+    # Every measured query must find its name cached: the zone's TTL is 300 s.
+    python3 -c "import sys; sys.exit(0 if int(sys.argv[1]) / int(sys.argv[2]) <= 250 else 1)" "$N" "$QPS" ||
+      { echo "WORKLOAD=hit needs N/QPS <= 250 s (the answers' TTL is 300 s)" >&2; exit 2; }
+    ;;
   *) echo "WORKLOAD must be miss or hit" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "bench/miss-instructions.sh must run as root (network namespace)" >&2; exit 1; }
@@ -116,7 +121,9 @@ count() {
     kill -0 "$pid" 2>/dev/null || { echo "dnsd ($tag) exited: $(tail -3 "$W/dnsd-$tag.log")" >&2; exit 1; }
     sleep 0.2
   done
-  ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/warm" -n 1 -Q "$QPS" -t 5 >/dev/null 2>&1
+  ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/warm" -n 1 -Q "$QPS" -t 5 >"$W/warm-$tag.txt" 2>&1
+  # A warm-up query lost would leave its name uncached, and a hit run would count a miss.
+  grep -q "Queries lost:         0 " "$W/warm-$tag.txt" || { echo "$tag: warm-up queries lost: $(grep 'Queries lost' "$W/warm-$tag.txt")" >&2; exit 1; }
   callgrind_control -z "$pid" >/dev/null 2>&1
   ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/q" -n 1 -Q "$QPS" -t 5 >"$W/perf-$tag.txt"
   callgrind_control -d "$pid" >/dev/null 2>&1
