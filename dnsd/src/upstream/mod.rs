@@ -575,54 +575,37 @@ mod tests {
 
     use std::sync::atomic::Ordering;
 
-    use super::testutil::{assert_answers, config, query, udp_server, wait_for};
+    use super::testutil::{assert_answers, closed_tcp_port, config, query, udp_server, wait_for};
     use super::*;
-
-    fn closed_tcp_port() -> SocketAddr {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    }
 
     #[tokio::test]
     async fn down_upstreams_go_last_in_the_strategys_order() {
         // Nothing listens: `order` only reads the upstreams' health.
-        let urls: Vec<String> = (0..10)
-            .map(|i| format!("udp://127.0.0.1:{}", 9 + i))
-            .collect();
-        let cfg = UpstreamConfig {
-            max_failures: 1,
-            backoff_initial: Duration::from_secs(60),
-            ..config(urls.clone())
-        };
-        let ups = Upstreams::new(&cfg).unwrap();
+        // `n` upstreams, of which one failure puts `down` down for a minute.
         let now = Instant::now();
-        let down = |i: usize| ups.inner.upstreams[i].health.on_failure("test", None, now);
-        down(0);
-        down(2);
+        let with_down = |n: u16, strategy: Strategy, down: &[usize]| {
+            let urls = (0..n)
+                .map(|i| format!("udp://127.0.0.1:{}", 9 + i))
+                .collect();
+            let ups = Upstreams::new(&UpstreamConfig {
+                strategy,
+                max_failures: 1,
+                backoff_initial: Duration::from_secs(60),
+                ..config(urls)
+            })
+            .unwrap();
+            for &i in down {
+                ups.inner.upstreams[i].health.on_failure("test", None, now);
+            }
+            ups
+        };
+        let ups = with_down(10, Strategy::Failover, &[0, 2]);
         assert_eq!(ups.order(now), vec![1, 3, 4, 5, 6, 7, 8, 9, 0, 2]);
         // More upstreams than the ranks kept on the stack: the same order.
-        let many: Vec<String> = (0..12)
-            .map(|i| format!("udp://127.0.0.1:{}", 9 + i))
-            .collect();
-        let ups = Upstreams::new(&UpstreamConfig {
-            max_failures: 1,
-            backoff_initial: Duration::from_secs(60),
-            ..config(many)
-        })
-        .unwrap();
-        for i in [0, 5, 11] {
-            ups.inner.upstreams[i].health.on_failure("test", None, now);
-        }
+        let ups = with_down(12, Strategy::Failover, &[0, 5, 11]);
         assert_eq!(ups.order(now), vec![1, 2, 3, 4, 6, 7, 8, 9, 10, 0, 5, 11]);
         // Round robin: rotated, the down one still last.
-        let ups = Upstreams::new(&UpstreamConfig {
-            strategy: Strategy::RoundRobin,
-            max_failures: 1,
-            backoff_initial: Duration::from_secs(60),
-            ..config(urls[..3].to_vec())
-        })
-        .unwrap();
-        ups.inner.upstreams[1].health.on_failure("test", None, now);
+        let ups = with_down(3, Strategy::RoundRobin, &[1]);
         let orders: Vec<Vec<usize>> = (0..3).map(|_| ups.order(now)).collect();
         assert_eq!(orders, vec![vec![0, 2, 1], vec![2, 0, 1], vec![2, 0, 1]]);
     }

@@ -126,6 +126,18 @@ impl TestServer {
     }
 }
 
+/// A 127.0.0.1 TCP port nothing listens on (bound for a moment, then released).
+pub(crate) fn closed_tcp_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A 127.0.0.1 UDP port nothing listens on (bound for a moment, then released).
+pub(crate) fn closed_udp_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
 /// A UDP server on 127.0.0.1.
 pub(crate) async fn udp_server() -> TestServer {
     udp_server_on("127.0.0.1:0").await.unwrap()

@@ -409,7 +409,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::testutil::{
-        assert_answers, config, query, udp_server, udp_server_on, udp_tcp_server,
+        assert_answers, closed_udp_port, config, query, udp_server, udp_server_on, udp_tcp_server,
     };
     use super::super::{Protocol, UpstreamConfig, Upstreams};
     use super::*;
@@ -501,10 +501,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_port_is_a_fast_connect_error() {
-        let addr = {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap()
-        };
+        let addr = closed_udp_port();
         let ups = Upstreams::new(&config(vec![format!("udp://{addr}")])).unwrap();
         let started = Instant::now();
         let err = ups.query(&query("a.example.", 1)).await.unwrap_err();
@@ -517,10 +514,7 @@ mod tests {
         // Sent together, most of them are registered before the ICMP error comes back: the
         // receive task (or the send that takes the error) fails them all at once instead of
         // leaving them to their 1-second attempt timeout.
-        let addr = {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap()
-        };
+        let addr = closed_udp_port();
         let ups = Upstreams::new(&config(vec![format!("udp://{addr}")])).unwrap();
         let started = Instant::now();
         let queries: Vec<_> = (0..32u16)
@@ -539,13 +533,8 @@ mod tests {
     #[tokio::test]
     async fn a_retired_channel_takes_no_new_query() {
         let server = udp_server().await;
-        let addr: SocketAddr = server
-            .udp_url()
-            .trim_start_matches("udp://")
-            .parse()
-            .unwrap();
         let chan = Channel {
-            sock: connected_socket(addr).unwrap(),
+            sock: connected_socket(server.addr).unwrap(),
             state: Mutex::new(ChannelState::default()),
             done: Notify::new(),
         };
