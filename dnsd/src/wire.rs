@@ -9,10 +9,10 @@
 //! section of A/AAAA glue and the OPT record only. The names the chain is followed by (answer
 //! owners and CNAME targets) are read with hickory's decoder, which refuses compression
 //! pointers that do not point backwards; every other name (authority owners, NS and SOA data,
-//! additional owners) is only checked and skipped, by [`name_end`] under the same rules. The
-//! additional section, which
-//! dnsd strips (glue is never authorized, and the client gets dnsd's own OPT), is then a tail
-//! of the message that nothing kept can point into, so it is cut off. Anything else returns
+//! additional owners) is only checked and skipped, by [`checked_name_end`] under the same
+//! rules. The additional section, which dnsd strips (glue is never authorized, and the client
+//! gets dnsd's own OPT), is then a tail of the message that nothing kept can point into, so it
+//! is cut off. Anything else returns
 //! `None` and takes the `Message` path, which handles every answer; a test feeds both paths
 //! the same answers and compares what the client gets.
 
@@ -94,15 +94,17 @@ fn name_at(wire: &[u8], at: usize) -> Option<(Name, usize)> {
 }
 
 /// Where the name starting at `at` ends, under exactly the rules of hickory's name decoder
-/// (`Name::read`), without building the name: for the names the lane only checks and skips
-/// (authority records, NS and SOA data, the additional section), building each was a tenth
-/// of dnsd's instructions on a cache miss. A test holds it to `name_at` on every offset of
-/// mutated answers. The rules: a length octet 0 ends the name; `0b11` starts a two-octet
-/// compression pointer that must point before the start of the run of labels it ends (so
-/// pointers only go backwards and chains end); `0b01` and `0b10` are refused; a label run
-/// reached through a pointer must not reach the start of the run that pointed to it; and the
-/// name, as encoded without compression, is at most 255 octets.
-fn name_end(wire: &[u8], at: usize) -> Option<usize> {
+/// (`Name::read`), without building the name. Unlike `upstream::message::name_end`, which only
+/// frames a name (where it ends in the message, its pointer not followed), this one follows
+/// pointers and refuses what hickory refuses. For the names the lane only checks and skips
+/// (authority records, NS and SOA data, the additional section), building each was a tenth of
+/// dnsd's instructions on a cache miss. A test holds it to `name_at` on every offset of mutated
+/// answers. The rules: a length octet 0 ends the name; `0b11` starts a two-octet compression
+/// pointer that must point before the start of the run of labels it ends (so pointers only go
+/// backwards and chains end); `0b01` and `0b10` are refused; a label run reached through a pointer
+/// must not reach the start of the run that pointed to it; and the name, as encoded without
+/// compression, is at most 255 octets.
+fn checked_name_end(wire: &[u8], at: usize) -> Option<usize> {
     // hickory's decoder addresses a message with 16-bit offsets (as `name_at` does).
     if at > usize::from(u16::MAX) {
         return None;
@@ -189,7 +191,7 @@ fn kept_record(wire: &[u8], pos: usize) -> Option<(Name, Fields)> {
 
 /// The fields of a record the lane keeps without looking at its owner name; class IN only.
 fn kept_record_fields(wire: &[u8], pos: usize) -> Option<Fields> {
-    kept_fields(wire, name_end(wire, pos)?)
+    kept_fields(wire, checked_name_end(wire, pos)?)
 }
 
 /// The fields of a kept record whose owner name ends at `at`; class IN only.
@@ -267,8 +269,8 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
     for _ in 0..nscount {
         let f = kept_record_fields(resp, pos)?;
         let data_end = match f.rtype {
-            TYPE_NS => name_end(resp, f.rdata)?,
-            TYPE_SOA => name_end(resp, name_end(resp, f.rdata)?)? + 20,
+            TYPE_NS => checked_name_end(resp, f.rdata)?,
+            TYPE_SOA => checked_name_end(resp, checked_name_end(resp, f.rdata)?)? + 20,
             _ => return None,
         };
         if data_end != f.end {
@@ -284,7 +286,7 @@ pub fn scan(resp: &[u8], question: &[u8], qname: &Name, qtype: RecordType) -> Op
     // is refused here too, and authorizes nothing.
     let mut opts = 0;
     for _ in 0..arcount {
-        let at = name_end(resp, pos)?;
+        let at = checked_name_end(resp, pos)?;
         let f = fixed(resp, at)?;
         match f.rtype {
             TYPE_A if f.end - f.rdata == 4 => {}
@@ -597,12 +599,12 @@ mod tests {
         );
     }
 
-    /// `name_end` agrees with hickory's decoder (`name_at`) at every offset: on what it
+    /// `checked_name_end` agrees with hickory's decoder (`name_at`) at every offset: on what it
     /// refuses and on where an accepted name ends.
     fn assert_name_end_agrees(wire: &[u8]) {
         for at in 0..=wire.len() {
             assert_eq!(
-                name_end(wire, at),
+                checked_name_end(wire, at),
                 name_at(wire, at).map(|(_, end)| end),
                 "at {at} in {wire:02x?}"
             );
@@ -681,7 +683,7 @@ mod tests {
             ("256 octets", long(63, 256), 0, None),
         ];
         for (what, wire, at, want) in cases {
-            assert_eq!(name_end(&wire, at), want, "{what}");
+            assert_eq!(checked_name_end(&wire, at), want, "{what}");
             assert_name_end_agrees(&wire);
         }
         // 255 and 256 octets reached through a pointer: the limit counts the name, not the
@@ -692,7 +694,7 @@ mod tests {
             w.extend_from_slice(&long(30, labels + 1)[..labels]);
             w.extend_from_slice(&[0xc0, 0x00]);
             assert_eq!(
-                name_end(&w, at),
+                checked_name_end(&w, at),
                 want.then_some(at + labels + 2),
                 "{labels}"
             );
