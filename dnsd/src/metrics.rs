@@ -28,11 +28,11 @@ struct QueryLabels {
     rcode: &'static str,
 }
 
-/// Labels of per-upstream series. The name is shared (`Arc`): the latency of every answered
-/// miss is observed under it, and a `String` cost an allocation and a copy per miss.
+/// Labels of per-upstream series. Built only when an upstream's latency series is first
+/// looked up (`Metrics::latency_series` finds it after that).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
-    upstream: Arc<str>,
+    upstream: String,
 }
 
 /// Labels of per-upstream error series.
@@ -354,12 +354,12 @@ impl Metrics {
             h.observe(seconds);
             return;
         }
-        // The family's key gets a label of its own: a clone of the upstream's would keep it
-        // alive, and the list below tells dropped upstreams by their label's count.
+        // The family's key is a copy: a clone of the upstream's `Arc` would keep it alive,
+        // and the list below tells dropped upstreams by their label's count.
         let h = self
             .upstream_latency
             .get_or_create(&UpstreamLabels {
-                upstream: Arc::from(&**upstream),
+                upstream: upstream.to_string(),
             })
             .clone();
         h.observe(seconds);
