@@ -60,7 +60,6 @@ open(f"{w}/zone", "w").write("$ORIGIN bench.test.\n$TTL 300\n@ SOA ns hostmaster
                              "@ NS ns\nns A 127.0.0.1\nready A 127.0.0.2\n*.w A 192.0.2.1\n")
 open(f"{w}/warm", "w").write("".join(f"warm{i}.w.bench.test A\n" for i in range(warm)))
 PY
-[ "$WORKLOAD" = hit ] && cp "$W/warm" "$W/hit-names"
 cat >"$W/nsd.conf" <<EOF
 server:
   ip-address: 127.0.0.1@5300
@@ -100,6 +99,11 @@ EOF
 ip netns exec "$NS" nsd -d -c "$W/nsd.conf" &
 PIDS+=($!)
 
+# no_loss DNSPERF_OUTPUT WHAT: exits unless dnsperf lost no query.
+no_loss() {
+  grep -q "Queries lost:         0 " "$1" || { echo "$2: queries lost: $(grep 'Queries lost' "$1")" >&2; exit 1; }
+}
+
 # count BINARY TAG: sets IR to the instructions per query. It runs in this shell, not in $(...),
 # so that the PID it records reaches the cleanup.
 count() {
@@ -107,7 +111,7 @@ count() {
   "$bin" --validate --config "$W/dnsd.toml" >/dev/null
   if [ "$WORKLOAD" = hit ]; then
     python3 -c "import sys; names = open(sys.argv[1]).read().splitlines(); print(''.join(names[i % len(names)] + '\n' for i in range(int(sys.argv[2]))), end='')" \
-      "$W/hit-names" "$N" >"$W/q"
+      "$W/warm" "$N" >"$W/q"
   else
     python3 -c "import sys; print(''.join(f'{sys.argv[1]}u{i}.w.bench.test A\n' for i in range(int(sys.argv[2]))), end='')" \
       "$tag" "$N" >"$W/q"
@@ -123,13 +127,13 @@ count() {
   done
   ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/warm" -n 1 -Q "$QPS" -t 5 >"$W/warm-$tag.txt" 2>&1
   # A warm-up query lost would leave its name uncached, and a hit run would count a miss.
-  grep -q "Queries lost:         0 " "$W/warm-$tag.txt" || { echo "$tag: warm-up queries lost: $(grep 'Queries lost' "$W/warm-$tag.txt")" >&2; exit 1; }
+  no_loss "$W/warm-$tag.txt" "$tag: warm-up"
   callgrind_control -z "$pid" >/dev/null 2>&1
   ip netns exec "$NS" dnsperf -s 127.0.0.1 -p 5322 -d "$W/q" -n 1 -Q "$QPS" -t 5 >"$W/perf-$tag.txt"
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-  grep -q "Queries lost:         0 " "$W/perf-$tag.txt" || { echo "$tag: queries lost: $(grep 'Queries lost' "$W/perf-$tag.txt")" >&2; exit 1; }
+  no_loss "$W/perf-$tag.txt" "$tag"
   # The first dump file after the zeroing is the measured one (the exit writes another).
   out=$(ls "$W"/cg-"$tag".*.1 2>/dev/null || ls -tr "$W"/cg-"$tag".* | head -1)
   if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp "$out" "$OUT/callgrind-$tag.out"; fi
