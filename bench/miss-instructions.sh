@@ -15,14 +15,18 @@
 #   queries per second, one query per wake-up; the counters are dumped after the last answer.
 #   WORKLOAD=hit counts cache hits instead: the warm-up asks 1,000 names once, and the measured
 #   N queries ask the same names over and over (every one a hit, answered without a task).
+#   AUTH=1 runs fwd (local mode, its ruleset in the namespace) and lets dnsd authorize: every
+#   answer names 192.0.2.1, which the warm-up grants, so a measured miss is released from
+#   dnsd's memory of fwd's grants, as in bench/dnsd.sh's "miss" row (fwd is not counted).
 # Knobs (env): N (10000) QPS (400) WARM (3000) OUT (keep the callgrind files in this directory)
-#   WORKLOAD (miss | hit)
+#   WORKLOAD (miss | hit) AUTH (0 | 1) FWD (fwd binary for AUTH=1: BASE's directory's fwd)
 # Needs: valgrind, nsd, dnsperf, dig, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-${CARGO_TARGET_DIR:-target}/release/dnsd}
 NEW=${2:-}
-N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}; WORKLOAD=${WORKLOAD:-miss}
+N=${N:-10000}; QPS=${QPS:-400}; WARM=${WARM:-3000}; WORKLOAD=${WORKLOAD:-miss}; AUTH=${AUTH:-0}
+FWD=${FWD:-$(dirname "$BASE")/fwd}
 case $WORKLOAD in
   miss) ;;
   hit)
@@ -37,7 +41,8 @@ esac
 for c in valgrind callgrind_control nsd dnsperf dig python3; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install valgrind nsd dnsperf bind9-dnsutils python3)" >&2; exit 1; }
 done
-for b in "$BASE" ${NEW:+"$NEW"}; do [ -x "$b" ] || { echo "no dnsd binary at $b" >&2; exit 1; }; done
+[ "$AUTH" = 0 ] || [ "$AUTH" = 1 ] || { echo "AUTH must be 0 or 1" >&2; exit 2; }
+for b in "$BASE" ${NEW:+"$NEW"} $([ "$AUTH" = 0 ] || echo "$FWD"); do [ -x "$b" ] || { echo "no dnsd binary at $b" >&2; exit 1; }; done
 
 NS="guard-miss-ir-$$"
 W=$(mktemp -d /tmp/guard-miss-ir.XXXXXX)
@@ -92,12 +97,36 @@ timeout = "5s"
 size = 2000
 [authorize]
 socket = "$W/fwd.sock"
-never_authorize = ["0.0.0.0/0", "::/0"]
+$([ "$AUTH" = 1 ] || echo 'never_authorize = ["0.0.0.0/0", "::/0"]')
 [control]
 socket = "$W/dnsd.sock"
 EOF
 ip netns exec "$NS" nsd -d -c "$W/nsd.conf" &
 PIDS+=($!)
+if [ "$AUTH" = 1 ]; then
+  cat >"$W/fwd.toml" <<EOF
+mode = "local"
+socket = "$W/fwd.sock"
+database = "$W/fwd.db"
+[ttl]
+# the grant outlives the run, so every measured answer is released from dnsd's memory
+min = "1h"
+[access]
+authorizer_uids = [0]
+[allow]
+cidrs = ["127.0.0.0/8"]
+EOF
+  "$FWD" --validate --config "$W/fwd.toml" >/dev/null
+  ip netns exec "$NS" env RUST_LOG=info "$FWD" --config "$W/fwd.toml" >"$W/fwd.log" 2>&1 &
+  PIDS+=($!)
+  # fwd logs "fwd ready" once its ruleset is loaded and its socket listens
+  for i in $(seq 300); do
+    grep -q "fwd ready" "$W/fwd.log" && break
+    kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "fwd exited: $(tail -3 "$W/fwd.log")" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep -q "fwd ready" "$W/fwd.log" || { echo "fwd not ready after 30 s: $(tail -3 "$W/fwd.log")" >&2; exit 1; }
+fi
 
 # no_loss DNSPERF_OUTPUT WHAT: exits unless dnsperf lost no query.
 no_loss() {
@@ -140,7 +169,7 @@ count() {
   IR=$(awk -v n="$N" '/^(summary|totals):/ {printf "%.0f\n", $2 / n; exit}' "$out")
 }
 
-echo "instructions per UDP cache $WORKLOAD (user space, callgrind; $N queries at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
+echo "instructions per UDP cache $WORKLOAD$([ "$AUTH" = 1 ] && echo ', authorized from memory') (user space, callgrind; $N queries at $QPS qps; machine: $(nproc) CPUs, $(uname -r))"
 count "$BASE" base
 b=$IR
 echo "base $BASE: $b"

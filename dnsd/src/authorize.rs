@@ -44,6 +44,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use guard_proto::UnixChannel;
+use hickory_proto::rr::Name;
 use guard_proto::v1::firewall_client::FirewallClient;
 use guard_proto::v1::{
     AuthorizeManyRequest, AuthorizeManyResponse, AuthorizeRequest, Grant, GrantResult, Outcome,
@@ -144,8 +145,9 @@ pub enum Verdict {
 pub struct Request<'a> {
     /// Addresses on the chain, each with the TTL the client will be told.
     pub grants: &'a [(IpAddr, u32)],
-    /// The query name (for fwd's audit log).
-    pub qname: &'a str,
+    /// The query name (for fwd's audit log). It is written out only for a request that
+    /// reaches fwd: most answers are released from memory without it.
+    pub qname: &'a Name,
     /// The DNS client.
     pub client: IpAddr,
     /// "answer" or "cache-refresh".
@@ -212,6 +214,18 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A query name as fwd's audit log keeps it: lower case, without the root's trailing dot
+/// (`to_ascii` escapes every octet that is not a letter, digit or hyphen, so lowering its
+/// output is lowering the name).
+pub fn audit_name(name: &Name) -> String {
+    let mut s = name.to_ascii();
+    s.make_ascii_lowercase();
+    if name.is_fqdn() {
+        s.pop();
+    }
+    s
+}
+
 fn request_body(req: &Request<'_>, client: IpAddr, reason: &str) -> AuthorizeRequest {
     AuthorizeRequest {
         grants: req
@@ -222,7 +236,7 @@ fn request_body(req: &Request<'_>, client: IpAddr, reason: &str) -> AuthorizeReq
                 ttl_s: *ttl,
             })
             .collect(),
-        qname: req.qname.to_owned(),
+        qname: audit_name(req.qname),
         client: guard_proto::ip_to_bytes(client),
         reason: reason.to_owned(),
     }
@@ -292,23 +306,38 @@ impl Authorizer {
     /// from memory when every grant is known to be committed long enough (see the module
     /// documentation).
     pub async fn authorize(&self, req: Request<'_>) -> Result<Vec<Verdict>, AuthorizeError> {
-        let deadline = Instant::now() + self.shared.timeout;
+        match self.from_memory(&req) {
+            Some(verdicts) => Ok(verdicts),
+            None => self.call(req).await,
+        }
+    }
+
+    /// The verdicts of `req` when memory covers every one of its grants (see the module
+    /// documentation), queueing its alias record; `None` when fwd must be asked
+    /// ([`Authorizer::call`]). It never waits, so the handler checks it before it sets up
+    /// a call.
+    pub fn from_memory(&self, req: &Request<'_>) -> Option<Vec<Verdict>> {
         let client = req.client.to_canonical();
         let shared = &self.shared;
         let budget = shared.alias_records.load(Ordering::Relaxed);
-        if let Some((verdicts, record)) =
-            shared
-                .memory
-                .covers(client, req.grants, now_unix_ms(), budget)
-        {
-            shared.metrics.released_from_memory();
-            if record {
-                self.alias(&req, client);
-            } else {
-                shared.metrics.alias_unrecorded();
-            }
-            return Ok(verdicts);
+        let (verdicts, record) = shared
+            .memory
+            .covers(client, req.grants, now_unix_ms(), budget)?;
+        shared.metrics.released_from_memory();
+        if record {
+            self.alias(req, client);
+        } else {
+            shared.metrics.alias_unrecorded();
         }
+        Some(verdicts)
+    }
+
+    /// Asks fwd to commit `req.grants` (memory is not consulted: see
+    /// [`Authorizer::from_memory`]); one verdict per grant, in order.
+    pub async fn call(&self, req: Request<'_>) -> Result<Vec<Verdict>, AuthorizeError> {
+        let deadline = Instant::now() + self.shared.timeout;
+        let client = req.client.to_canonical();
+        let shared = &self.shared;
         let (tx, rx) = oneshot::channel();
         let job = Job {
             body: request_body(&req, client, req.reason),
@@ -852,6 +881,36 @@ mod tests {
 
     use super::*;
 
+    fn qname(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    #[test]
+    fn audit_names_are_lower_case_without_the_root_dot() {
+        for (name, audit) in [
+            ("Example.COM.", "example.com"),
+            ("Example.COM", "example.com"),
+            (".", ""),
+            ("x\\.Y.test.", "x\\.y.test"),
+        ] {
+            assert_eq!(audit_name(&qname(name)), audit, "{name}");
+        }
+        // As the name's own lower-casing writes it (the form dnsd sent before), for labels
+        // of any octets.
+        let labels: [&[u8]; 6] = [b"WWW", b"Caf\xc3\xa9", b"a B", b"_TCP", b"\x00\x7fZ", b"x.Y"];
+        for pair in labels.windows(2) {
+            let mut n = Name::from_labels(pair.iter().map(|l| l.to_vec())).unwrap();
+            for fqdn in [false, true] {
+                n.set_fqdn(fqdn);
+                assert_eq!(
+                    audit_name(&n),
+                    n.to_lowercase().to_ascii().trim_end_matches('.'),
+                    "{n:?}"
+                );
+            }
+        }
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -1076,7 +1135,7 @@ mod tests {
 
     /// Spawns `authorize` for `name` naming `addr` with `ttl`, from 127.0.0.1.
     fn ask(a: &Arc<Authorizer>, name: &str, addr: &str, ttl: u32) -> Pending {
-        let (a, name, grants) = (a.clone(), name.to_owned(), vec![(ip(addr), ttl)]);
+        let (a, name, grants) = (a.clone(), qname(name), vec![(ip(addr), ttl)]);
         tokio::spawn(async move {
             a.authorize(Request {
                 grants: &grants,
@@ -1180,7 +1239,7 @@ mod tests {
         let err = a
             .authorize(Request {
                 grants: &grants,
-                qname: "example.com",
+                qname: &qname("example.com"),
                 client: "127.0.0.1".parse().unwrap(),
                 reason: "answer",
             })
@@ -1203,7 +1262,7 @@ mod tests {
             .authorizer
             .authorize(Request {
                 grants: &grants,
-                qname: "example.com",
+                qname: &qname("example.com"),
                 client: ip("::ffff:127.0.0.1"),
                 reason: "answer",
             })
@@ -1257,7 +1316,7 @@ mod tests {
                 let grants = [(ip("192.0.2.7"), 60), (ip("192.0.2.8"), 60)];
                 a.authorize(Request {
                     grants: &grants,
-                    qname: &format!("two{i}.test"),
+                    qname: &qname(&format!("two{i}.test")),
                     client: ip("127.0.0.1"),
                     reason: "answer",
                 })
@@ -1379,7 +1438,7 @@ mod tests {
                 .authorizer
                 .authorize(Request {
                     grants: &grants,
-                    qname: &format!("n{i}.test"),
+                    qname: &qname(&format!("n{i}.test")),
                     client: ip("127.0.0.1"),
                     reason: "answer",
                 })
