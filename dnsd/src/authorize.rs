@@ -768,6 +768,7 @@ impl Memory {
         if !state.trusted {
             return None;
         }
+        let mut under_budget = false;
         let verdicts: Vec<Verdict> = grants
             .iter()
             .map(|(ip, ttl)| {
@@ -775,21 +776,24 @@ impl Memory {
                 let needed = now_ms
                     .saturating_add(u64::from(*ttl).saturating_mul(1000))
                     .saturating_add(safety);
+                under_budget |= r.aliases < budget;
                 (r.expires_ms >= needed).then_some(Verdict::Granted {
                     expires_unix_ms: r.expires_ms,
                 })
             })
             .collect::<Option<_>>()?;
-        let mut record = false;
-        for (ip, _) in grants {
-            if let Some(r) = state.grants.get_mut(&(client, *ip))
-                && r.aliases < budget
-            {
-                r.aliases += 1;
-                record = true;
+        // Once every address has used its alias budget (the steady state of a busy name),
+        // nothing is charged and the addresses are not looked up again.
+        if under_budget {
+            for (ip, _) in grants {
+                if let Some(r) = state.grants.get_mut(&(client, *ip))
+                    && r.aliases < budget
+                {
+                    r.aliases += 1;
+                }
             }
         }
-        Some((verdicts, record))
+        Some((verdicts, under_budget))
     }
 
     /// Remembers fwd's verdicts on a request queued in `epoch`, unless something was
