@@ -6,7 +6,7 @@
 //! qtype never authorize anything (nettrust's `dig -x` bug).
 
 use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -129,19 +129,63 @@ pub fn follow_chain(msg: &Message, qname: &Name, qtype: RecordType) -> Result<Ch
     })
 }
 
+/// The `authorize.never_authorize` networks, as masks to compare addresses with: every
+/// address of every answer is checked against them, and `IpNet::contains` works out each
+/// network's mask and ends again per check.
+#[derive(Debug, Clone, Default)]
+pub struct Never {
+    /// (network, mask) of each IPv4 network.
+    v4: Vec<(u32, u32)>,
+    /// (network, mask) of each IPv6 network.
+    v6: Vec<(u128, u128)>,
+}
+
+impl Never {
+    pub fn new(nets: &[IpNet]) -> Self {
+        let mut never = Never::default();
+        for net in nets {
+            match net {
+                IpNet::V4(n) => never
+                    .v4
+                    .push((n.network().to_bits(), n.netmask().to_bits())),
+                IpNet::V6(n) => never
+                    .v6
+                    .push((n.network().to_bits(), n.netmask().to_bits())),
+            }
+        }
+        never
+    }
+
+    fn has_v4(&self, ip: Ipv4Addr) -> bool {
+        let a = ip.to_bits();
+        self.v4.iter().any(|&(net, mask)| a & mask == net)
+    }
+
+    fn has_v6(&self, ip: Ipv6Addr) -> bool {
+        let a = ip.to_bits();
+        self.v6.iter().any(|&(net, mask)| a & mask == net)
+    }
+}
+
 /// Whether dnsd may ever ask fwd to open `ip`.
 ///
 /// The unspecified addresses (`0.0.0.0`, `::`, and `::ffff:0.0.0.0`) are blocklist sinkholes,
 /// never destinations; `never` holds the configured `authorize.never_authorize` networks.
-/// IPv4-mapped IPv6 addresses are checked as the IPv4 address they carry.
-pub fn grantable(ip: IpAddr, never: &[IpNet]) -> bool {
-    let canonical = ip.to_canonical();
-    if canonical.is_unspecified() || ip.is_unspecified() {
-        return false;
+/// IPv4-mapped IPv6 addresses are checked as the IPv4 address they carry, and as themselves
+/// (an IPv6 network such as `::ffff:0:0/96` covers them too).
+pub fn grantable(ip: IpAddr, never: &Never) -> bool {
+    match ip {
+        IpAddr::V4(a) => !a.is_unspecified() && !never.has_v4(a),
+        IpAddr::V6(a) => {
+            if a.is_unspecified() || never.has_v6(a) {
+                return false;
+            }
+            match a.to_ipv4_mapped() {
+                Some(v4) => !v4.is_unspecified() && !never.has_v4(v4),
+                None => true,
+            }
+        }
     }
-    !never
-        .iter()
-        .any(|net| net.contains(&canonical) || net.contains(&ip))
 }
 
 /// Whether a query type can ever lead to an authorization.
@@ -505,7 +549,8 @@ mod tests {
 
     #[test]
     fn unspecified_and_never_cidrs_are_not_grantable() {
-        let never: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let never = Never::new(&nets);
         for bad in [
             "0.0.0.0",
             "::",
@@ -516,8 +561,57 @@ mod tests {
         ] {
             assert!(!grantable(bad.parse().unwrap(), &never), "{bad}");
         }
-        for good in ["192.0.2.1", "2001:db8::1", "11.0.0.1"] {
+        for good in ["192.0.2.1", "2001:db8::1", "11.0.0.1", "::ffff:11.0.0.1"] {
             assert!(grantable(good.parse().unwrap(), &never), "{good}");
+        }
+        // An IPv6 network covers the IPv4-mapped addresses in it.
+        let mapped = Never::new(&["::ffff:0:0/96".parse().unwrap()]);
+        assert!(!grantable("::ffff:192.0.2.1".parse().unwrap(), &mapped));
+        assert!(grantable("192.0.2.1".parse().unwrap(), &mapped));
+    }
+
+    /// The masks decide as `IpNet::contains` does, on the canonical address and on the
+    /// address itself, for networks of every prefix length around the addresses tried.
+    #[test]
+    fn never_masks_agree_with_ipnet() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let reference = |ip: IpAddr, nets: &[IpNet]| {
+            let canonical = ip.to_canonical();
+            !(canonical.is_unspecified() || ip.is_unspecified())
+                && !nets
+                    .iter()
+                    .any(|n| n.contains(&canonical) || n.contains(&ip))
+        };
+        for _ in 0..20_000 {
+            let v4 = Ipv4Addr::from_bits(rng.random());
+            let v6 = Ipv6Addr::from_bits(rng.random());
+            let ips = [
+                IpAddr::V4(v4),
+                IpAddr::V6(v6),
+                IpAddr::V6(v4.to_ipv6_mapped()),
+                IpAddr::V6(v4.to_ipv6_compatible()),
+            ];
+            // Networks around the addresses (so that some contain them), and random ones.
+            let nets: Vec<IpNet> = [
+                IpNet::new(ips[rng.random_range(0..4)], 0).unwrap(),
+                IpNet::V4(ipnet::Ipv4Net::new(v4, rng.random_range(0..=32)).unwrap()),
+                IpNet::V6(ipnet::Ipv6Net::new(v6, rng.random_range(0..=128)).unwrap()),
+                IpNet::V6(
+                    ipnet::Ipv6Net::new(v4.to_ipv6_mapped(), rng.random_range(80..=128)).unwrap(),
+                ),
+                IpNet::V4(
+                    ipnet::Ipv4Net::new(Ipv4Addr::from_bits(rng.random()), rng.random_range(0..=32))
+                        .unwrap(),
+                ),
+            ]
+            .into_iter()
+            .filter(|_| rng.random_bool(0.5))
+            .collect();
+            let never = Never::new(&nets);
+            for ip in ips {
+                assert_eq!(grantable(ip, &never), reference(ip, &nets), "{ip} {nets:?}");
+            }
         }
     }
 
