@@ -44,11 +44,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use guard_proto::UnixChannel;
-use hickory_proto::rr::Name;
 use guard_proto::v1::firewall_client::FirewallClient;
 use guard_proto::v1::{
     AuthorizeManyRequest, AuthorizeManyResponse, AuthorizeRequest, Grant, GrantResult, Outcome,
 };
+use hickory_proto::rr::Name;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use tokio::net::UnixStream;
@@ -901,7 +901,14 @@ mod tests {
         }
         // As the name's own lower-casing writes it (the form dnsd sent before), for labels
         // of any octets.
-        let labels: [&[u8]; 6] = [b"WWW", b"Caf\xc3\xa9", b"a B", b"_TCP", b"\x00\x7fZ", b"x.Y"];
+        let labels: [&[u8]; 6] = [
+            b"WWW",
+            b"Caf\xc3\xa9",
+            b"a B",
+            b"_TCP",
+            b"\x00\x7fZ",
+            b"x.Y",
+        ];
         for pair in labels.windows(2) {
             let mut n = Name::from_labels(pair.iter().map(|l| l.to_vec())).unwrap();
             for fqdn in [false, true] {

@@ -643,8 +643,10 @@ impl Handler {
                 // Boxed: the call's state is large, and every query's task would otherwise
                 // carry it (and copy it on spawn) whether or not it calls fwd.
                 let res = Box::pin(self.authorizer.call(req)).await;
-                self.metrics
-                    .authorize(started.elapsed(), res.as_ref().err().map(AuthorizeError::kind));
+                self.metrics.authorize(
+                    started.elapsed(),
+                    res.as_ref().err().map(AuthorizeError::kind),
+                );
                 res?
             }
         };
