@@ -317,10 +317,20 @@ impl Drop for Registration<'_> {
 /// The receive task of one socket: runs until the channel is retired and idle.
 async fn receive(chan: Arc<Channel>, addr: SocketAddr, health: Arc<Health>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // One `Notified` for the task's life, polled only when no datagram is waiting: a new one
+    // per datagram would join and leave the `Notify`'s waiter list (a lock each way) for
+    // every answer. `notify_one` leaves a permit if it comes while the task is not waiting.
+    // `biased`: the socket first. Datagrams arriving without a pause (a flood spoofing the
+    // upstream) still cannot keep a retired channel alive: tokio's cooperative budget makes
+    // the socket's readiness pend after a task's 128th operation in a row, and `done` is
+    // polled then.
+    let done = chan.done.notified();
+    tokio::pin!(done);
     loop {
         let received = tokio::select! {
+            biased;
             r = chan.sock.recv(&mut buf) => r,
-            () = chan.done.notified() => break,
+            () = &mut done => break,
         };
         match received {
             Ok(len) => {
@@ -547,6 +557,60 @@ mod tests {
             chan.register(b"q", &wire, tx).is_none(),
             "its receive task may be gone: nobody would read the answer"
         );
+    }
+
+    /// A retired, idle channel's receive task ends: woken when it waits on its socket, and
+    /// while datagrams keep arriving without a pause (a flood spoofing the upstream), when
+    /// tokio's cooperative budget makes its socket branch pend.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_receive_task_of_a_retired_idle_channel_ends() {
+        let policy = super::super::health::Policy {
+            max_failures: 3,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        };
+        for flood in [false, true] {
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let chan = Arc::new(Channel {
+                sock: connected_socket(peer.local_addr().unwrap()).unwrap(),
+                state: Mutex::new(ChannelState::default()),
+                done: Notify::new(),
+            });
+            let mine = chan.sock.local_addr().unwrap();
+            let health = Arc::new(Health::new(policy));
+            let task = tokio::spawn(receive(chan.clone(), mine, health.clone()));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // Junk the task reads and ignores (no query is pending), sent nonstop by more
+            // threads than the task has to read it.
+            let peer = Arc::new(peer);
+            let senders: Vec<_> = (0..if flood { 3 } else { 0 })
+                .map(|_| {
+                    let (stop, peer) = (stop.clone(), peer.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let _ = peer.send_to(&[0u8; 4], mine);
+                        }
+                    })
+                })
+                .collect();
+            // The task is reading (a flood) or waits on its socket (none).
+            if flood {
+                while health.snapshot(String::new(), 0).errors == 0 {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                tokio::task::yield_now().await;
+            }
+            chan.retire();
+            let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+            stop.store(true, Ordering::Relaxed);
+            for sender in senders {
+                sender.join().unwrap();
+            }
+            ended
+                .unwrap_or_else(|_| panic!("the receive task ends (flood: {flood})"))
+                .unwrap();
+        }
     }
 
     #[tokio::test]
