@@ -214,9 +214,10 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A query name as fwd's audit log keeps it: lower case, without the root's trailing dot
-/// (`to_ascii` escapes every octet that is not a letter, digit or hyphen, so lowering its
-/// output is lowering the name).
+/// A query name as fwd's audit log keeps it: lower case, without the root's trailing dot.
+/// `to_ascii` writes a label's letters as they are and escapes octets only with `\` and
+/// digits or punctuation, so lowering its output lowers just the name's letters, as
+/// `Name::to_lowercase` does (one `String` instead of a lowered `Name` and its `String`).
 pub fn audit_name(name: &Name) -> String {
     let mut s = name.to_ascii();
     s.make_ascii_lowercase();
