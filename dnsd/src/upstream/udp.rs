@@ -580,8 +580,8 @@ mod tests {
             let health = Arc::new(Health::new(policy));
             let task = tokio::spawn(receive(chan.clone(), mine, health.clone()));
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            // Junk the task reads and ignores (no query is pending), sent nonstop by more
-            // threads than the task has to read it.
+            // Junk the task reads and ignores (no query is pending), sent nonstop by three
+            // threads.
             let peer = Arc::new(peer);
             let senders: Vec<_> = (0..if flood { 3 } else { 0 })
                 .map(|_| {
@@ -593,7 +593,8 @@ mod tests {
                     })
                 })
                 .collect();
-            // The task is reading (a flood) or waits on its socket (none).
+            // The task is reading (a flood), or has likely begun to wait on its socket (none;
+            // were it not polled yet, `notify_one` would leave it a permit).
             if flood {
                 while health.snapshot(String::new(), 0).errors == 0 {
                     tokio::task::yield_now().await;
