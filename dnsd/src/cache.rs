@@ -151,39 +151,70 @@ impl std::hash::Hasher for KeyHash {
 }
 
 /// The grant state of one entry for one client scope (`None` unless fwd runs per client).
+/// The first scope is held inline: without per-client grants there is only ever one, and a
+/// cache miss then allocates nothing for it.
 #[derive(Debug, Clone, Default)]
 struct Grants {
-    scopes: Vec<(Option<IpAddr>, u64)>,
+    first: Option<(Option<IpAddr>, u64)>,
+    /// Further scopes (per-client grants); only ever filled while `first` is set.
+    more: Vec<(Option<IpAddr>, u64)>,
 }
 
 impl Grants {
+    fn iter(&self) -> impl Iterator<Item = &(Option<IpAddr>, u64)> {
+        self.first.iter().chain(&self.more)
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
     fn get(&self, scope: Option<IpAddr>) -> Option<u64> {
-        self.scopes
-            .iter()
+        self.iter()
             .find(|(s, _)| *s == scope)
             .map(|(_, until)| *until)
     }
 
     fn set(&mut self, scope: Option<IpAddr>, until_ms: u64) {
-        if let Some(slot) = self.scopes.iter_mut().find(|(s, _)| *s == scope) {
+        let Some(first) = &mut self.first else {
+            self.first = Some((scope, until_ms));
+            return;
+        };
+        if let Some(slot) = std::iter::once(first)
+            .chain(&mut self.more)
+            .find(|(s, _)| *s == scope)
+        {
             slot.1 = until_ms;
             return;
         }
-        if self.scopes.len() >= MAX_GRANT_SCOPES
-            && let Some(pos) = self
-                .scopes
+        if self.len() >= MAX_GRANT_SCOPES {
+            // Forget the earliest-ending scope: the first one is replaced in place.
+            let earliest = self
+                .more
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, (_, until))| *until)
-                .map(|(i, _)| i)
-        {
-            self.scopes.swap_remove(pos);
+                .map(|(i, (_, until))| (i, *until));
+            match (earliest, self.first) {
+                (Some((i, until)), Some((_, first_until))) if until < first_until => {
+                    self.more.swap_remove(i);
+                }
+                _ => {
+                    self.first = Some((scope, until_ms));
+                    return;
+                }
+            }
         }
-        self.scopes.push((scope, until_ms));
+        self.more.push((scope, until_ms));
     }
 
     fn clear(&mut self) {
-        self.scopes.clear();
+        self.first = None;
+        self.more.clear();
     }
 }
 
@@ -660,7 +691,7 @@ impl Cache {
         inner.epoch += 1;
         let mut touched = 0;
         for (_, entry) in inner.map.iter_mut() {
-            if !entry.grants.scopes.is_empty() && entry.names_any_in(net) {
+            if !entry.grants.is_empty() && entry.names_any_in(net) {
                 entry.grants.clear();
                 touched += 1;
             }
@@ -1046,9 +1077,60 @@ mod tests {
         for i in 0..(MAX_GRANT_SCOPES as u64 + 10) {
             g.set(Some(IpAddr::from([10, 0, 0, i as u8])), 1000 + i);
         }
-        assert_eq!(g.scopes.len(), MAX_GRANT_SCOPES);
-        // The earliest-ending scopes were forgotten.
-        assert_eq!(g.get(Some(IpAddr::from([10, 0, 0, 0]))), None);
+        assert_eq!(g.len(), MAX_GRANT_SCOPES);
+        // The earliest-ending scopes were forgotten, the inline first one among them.
+        for i in 0..10u8 {
+            assert_eq!(g.get(Some(IpAddr::from([10, 0, 0, i]))), None, "{i}");
+        }
+        for i in 10..(MAX_GRANT_SCOPES as u8 + 10) {
+            let until = g.get(Some(IpAddr::from([10, 0, 0, i])));
+            assert_eq!(until, Some(1000 + u64::from(i)), "{i}");
+        }
+        // Setting a kept scope again updates it in place, wherever it is held.
+        g.set(Some(IpAddr::from([10, 0, 0, 10])), 5);
+        g.set(Some(IpAddr::from([10, 0, 0, 73])), 6);
+        assert_eq!(g.len(), MAX_GRANT_SCOPES);
+        assert_eq!(g.get(Some(IpAddr::from([10, 0, 0, 10]))), Some(5));
+        assert_eq!(g.get(Some(IpAddr::from([10, 0, 0, 73]))), Some(6));
+    }
+
+    /// `Grants` decides as a plain list of scopes bounded by evicting the earliest-ending one.
+    #[test]
+    fn grants_match_a_bounded_list() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..200 {
+            let mut g = Grants::default();
+            let mut list: Vec<(Option<IpAddr>, u64)> = Vec::new();
+            for _ in 0..300 {
+                let scope = match rng.random_range(0..100u8) {
+                    0 => None,
+                    n => Some(IpAddr::from([10, 0, 0, n])),
+                };
+                if rng.random_bool(0.02) {
+                    g.clear();
+                    list.clear();
+                    continue;
+                }
+                // Distinct expiries, so that "the earliest" is one scope.
+                let until = rng.random::<u64>() >> 1;
+                g.set(scope, until);
+                if let Some(slot) = list.iter_mut().find(|(s, _)| *s == scope) {
+                    slot.1 = until;
+                } else {
+                    if list.len() >= MAX_GRANT_SCOPES {
+                        let pos = (0..list.len()).min_by_key(|&i| list[i].1).unwrap();
+                        list.swap_remove(pos);
+                    }
+                    list.push((scope, until));
+                }
+                assert_eq!(g.len(), list.len());
+                assert_eq!(g.is_empty(), list.is_empty());
+                for (s, u) in &list {
+                    assert_eq!(g.get(*s), Some(*u));
+                }
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
