@@ -38,6 +38,10 @@
 #   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s; miss/first/dot: one pass
 #   over the file at most) for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for
 #   p50/p99 latency (from the per-query latencies dnsperf -v prints, as peers.sh does).
+#   The miss and dot workloads restart their system for every run, and their systems take
+#   turns rep by rep (rep 1 of each, then rep 2 of each, ...), so that the box's drift over the
+#   minutes a workload takes falls on every system alike; hits and first sights run system by
+#   system.
 #   First-sight authorization cost ("first" names, fixed rates LAT_QPS and LOW_QPS = 1000, the
 #   latter far from saturation so that queueing does not hide the per-query cost):
 #     dnsd          every answer names a new address (fwd: SQLite + netlink commit)
@@ -744,11 +748,38 @@ bench() { # system workload kinds...
     inns nice -n "$NICE" taskset -c "$GEN_CPU" dnsperf -s 127.0.0.1 -p "$(port_of "$sys")" -d "$W/q-hit.txt" -n 2 -q 20 >/dev/null 2>&1 || true
   fi
   for r in $(seq "$REPS"); do for k in "$@"; do measure "$sys" "$wl" "$k" "$r" || { log "$sys failed"; return 0; }; done; done
-  if [ "$sys" = dnsd ] || [ "$sys" = dnsd-dot ]; then
-    { echo "== $sys $wl"; inns "$BIN/guardctl" --dnsd-socket "$W/run/$(proc_of "$sys").sock" --socket "$W/run/fwd.sock" status 2>&1
-      inns "$BIN/guardctl" --dnsd-socket "$W/run/$(proc_of "$sys").sock" upstreams 2>&1; } >>"$OUT/dnsd-status.txt" || true
+  finish_system "$sys" "$wl"
+}
+
+finish_system() { # system workload: dnsd's status into the report's files, then stop it
+  if [ "$1" = dnsd ] || [ "$1" = dnsd-dot ]; then
+    { echo "== $1 $2"; inns "$BIN/guardctl" --dnsd-socket "$W/run/$(proc_of "$1").sock" --socket "$W/run/fwd.sock" status 2>&1
+      inns "$BIN/guardctl" --dnsd-socket "$W/run/$(proc_of "$1").sock" upstreams 2>&1; } >>"$OUT/dnsd-status.txt" || true
   fi
-  stop "$(proc_of "$sys")"
+  stop "$(proc_of "$1")"
+}
+
+# The cold-start workloads (miss, dot: every measurement restarts its system) take turns: rep 1
+# of every system, then rep 2 of every system, and so on. The machine's drift over the minutes
+# a workload takes then falls on every system alike, instead of on whichever ran last.
+bench_turns() { # "systems" workload kinds...
+  local systems=$1 wl=$2 r s k ok; shift 2
+  local turn=()
+  for s in $systems; do
+    want "$s" || continue
+    have "$s" || { log "skip $s: not installed"; echo "$s,$wl,skipped" >>"$OUT/skipped.csv"; continue; }
+    turn+=("$s")
+  done
+  for r in $(seq "$REPS"); do
+    local next=()
+    for s in "${turn[@]}"; do
+      log "== $s $wl (rep $r of $REPS)"
+      ok=1
+      for k in "$@"; do measure "$s" "$wl" "$k" "$r" || { log "$s failed"; ok=0; break; }; done
+      if [ "$ok" = 1 ] && [ "$r" -lt "$REPS" ]; then next+=("$s"); stop "$(proc_of "$s")"; else finish_system "$s" "$wl"; fi
+    done
+    turn=("${next[@]}")
+  done
 }
 
 : >"$OUT/skipped.csv"; : >"$OUT/dnsd-status.txt"
@@ -768,13 +799,13 @@ fresh_fwd
 
 if [ "$QUICK" = 0 ]; then REPS=1 bench nsd-direct hit sat; fi
 for s in dnsd unbound dnsdist kresd; do bench "$s" hit sat lat; done
-for s in dnsd dnsd-noauth unbound dnsdist kresd; do bench "$s" miss sat lat; done
+bench_turns "dnsd dnsd-noauth unbound dnsdist kresd" miss sat lat
 # first-sight authorization: every answer a new address (the authorization path, dnsd only)
 bench dnsd first sat lat low
 bench dnsd-noauth first lat low
 bench dnsd-granted first lat low
 if [ "$QUICK" = 0 ]; then bench dnsd-extend first low; fi
-for s in dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot; do bench "$s" dot sat lat; done
+bench_turns "dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot" dot sat lat
 stop fwd
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 echo "duration: $(( $(date +%s) - T_START )) s" >>"$OUT/env.txt"
