@@ -42,7 +42,7 @@ for c in valgrind callgrind_control nsd dnsperf dig python3; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install valgrind nsd dnsperf bind9-dnsutils python3)" >&2; exit 1; }
 done
 [ "$AUTH" = 0 ] || [ "$AUTH" = 1 ] || { echo "AUTH must be 0 or 1" >&2; exit 2; }
-for b in "$BASE" ${NEW:+"$NEW"} $([ "$AUTH" = 0 ] || echo "$FWD"); do [ -x "$b" ] || { echo "no dnsd binary at $b" >&2; exit 1; }; done
+for b in "$BASE" ${NEW:+"$NEW"} $([ "$AUTH" = 0 ] || echo "$FWD"); do [ -x "$b" ] || { echo "no executable at $b" >&2; exit 1; }; done
 
 NS="guard-miss-ir-$$"
 W=$(mktemp -d /tmp/guard-miss-ir.XXXXXX)

@@ -189,15 +189,8 @@ fn update_srtt(srtt_us: &mut u64, rtt: Duration) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::policy;
     use super::*;
-
-    fn policy() -> Policy {
-        Policy {
-            max_failures: 3,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-        }
-    }
 
     #[test]
     fn srtt_is_an_ewma() {

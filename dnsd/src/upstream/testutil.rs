@@ -126,6 +126,15 @@ impl TestServer {
     }
 }
 
+/// A health policy for tests: down after 3 failures, back-off from 1 s to 60 s.
+pub(crate) fn policy() -> super::health::Policy {
+    super::health::Policy {
+        max_failures: 3,
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+    }
+}
+
 /// A 127.0.0.1 TCP port nothing listens on (bound for a moment, then released).
 pub(crate) fn closed_tcp_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

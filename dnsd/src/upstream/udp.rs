@@ -184,14 +184,22 @@ impl UdpPool {
         {
             return Ok(chan.clone());
         }
-        let chan = Arc::new(Channel {
-            sock: connected_socket(self.addr)?,
-            state: Mutex::new(ChannelState::default()),
-            done: Notify::new(),
-        });
+        let chan = Arc::new(Channel::new(self.addr)?);
         tokio::spawn(receive(chan.clone(), self.addr, self.health.clone()));
         *slot = Some(chan.clone());
         Ok(chan)
+    }
+}
+
+impl Channel {
+    /// A channel on a new socket connected to `addr`, with nothing pending (its receive task
+    /// is the caller's to spawn).
+    fn new(addr: SocketAddr) -> Result<Self, UpstreamError> {
+        Ok(Channel {
+            sock: connected_socket(addr)?,
+            state: Mutex::new(ChannelState::default()),
+            done: Notify::new(),
+        })
     }
 }
 
@@ -419,7 +427,8 @@ mod tests {
     use std::time::Duration;
 
     use super::super::testutil::{
-        assert_answers, closed_udp_port, config, query, udp_server, udp_server_on, udp_tcp_server,
+        assert_answers, closed_udp_port, config, policy, query, udp_server, udp_server_on,
+        udp_tcp_server,
     };
     use super::super::{Protocol, UpstreamConfig, Upstreams};
     use super::*;
@@ -543,11 +552,7 @@ mod tests {
     #[tokio::test]
     async fn a_retired_channel_takes_no_new_query() {
         let server = udp_server().await;
-        let chan = Channel {
-            sock: connected_socket(server.addr).unwrap(),
-            state: Mutex::new(ChannelState::default()),
-            done: Notify::new(),
-        };
+        let chan = Channel::new(server.addr).unwrap();
         let wire = [0u8; HEADER_LEN];
         let (tx, _rx) = oneshot::channel();
         assert!(chan.register(b"q", &wire, tx).is_some());
@@ -564,20 +569,11 @@ mod tests {
     /// tokio's cooperative budget makes its socket branch pend.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_receive_task_of_a_retired_idle_channel_ends() {
-        let policy = super::super::health::Policy {
-            max_failures: 3,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-        };
         for flood in [false, true] {
             let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let chan = Arc::new(Channel {
-                sock: connected_socket(peer.local_addr().unwrap()).unwrap(),
-                state: Mutex::new(ChannelState::default()),
-                done: Notify::new(),
-            });
+            let chan = Arc::new(Channel::new(peer.local_addr().unwrap()).unwrap());
             let mine = chan.sock.local_addr().unwrap();
-            let health = Arc::new(Health::new(policy));
+            let health = Arc::new(Health::new(policy()));
             let task = tokio::spawn(receive(chan.clone(), mine, health.clone()));
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             // Junk the task reads and ignores (no query is pending), sent nonstop by three
