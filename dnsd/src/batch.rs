@@ -1,18 +1,20 @@
-//! Reading many datagrams per system call (`recvmmsg`), for the UDP listeners. (The shared
-//! upstream sockets were measured with it too and gained nothing, so they read one datagram
-//! at a time.)
+//! Reading many datagrams per system call (`recvmmsg`), and sending the answers a read
+//! produced at once (`sendmmsg`), for the UDP listeners. (The shared upstream sockets were
+//! measured with `recvmmsg` too and gained nothing, so they read one datagram at a time.)
 //!
 //! Under load a UDP socket seldom drains between two reads, so one call returns what is
 //! queued (up to the batch size) and the per-call cost (the system call, the socket lookup,
 //! tokio's readiness bookkeeping) is paid once for the lot. An idle socket costs what a
-//! `recv_from` costs: the call returns the one datagram there is.
+//! `recv_from` costs: the call returns the one datagram there is. Likewise the answers that
+//! one read's queries got at once (cache hits, refusals) leave in one `sendmmsg`; a lone
+//! answer leaves by `send_to`.
 
 use std::cell::RefCell;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 
 use crate::quiet::QuietUdp;
 
@@ -36,6 +38,9 @@ thread_local! {
     /// length at what it wrote last (16 octets for IPv4, 28 for IPv6) and nix does not
     /// reset it: an IPv6 read through headers an IPv4 read shrank would cut the address.
     static HEADERS: RefCell<[Headers; 2]> = const { RefCell::new([(0, None), (0, None)]) };
+    /// The `sendmmsg` headers (every address is written for each call, so one set serves
+    /// both families).
+    static SEND_HEADERS: RefCell<Headers> = const { RefCell::new((0, None)) };
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -107,6 +112,86 @@ impl RecvBatch {
         }
         Ok(got.len())
     }
+}
+
+/// Answers waiting to leave one UDP socket together.
+#[derive(Debug, Default)]
+pub(crate) struct SendBatch {
+    out: Vec<(Vec<u8>, SocketAddr)>,
+}
+
+impl SendBatch {
+    /// Room for `count` answers before the vector grows.
+    pub(crate) fn new(count: usize) -> Self {
+        SendBatch {
+            out: Vec::with_capacity(count),
+        }
+    }
+
+    /// Queues `resp` for `peer`.
+    pub(crate) fn push(&mut self, resp: Vec<u8>, peer: SocketAddr) {
+        self.out.push((resp, peer));
+    }
+
+    /// Sends every queued answer now, in order, and empties the batch. An answer that fails
+    /// for another reason than a full buffer is handed to `failed` and dropped (as a lost
+    /// datagram would be); the answers that do not fit in the socket buffer are handed to
+    /// `blocked`, in order, for the caller to send once there is room.
+    pub(crate) fn flush(
+        &mut self,
+        sock: &QuietUdp,
+        mut failed: impl FnMut(io::Error),
+        mut blocked: impl FnMut(Vec<u8>, SocketAddr),
+    ) {
+        let mut start = 0;
+        while start < self.out.len() {
+            let rest = self.out.get(start..).unwrap_or_default();
+            let sent = match rest {
+                [(resp, peer)] => sock.try_send_to(resp, *peer).map(|_| 1),
+                _ => send_many(sock.as_raw_fd(), rest),
+            };
+            match sent {
+                Ok(n) => start += n.max(1),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // The first answer of the call failed: drop it, go on with the next.
+                    failed(e);
+                    start += 1;
+                }
+            }
+        }
+        let mut drained = self.out.drain(..);
+        drained.by_ref().take(start).for_each(drop);
+        for (resp, peer) in drained {
+            blocked(resp, peer);
+        }
+    }
+}
+
+/// One `sendmmsg` of `out`; how many answers left (at least one), or the first one's error.
+fn send_many(fd: std::os::fd::RawFd, out: &[(Vec<u8>, SocketAddr)]) -> io::Result<usize> {
+    SEND_HEADERS.with_borrow_mut(|(room, headers)| {
+        if *room < out.len() || headers.is_none() {
+            *headers = Some(MultiHeaders::preallocate(out.len(), None));
+            *room = out.len();
+        }
+        let Some(headers) = headers.as_mut() else {
+            return Err(io::Error::other("no sendmmsg headers"));
+        };
+        let iovs: Vec<[IoSlice<'_>; 1]> = out.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
+        let addrs: Vec<Option<SockaddrStorage>> = out
+            .iter()
+            .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+            .collect();
+        let sent = sendmmsg(fd, headers, &iovs, &addrs, [], MsgFlags::empty())
+            .map_err(io::Error::from)?
+            .count();
+        if sent == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(sent)
+    })
 }
 
 fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
@@ -202,5 +287,78 @@ mod tests {
             }
         }
         assert_eq!(got, (0..10).collect::<Vec<u8>>());
+    }
+
+    async fn recv_one(sock: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), sock.recv(&mut buf))
+            .await
+            .expect("a datagram within 5 s")
+            .unwrap();
+        buf[..n].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_flush_sends_every_answer_to_its_peer_in_order() {
+        for (local, peer_addr) in [("127.0.0.1:0", "127.0.0.1:0"), ("[::1]:0", "[::1]:0")] {
+            let tx = quiet(local);
+            let a = UdpSocket::bind(peer_addr).await.unwrap();
+            let b = UdpSocket::bind(peer_addr).await.unwrap();
+            let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+            let mut out = SendBatch::new(2);
+            // A lone answer (send_to), then more than the batch was sized for (sendmmsg, its
+            // headers grown), then a few again (the grown headers reused).
+            for round in [1u8, 7, 3] {
+                for i in 0..round {
+                    out.push(vec![round, i], if i % 3 == 1 { pb } else { pa });
+                }
+                let mut failures = 0;
+                out.flush(
+                    &tx,
+                    |_| failures += 1,
+                    |_, _| panic!("loopback never blocks"),
+                );
+                assert_eq!(failures, 0);
+                assert!(out.out.is_empty());
+                for i in 0..round {
+                    let at = if i % 3 == 1 { &b } else { &a };
+                    assert_eq!(recv_one(at).await, vec![round, i], "{local} round {round}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_cannot_be_sent_is_dropped_and_the_rest_still_leave() {
+        let tx = quiet("127.0.0.1:0");
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let pa = a.local_addr().unwrap();
+        // An IPv6 destination on an IPv4 socket fails at once, wherever it sits in the batch.
+        let bad: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
+        let mut out = SendBatch::new(4);
+        for (i, to) in [pa, bad, pa, bad, bad, pa].into_iter().enumerate() {
+            out.push(vec![u8::try_from(i).unwrap()], to);
+        }
+        let mut failures = 0;
+        out.flush(
+            &tx,
+            |_| failures += 1,
+            |_, _| panic!("loopback never blocks"),
+        );
+        assert_eq!(failures, 3);
+        assert!(out.out.is_empty());
+        for want in [0u8, 2, 5] {
+            assert_eq!(recv_one(&a).await, vec![want]);
+        }
+        // The first answer failing is the same case.
+        out.push(vec![9], bad);
+        out.push(vec![10], pa);
+        out.flush(
+            &tx,
+            |_| failures += 1,
+            |_, _| panic!("loopback never blocks"),
+        );
+        assert_eq!(failures, 4);
+        assert_eq!(recv_one(&a).await, vec![10]);
     }
 }

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::batch::RecvBatch;
+use crate::batch::{RecvBatch, SendBatch};
 use crate::config::{Config, ListenConfig, TlsListenConfig};
 use crate::handler::{Early, Handler, Transport};
 use crate::quiet::QuietUdp;
@@ -349,6 +349,7 @@ pub(crate) async fn serve_udp(
     // Room for the largest datagram, so that oversized junk is read whole and rejected
     // rather than silently cut to a parseable prefix.
     let mut batch = RecvBatch::new(UDP_BATCH, 65_536);
+    let mut out = SendBatch::new(UDP_BATCH);
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -366,28 +367,36 @@ pub(crate) async fn serve_udp(
             let Some((data, Some(peer))) = batch.get(i) else {
                 continue;
             };
-            serve_datagram(&sock, &handler, &tasks, data, peer);
+            serve_datagram(&sock, &handler, &tasks, data, peer, &mut out);
         }
+        // The answers this read's queries got at once leave together.
+        out.flush(
+            &sock,
+            |e| tracing::debug!(error = %e, "udp send failed"),
+            |resp, peer| {
+                let sock = sock.clone();
+                tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
+            },
+        );
     }
 }
 
-/// Answers one datagram, at once when it can (most cache hits), else in a task of its own.
+/// Answers one datagram, at once when it can (most cache hits: the answer joins `out`),
+/// else in a task of its own.
 fn serve_datagram(
     sock: &Arc<QuietUdp>,
     handler: &Arc<Handler>,
     tasks: &TaskTracker,
     data: &[u8],
     peer: SocketAddr,
+    out: &mut SendBatch,
 ) {
     let later = match handler.begin(data, peer, Transport::Udp) {
         Early::Answered(None) => return,
         Early::Answered(Some(resp)) => {
             // Answered without waiting (most cache hits): no task, and no await unless
             // the socket buffer is full.
-            if let Some(resp) = try_answer(sock, resp, peer) {
-                let sock = sock.clone();
-                tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
-            }
+            out.push(resp, peer);
             return;
         }
         Early::Later(later) => later,

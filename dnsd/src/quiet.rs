@@ -13,9 +13,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
-#[cfg(test)]
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use guard_proto::register_with_interest;
@@ -58,7 +56,6 @@ impl<S: Dup> Quiet<S> {
         })
     }
 
-    #[cfg(test)]
     pub(crate) fn as_raw_fd(&self) -> RawFd {
         self.io.get_ref().as_raw_fd()
     }

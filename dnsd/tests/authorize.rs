@@ -309,6 +309,60 @@ async fn a_query(s: &Setup) -> hickory_proto::op::Message {
     udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await
 }
 
+/// Cache hits are answered in the receive loop and the answers of one read leave in one
+/// `sendmmsg`: a burst from several clients at once must still bring every client exactly its
+/// own answers.
+#[tokio::test]
+async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
+    let s = setup(|_| {}).await;
+    a_query(&s).await;
+    let calls = s.fwd.calls().len();
+    const CLIENTS: u16 = 6;
+    const EACH: u16 = 40;
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(s.dnsd.udp).await.unwrap();
+        clients.push((c, sock));
+    }
+    // Every query of every client is sent before any answer is read, so that dnsd finds
+    // many queued at once.
+    for i in 0..EACH {
+        for (c, sock) in &clients {
+            let mut q = query("example.com.", RecordType::A, i % 2 == 0);
+            q.metadata.id = c * 1000 + i;
+            sock.send(&q.to_vec().unwrap()).await.unwrap();
+        }
+    }
+    for (c, sock) in &clients {
+        let mut ids = Vec::new();
+        let mut buf = vec![0u8; 65_535];
+        while ids.len() < usize::from(EACH) {
+            let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client {c}: only {} answers", ids.len()))
+                .unwrap();
+            let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(addrs(&resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+            // The answer echoes the EDNS choice of the query it answers.
+            assert_eq!(resp.edns.is_some(), (resp.metadata.id % 1000) % 2 == 0);
+            ids.push(resp.metadata.id);
+        }
+        ids.sort_unstable();
+        let want: Vec<u16> = (0..EACH).map(|i| c * 1000 + i).collect();
+        assert_eq!(
+            ids, want,
+            "client {c} got another client's answers or duplicates"
+        );
+    }
+    assert_eq!(
+        s.fwd.calls().len(),
+        calls,
+        "hits with a live grant never call fwd"
+    );
+}
+
 /// Regression test for the bug found by the end-to-end test of the same name: after an admin
 /// revoked an address in fwd, dnsd kept serving the cached answer as if its grant were live.
 #[tokio::test]
