@@ -38,10 +38,11 @@
 #   Each workload: a saturation run (dnsperf -c 4 -q 100, at most DUR s; miss/first/dot: one pass
 #   over the file at most) for qps and CPU, and a fixed-rate run (-Q LAT_QPS, LAT_DUR s, -v) for
 #   p50/p99 latency (from the per-query latencies dnsperf -v prints, as peers.sh does).
-#   The miss and dot workloads restart their system for every run, and their systems take
-#   turns rep by rep (rep 1 of each, then rep 2 of each, ...), so that the box's drift over the
-#   minutes a workload takes falls on every system alike; hits and first sights run system by
-#   system.
+#   The miss and dot workloads restart their system for every run; the hit workload restarts
+#   and re-warms it for every rep. The systems take turns rep by rep (rep 1 of each, then rep 2
+#   of each, ...), so that the box's drift over the minutes a workload takes falls on every
+#   system alike (its bursts of millisecond stalls set everyone's p99); first sights (dnsd
+#   only) run variant by variant.
 #   First-sight authorization cost ("first" names, fixed rates LAT_QPS and LOW_QPS = 1000, the
 #   latter far from saturation so that queueing does not hide the per-query cost):
 #     dnsd          every answer names a new address (fwd: SQLite + netlink commit)
@@ -742,13 +743,15 @@ bench() { # system workload kinds...
   want "$sys" || return 0
   have "$sys" || { log "skip $sys: not installed"; echo "$sys,$wl,skipped" >>"$OUT/skipped.csv"; return 0; }
   log "== $sys $wl"
-  if [ "$wl" = hit ]; then
-    case $sys in dnsd) stop dnsd; fresh_fwd || return 0 ;; esac
-    start "$sys" "$SUT_CPU" || return 0
-    inns nice -n "$NICE" taskset -c "$GEN_CPU" dnsperf -s 127.0.0.1 -p "$(port_of "$sys")" -d "$W/q-hit.txt" -n 2 -q 20 >/dev/null 2>&1 || true
-  fi
+  if [ "$wl" = hit ]; then warm_hits "$sys" || return 0; fi
   for r in $(seq "$REPS"); do for k in "$@"; do measure "$sys" "$wl" "$k" "$r" || { log "$sys failed"; return 0; }; done; done
   finish_system "$sys" "$wl"
+}
+
+warm_hits() { # system: (re)start it, and fill its cache with the hit workload's names
+  case $1 in dnsd) stop dnsd; fresh_fwd || return 1 ;; esac
+  start "$1" "$SUT_CPU" || return 1
+  inns nice -n "$NICE" taskset -c "$GEN_CPU" dnsperf -s 127.0.0.1 -p "$(port_of "$1")" -d "$W/q-hit.txt" -n 2 -q 20 >/dev/null 2>&1 || true
 }
 
 finish_system() { # system workload: dnsd's status into the report's files, then stop it
@@ -759,9 +762,10 @@ finish_system() { # system workload: dnsd's status into the report's files, then
   stop "$(proc_of "$1")"
 }
 
-# The cold-start workloads (miss, dot: every measurement restarts its system) take turns: rep 1
-# of every system, then rep 2 of every system, and so on. The machine's drift over the minutes
-# a workload takes then falls on every system alike, instead of on whichever ran last.
+# The workloads compared with peers (hit, miss, dot) take turns: rep 1 of every system, then rep
+# 2 of every system, and so on. The machine's drift over the minutes a workload takes then falls
+# on every system alike, instead of on whichever ran last. A hit turn starts its system afresh
+# and warms its cache first; miss and dot measurements restart their system anyway.
 bench_turns() { # "systems" workload kinds...
   local systems=$1 wl=$2 r s k ok; shift 2
   local turn=()
@@ -775,6 +779,7 @@ bench_turns() { # "systems" workload kinds...
     for s in "${turn[@]}"; do
       log "== $s $wl (rep $r of $REPS)"
       ok=1
+      if [ "$wl" = hit ]; then warm_hits "$s" || { log "$s failed"; continue; }; fi
       for k in "$@"; do measure "$s" "$wl" "$k" "$r" || { log "$s failed"; ok=0; break; }; done
       if [ "$ok" = 1 ] && [ "$r" -lt "$REPS" ]; then next+=("$s"); stop "$(proc_of "$s")"; else finish_system "$s" "$wl"; fi
     done
@@ -798,7 +803,7 @@ start nsd-backend "$GEN_CPU"
 fresh_fwd
 
 if [ "$QUICK" = 0 ]; then REPS=1 bench nsd-direct hit sat; fi
-for s in dnsd unbound dnsdist kresd; do bench "$s" hit sat lat; done
+bench_turns "dnsd unbound dnsdist kresd" hit sat lat
 bench_turns "dnsd dnsd-noauth unbound dnsdist kresd" miss sat lat
 # first-sight authorization: every answer a new address (the authorization path, dnsd only)
 bench dnsd first sat lat low
