@@ -329,7 +329,7 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
     // many queued at once.
     for i in 0..EACH {
         for (c, sock) in &clients {
-            let mut q = query("example.com.", RecordType::A, i % 2 == 0);
+            let mut q = query("example.com.", RecordType::A, i.is_multiple_of(2));
             q.metadata.id = c * 1000 + i;
             sock.send(&q.to_vec().unwrap()).await.unwrap();
         }
@@ -346,7 +346,10 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
             assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
             assert_eq!(addrs(&resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
             // The answer echoes the EDNS choice of the query it answers.
-            assert_eq!(resp.edns.is_some(), (resp.metadata.id % 1000) % 2 == 0);
+            assert_eq!(
+                resp.edns.is_some(),
+                (resp.metadata.id % 1000).is_multiple_of(2)
+            );
             ids.push(resp.metadata.id);
         }
         ids.sort_unstable();
