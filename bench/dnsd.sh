@@ -779,7 +779,7 @@ bench_turns() { # "systems" workload kinds...
     for s in "${turn[@]}"; do
       log "== $s $wl (rep $r of $REPS)"
       ok=1
-      if [ "$wl" = hit ]; then warm_hits "$s" || { log "$s failed"; continue; }; fi
+      if [ "$wl" = hit ]; then warm_hits "$s" || { log "$s failed to start"; echo "$s,$wl,failed to start" >>"$OUT/skipped.csv"; continue; }; fi
       for k in "$@"; do measure "$s" "$wl" "$k" "$r" || { log "$s failed"; ok=0; break; }; done
       if [ "$ok" = 1 ] && [ "$r" -lt "$REPS" ]; then next+=("$s"); stop "$(proc_of "$s")"; else finish_system "$s" "$wl"; fi
     done

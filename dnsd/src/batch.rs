@@ -184,6 +184,10 @@ fn send_many(fd: std::os::fd::RawFd, out: &[(Vec<u8>, SocketAddr)]) -> io::Resul
             .iter()
             .map(|(_, a)| Some(SockaddrStorage::from(*a)))
             .collect();
+        // nix reports how many left only through its result iterator, which builds a
+        // `RecvMsg` per message and in doing so reads the headers' address slots, never
+        // written on this send path (harmless copies of uninitialised bytes; nix's own test
+        // does the same). dnsd denies `unsafe`, so it does not call `libc::sendmmsg` itself.
         let sent = sendmmsg(fd, headers, &iovs, &addrs, [], MsgFlags::empty())
             .map_err(io::Error::from)?
             .count();
@@ -319,8 +323,8 @@ mod tests {
             let b = UdpSocket::bind(peer_addr).await.unwrap();
             let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
             let mut out = SendBatch::new(2);
-            // A lone answer (send_to), then more than the batch was sized for (sendmmsg, its
-            // headers grown), then a few again (the grown headers reused).
+            // A lone answer (send_to), then more answers than the thread's sendmmsg headers
+            // had room for (they grow), then a few again (the grown headers reused).
             for round in [1u8, 7, 3] {
                 for i in 0..round {
                     out.push(vec![round, i], if i % 3 == 1 { pb } else { pa });

@@ -359,6 +359,15 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
             "client {c} got another client's answers or duplicates"
         );
     }
+    // Nothing beyond one answer per query: every answer was read above, so a second copy
+    // of one would be queued by now.
+    let mut buf = vec![0u8; 512];
+    for (c, sock) in &clients {
+        assert!(
+            sock.try_recv(&mut buf).is_err(),
+            "client {c} got more answers than it asked for"
+        );
+    }
     assert_eq!(
         s.fwd.calls().len(),
         calls,
