@@ -161,9 +161,8 @@ impl SendBatch {
                 }
             }
         }
-        let mut drained = self.out.drain(..);
-        drained.by_ref().take(start).for_each(drop);
-        for (resp, peer) in drained {
+        // The first `start` answers left or failed; the rest wait for room.
+        for (resp, peer) in self.out.drain(..).skip(start) {
             blocked(resp, peer);
         }
     }
