@@ -7,7 +7,8 @@
 //! tokio's readiness bookkeeping) is paid once for the lot. An idle socket costs what a
 //! `recv_from` costs: the call returns the one datagram there is. Likewise the answers that
 //! one read's queries got at once (cache hits, refusals) leave in one `sendmmsg`; a lone
-//! answer leaves by `send_to`.
+//! answer leaves by `send_to`. The answers that query tasks finish later (cache misses) wait
+//! in the listener's [`Outbox`] and leave with the next batch the listener sends.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -15,6 +16,8 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::quiet::QuietUdp;
 
@@ -165,6 +168,61 @@ impl SendBatch {
         for (resp, peer) in self.out.drain(..).skip(start) {
             blocked(resp, peer);
         }
+    }
+}
+
+/// Answers that query tasks finished (cache misses), waiting for their listener to send them
+/// together with whatever else is ready: under load many answers come back between two turns
+/// of the listener, and one `sendmmsg` carries them all instead of a `send_to` each.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Wakes the listener when the first answer joins an empty outbox.
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    queued: Vec<(Vec<u8>, SocketAddr)>,
+    /// The listener has stopped: nobody would send what is queued.
+    closed: bool,
+}
+
+impl Outbox {
+    /// Queues `resp` for `peer` and wakes the listener if it has nothing else queued. Gives
+    /// the answer back once the listener has stopped (shutdown): the caller sends it itself.
+    pub(crate) fn push(&self, resp: Vec<u8>, peer: SocketAddr) -> Result<(), Vec<u8>> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Err(resp);
+        }
+        let first = st.queued.is_empty();
+        st.queued.push((resp, peer));
+        drop(st);
+        if first {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves every queued answer, in order, to the end of `out`.
+    pub(crate) fn take_into(&self, out: &mut SendBatch) {
+        let mut st = self.state.lock();
+        out.out.append(&mut st.queued);
+    }
+
+    /// Refuses further answers (they are given back to their tasks) and moves those queued
+    /// to `out`, for the listener's last flush.
+    pub(crate) fn close_into(&self, out: &mut SendBatch) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        out.out.append(&mut st.queued);
+    }
+
+    /// Completes once an answer joined the empty outbox since the last call's future
+    /// completed (or was created, for the first).
+    pub(crate) fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 }
 
@@ -357,5 +415,48 @@ mod tests {
         out.push(vec![10], pa);
         assert_eq!(flush_all(&mut out, &tx), 1);
         assert_eq!(recv_one(&a).await, vec![10]);
+    }
+
+    /// Polls `f` once: whether it is still pending.
+    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn the_outbox_hands_its_answers_over_in_order_and_wakes_the_listener_once() {
+        let outbox = Outbox::default();
+        let a: SocketAddr = "127.0.0.1:5301".parse().unwrap();
+        let b: SocketAddr = "[::1]:5302".parse().unwrap();
+        let ready = outbox.ready();
+        tokio::pin!(ready);
+        assert!(pending(ready.as_mut()), "nothing queued yet");
+        for (i, to) in [a, b, a].into_iter().enumerate() {
+            outbox.push(vec![u8::try_from(i).unwrap()], to).unwrap();
+        }
+        assert!(!pending(ready.as_mut()), "the first answer wakes");
+        let mut out = SendBatch::new(2);
+        out.push(vec![9], b);
+        outbox.take_into(&mut out);
+        let got: Vec<(Vec<u8>, SocketAddr)> = out.out.drain(..).collect();
+        assert_eq!(
+            got,
+            vec![(vec![9], b), (vec![0], a), (vec![1], b), (vec![2], a)],
+            "after what the batch had, in the order they came"
+        );
+        // Only the answers queued after a wake-up and a drain wake the listener again.
+        ready.set(outbox.ready());
+        assert!(pending(ready.as_mut()));
+        outbox.push(vec![3], b).unwrap();
+        outbox.push(vec![4], b).unwrap();
+        assert!(!pending(ready.as_mut()));
+        ready.set(outbox.ready());
+        assert!(pending(ready.as_mut()), "one wake-up for both");
+        // Closing hands over what is queued and refuses the rest, which go back to their tasks.
+        outbox.close_into(&mut out);
+        assert_eq!(out.out.len(), 2);
+        assert_eq!(outbox.push(vec![5], a), Err(vec![5]));
+        outbox.take_into(&mut out);
+        assert_eq!(out.out.len(), 2, "nothing was queued after closing");
     }
 }

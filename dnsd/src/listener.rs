@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::batch::{RecvBatch, SendBatch};
+use crate::batch::{Outbox, RecvBatch, SendBatch};
 use crate::config::{Config, ListenConfig, TlsListenConfig};
 use crate::handler::{Early, Handler, Transport};
 use crate::quiet::QuietUdp;
@@ -350,43 +350,58 @@ pub(crate) async fn serve_udp(
     // rather than silently cut to a parseable prefix.
     let mut batch = RecvBatch::new(UDP_BATCH, 65_536);
     let mut out = SendBatch::new(UDP_BATCH);
+    let outbox = Arc::new(Outbox::default());
+    let ready = outbox.ready();
+    tokio::pin!(ready);
+    let failed = |e: io::Error| tracing::debug!(error = %e, "udp send failed");
+    let blocked = |resp: Vec<u8>, peer: SocketAddr| {
+        let sock = sock.clone();
+        tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
+    };
     loop {
+        // `biased`: queries first. Answers waiting in the outbox leave at every turn anyway,
+        // and tokio's cooperative budget makes a flooded socket pend now and then.
         let received = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            r = batch.recv(&sock) => r,
-        };
-        let count = match received {
-            Ok(n) => n,
-            Err(e) => {
-                // ICMP errors from earlier sends surface here on Linux; keep serving.
-                tracing::debug!(error = %e, "udp recv error");
-                continue;
+            r = batch.recv(&sock) => Some(r),
+            () = &mut ready => {
+                ready.set(outbox.ready());
+                None
             }
         };
-        for i in 0..count {
-            let Some((data, Some(peer))) = batch.get(i) else {
-                continue;
-            };
-            serve_datagram(&sock, &handler, &tasks, data, peer, &mut out);
+        match received {
+            Some(Ok(count)) => {
+                for i in 0..count {
+                    let Some((data, Some(peer))) = batch.get(i) else {
+                        continue;
+                    };
+                    serve_datagram(&sock, &handler, &tasks, &outbox, data, peer, &mut out);
+                }
+            }
+            Some(Err(e)) => {
+                // ICMP errors from earlier sends surface here on Linux; keep serving.
+                tracing::debug!(error = %e, "udp recv error");
+            }
+            None => {}
         }
-        // The answers this read's queries got at once leave together.
-        out.flush(
-            &sock,
-            |e| tracing::debug!(error = %e, "udp send failed"),
-            |resp, peer| {
-                let sock = sock.clone();
-                tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
-            },
-        );
+        // The answers this read's queries got at once, and those query tasks finished since
+        // the last turn, leave together.
+        outbox.take_into(&mut out);
+        out.flush(&sock, failed, blocked);
     }
+    // Query tasks still running send their own answers from now on.
+    outbox.close_into(&mut out);
+    out.flush(&sock, failed, blocked);
 }
 
 /// Answers one datagram, at once when it can (most cache hits: the answer joins `out`),
-/// else in a task of its own.
+/// else in a task of its own, whose answer joins the listener's `outbox`.
 fn serve_datagram(
     sock: &Arc<QuietUdp>,
     handler: &Arc<Handler>,
     tasks: &TaskTracker,
+    outbox: &Arc<Outbox>,
     data: &[u8],
     peer: SocketAddr,
     out: &mut SendBatch,
@@ -408,6 +423,7 @@ fn serve_datagram(
     let data = data.to_vec();
     let handler = handler.clone();
     let sock = sock.clone();
+    let outbox = outbox.clone();
     let fut = async move {
         // The query's own state is boxed: the task itself stays small, and a spawn copies
         // a task's future several times.
@@ -415,7 +431,10 @@ fn serve_datagram(
         else {
             return;
         };
-        if let Some(resp) = try_answer(&sock, resp, peer) {
+        // The listener sends it with its next batch; after shutdown, this task does.
+        if let Err(resp) = outbox.push(resp, peer)
+            && let Some(resp) = try_answer(&sock, resp, peer)
+        {
             answer_when_writable(&sock, &resp, peer).await;
         }
     };

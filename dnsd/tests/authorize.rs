@@ -375,6 +375,106 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
     );
 }
 
+/// Answers to cache misses are finished by their query tasks and wait in the listener's outbox
+/// for one `sendmmsg`: a burst of misses from several clients at once must still bring every
+/// client exactly its own answers, each to the question it asked.
+#[tokio::test]
+async fn a_burst_of_cache_misses_from_many_clients_brings_each_its_own_answers() {
+    let burst: Responder = Arc::new(|q| {
+        let name = q.queries[0].name().to_ascii();
+        Some(reply(q, &[&format!("{name} 300 A 192.0.2.9")]))
+    });
+    let s = setup_with(burst, true, |_| {}).await;
+    const CLIENTS: u16 = 6;
+    const EACH: u16 = 40;
+    let name = |c: u16, i: u16| format!("c{c}q{i}.burst.test.");
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(s.dnsd.udp).await.unwrap();
+        clients.push((c, sock));
+    }
+    for i in 0..EACH {
+        for (c, sock) in &clients {
+            let mut q = query(&name(*c, i), RecordType::A, false);
+            q.metadata.id = c * 1000 + i;
+            sock.send(&q.to_vec().unwrap()).await.unwrap();
+        }
+    }
+    for (c, sock) in &clients {
+        let mut ids = Vec::new();
+        let mut buf = vec![0u8; 65_535];
+        while ids.len() < usize::from(EACH) {
+            let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client {c}: only {} answers", ids.len()))
+                .unwrap();
+            let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+            let id = resp.metadata.id;
+            assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(
+                resp.queries[0].name().to_ascii(),
+                name(id / 1000, id % 1000),
+                "the answer with ID {id} answers another question"
+            );
+            assert_eq!(addrs(&resp), vec![ip("192.0.2.9")]);
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        let want: Vec<u16> = (0..EACH).map(|i| c * 1000 + i).collect();
+        assert_eq!(
+            ids, want,
+            "client {c} got another client's answers or duplicates"
+        );
+    }
+    let mut buf = vec![0u8; 512];
+    for (c, sock) in &clients {
+        assert!(
+            sock.try_recv(&mut buf).is_err(),
+            "client {c} got more answers than it asked for"
+        );
+    }
+    assert_eq!(
+        s.upstream
+            .queries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        usize::from(CLIENTS * EACH),
+        "every query was a miss"
+    );
+}
+
+/// A query in flight when shutdown starts still gets its answer: once the UDP listener has
+/// stopped, its query tasks send their answers themselves.
+#[tokio::test]
+async fn a_miss_in_flight_at_shutdown_is_still_answered() {
+    let s = setup(|_| {}).await;
+    *s.fwd.hold.lock() = true;
+    let q = query("example.com.", RecordType::A, false);
+    let udp = s.dnsd.udp;
+    let pending =
+        tokio::spawn(
+            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(10)).await },
+        );
+    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
+        .await
+        .expect("Authorize never called");
+    s.dnsd.shutdown.cancel();
+    // The listener stops at once; the query waits for fwd until it is released.
+    tokio::task::yield_now().await;
+    s.fwd.release.notify_one();
+    let resp = pending
+        .await
+        .unwrap()
+        .expect("the query in flight at shutdown got no answer");
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+    let res = tokio::time::timeout(Duration::from_secs(10), s.dnsd.task)
+        .await
+        .expect("shutdown hung")
+        .unwrap();
+    assert!(res.is_ok(), "{res:?}");
+}
+
 /// Regression test for the bug found by the end-to-end test of the same name: after an admin
 /// revoked an address in fwd, dnsd kept serving the cached answer as if its grant were live.
 #[tokio::test]
