@@ -226,8 +226,14 @@ impl Outbox {
     }
 }
 
-/// One `sendmmsg` of `out`; how many answers left (at least one), or the first one's error.
+/// Answers per `sendmmsg` at most: an outbox can hold as many answers as queries are in
+/// flight, and the headers stay as large as the largest call on every thread.
+const SEND_MAX: usize = 64;
+
+/// One `sendmmsg` of (the first [`SEND_MAX`] of) `out`; how many answers left (at least
+/// one), or the first one's error.
 fn send_many(fd: std::os::fd::RawFd, out: &[(Vec<u8>, SocketAddr)]) -> io::Result<usize> {
+    let out = out.get(..SEND_MAX).unwrap_or(out);
     SEND_HEADERS.with_borrow_mut(|(room, headers)| {
         if *room < out.len() || headers.is_none() {
             *headers = Some(MultiHeaders::preallocate(out.len(), None));
@@ -392,6 +398,25 @@ mod tests {
                     assert_eq!(recv_one(at).await, vec![round, i], "{local} round {round}");
                 }
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_of_more_answers_than_one_call_takes_sends_them_all_in_order() {
+        let tx = quiet("127.0.0.1:0");
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let pa = a.local_addr().unwrap();
+        let mut out = SendBatch::new(4);
+        let n = 2 * SEND_MAX + 3;
+        for i in 0..n {
+            out.push(u16::try_from(i).unwrap().to_be_bytes().to_vec(), pa);
+        }
+        assert_eq!(flush_all(&mut out, &tx), 0, "no answer fails");
+        for i in 0..n {
+            assert_eq!(
+                recv_one(&a).await,
+                u16::try_from(i).unwrap().to_be_bytes().to_vec()
+            );
         }
     }
 

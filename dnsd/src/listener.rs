@@ -351,6 +351,12 @@ pub(crate) async fn serve_udp(
     let mut batch = RecvBatch::new(UDP_BATCH, 65_536);
     let mut out = SendBatch::new(UDP_BATCH);
     let outbox = Arc::new(Outbox::default());
+    // However the loop ends (shutdown, or a panic), query tasks still running then send their
+    // own answers, and what is queued gets one last try.
+    let _closing = CloseOnDrop {
+        outbox: &outbox,
+        sock: &sock,
+    };
     let ready = outbox.ready();
     tokio::pin!(ready);
     let failed = |e: io::Error| tracing::debug!(error = %e, "udp send failed");
@@ -360,12 +366,14 @@ pub(crate) async fn serve_udp(
     };
     loop {
         // `biased`: queries first. Answers waiting in the outbox leave at every turn anyway,
-        // and tokio's cooperative budget makes a flooded socket pend now and then.
+        // and tokio's cooperative budget makes a flooded socket pend now and then. The outbox's
+        // wake-up spends that budget too (`cooperative`): misses finishing on other workers
+        // must not keep this task from yielding, nor from reading.
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             r = batch.recv(&sock) => Some(r),
-            () = &mut ready => {
+            () = tokio::task::coop::cooperative(&mut ready) => {
                 ready.set(outbox.ready());
                 None
             }
@@ -393,6 +401,25 @@ pub(crate) async fn serve_udp(
     // Query tasks still running send their own answers from now on.
     outbox.close_into(&mut out);
     out.flush(&sock, failed, blocked);
+}
+
+/// Closes a listener's outbox when the listener ends, and sends what is still queued (an
+/// answer with no room in the socket buffer is dropped, as a lost datagram would be).
+struct CloseOnDrop<'a> {
+    outbox: &'a Outbox,
+    sock: &'a QuietUdp,
+}
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut out = SendBatch::default();
+        self.outbox.close_into(&mut out);
+        out.flush(
+            self.sock,
+            |e| tracing::debug!(error = %e, "udp send failed"),
+            |_, _| tracing::debug!("udp answer dropped at shutdown: no room in the socket buffer"),
+        );
+    }
 }
 
 /// Answers one datagram, at once when it can (most cache hits: the answer joins `out`),
@@ -657,6 +684,29 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_listener_sends_what_its_outbox_holds_and_refuses_the_rest() {
+        let rx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        let tx = QuietUdp::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let outbox = Outbox::default();
+        outbox.push(vec![1], to).unwrap();
+        outbox.push(vec![2], to).unwrap();
+        drop(CloseOnDrop {
+            outbox: &outbox,
+            sock: &tx,
+        });
+        let mut buf = [0u8; 16];
+        for want in [1u8, 2] {
+            let n = tokio::time::timeout(Duration::from_secs(5), rx.recv(&mut buf))
+                .await
+                .expect("a queued answer was not sent when the listener stopped")
+                .unwrap();
+            assert_eq!(&buf[..n], &[want]);
+        }
+        assert_eq!(outbox.push(vec![3], to), Err(vec![3]), "its task sends it");
+    }
 
     #[tokio::test]
     async fn framing_reads_pipelined_messages() {

@@ -380,6 +380,17 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
 /// client exactly its own answers, each to the question it asked.
 #[tokio::test]
 async fn a_burst_of_cache_misses_from_many_clients_brings_each_its_own_answers() {
+    burst_of_misses().await;
+}
+
+/// The same on two worker threads: misses finish on one worker while the listener drains its
+/// outbox on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_cache_misses_on_two_workers_brings_each_client_its_own_answers() {
+    burst_of_misses().await;
+}
+
+async fn burst_of_misses() {
     let burst: Responder = Arc::new(|q| {
         let name = q.queries[0].name().to_ascii();
         Some(reply(q, &[&format!("{name} 300 A 192.0.2.9")]))
