@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -360,9 +361,19 @@ pub(crate) async fn serve_udp(
     let ready = outbox.ready();
     tokio::pin!(ready);
     let failed = |e: io::Error| tracing::debug!(error = %e, "udp send failed");
+    // Answers the socket buffer had no room for wait in tasks of their own, at most
+    // `BLOCKED_MAX` at once; past that they are dropped, as the kernel drops datagrams.
+    let waiting = Arc::new(AtomicUsize::new(0));
     let blocked = |resp: Vec<u8>, peer: SocketAddr| {
+        let Some(slot) = BlockedSlot::take(&waiting) else {
+            handler.metrics().dropped("send_buffer_full");
+            return;
+        };
         let sock = sock.clone();
-        tasks.spawn(async move { answer_when_writable(&sock, &resp, peer).await });
+        tasks.spawn(async move {
+            answer_when_writable(&sock, &resp, peer).await;
+            drop(slot);
+        });
     };
     loop {
         // `biased`: queries first. Answers waiting in the outbox leave at every turn anyway,
@@ -401,6 +412,30 @@ pub(crate) async fn serve_udp(
     // Query tasks still running send their own answers from now on.
     outbox.close_into(&mut out);
     out.flush(&sock, failed, blocked);
+}
+
+/// Answers of one UDP listener that may wait for room in its socket buffer at once.
+const BLOCKED_MAX: usize = 1024;
+
+/// One of a listener's [`BLOCKED_MAX`] places for an answer waiting for room; given back on
+/// drop.
+struct BlockedSlot(Arc<AtomicUsize>);
+
+impl BlockedSlot {
+    fn take(waiting: &Arc<AtomicUsize>) -> Option<Self> {
+        waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < BLOCKED_MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(waiting.clone()))
+    }
+}
+
+impl Drop for BlockedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Closes a listener's outbox when the listener ends, and sends what is still queued (an
@@ -684,6 +719,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn at_most_blocked_max_answers_wait_for_room_and_a_sent_one_frees_its_place() {
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let mut held: Vec<BlockedSlot> = (0..BLOCKED_MAX)
+            .map(|i| BlockedSlot::take(&waiting).unwrap_or_else(|| panic!("place {i} refused")))
+            .collect();
+        assert!(
+            BlockedSlot::take(&waiting).is_none(),
+            "one answer too many waits"
+        );
+        held.pop();
+        let again = BlockedSlot::take(&waiting).expect("a freed place is taken again");
+        drop((again, held));
+        assert_eq!(waiting.load(Ordering::Acquire), 0);
+    }
 
     #[tokio::test]
     async fn a_stopped_listener_sends_what_its_outbox_holds_and_refuses_the_rest() {
