@@ -412,6 +412,11 @@ mod tests {
             out.push(u16::try_from(i).unwrap().to_be_bytes().to_vec(), pa);
         }
         assert_eq!(flush_all(&mut out, &tx), 0, "no answer fails");
+        let room = SEND_HEADERS.with_borrow(|(room, _)| *room);
+        assert_eq!(
+            room, SEND_MAX,
+            "one call's headers took more than SEND_MAX answers"
+        );
         for i in 0..n {
             assert_eq!(
                 recv_one(&a).await,

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::batch::{Outbox, RecvBatch, SendBatch};
 use crate::config::{Config, ListenConfig, TlsListenConfig};
 use crate::handler::{Early, Handler, Transport};
+use crate::metrics::Metrics;
 use crate::quiet::QuietUdp;
 
 /// Why sockets could not be set up.
@@ -357,6 +358,7 @@ pub(crate) async fn serve_udp(
     let _closing = CloseOnDrop {
         outbox: &outbox,
         sock: &sock,
+        metrics: handler.metrics(),
     };
     let ready = outbox.ready();
     tokio::pin!(ready);
@@ -443,6 +445,7 @@ impl Drop for BlockedSlot {
 struct CloseOnDrop<'a> {
     outbox: &'a Outbox,
     sock: &'a QuietUdp,
+    metrics: &'a Metrics,
 }
 
 impl Drop for CloseOnDrop<'_> {
@@ -452,7 +455,10 @@ impl Drop for CloseOnDrop<'_> {
         out.flush(
             self.sock,
             |e| tracing::debug!(error = %e, "udp send failed"),
-            |_, _| tracing::debug!("udp answer dropped at shutdown: no room in the socket buffer"),
+            |_, _| {
+                tracing::debug!("udp answer dropped at shutdown: no room in the socket buffer");
+                self.metrics.dropped("send_buffer_full");
+            },
         );
     }
 }
@@ -736,6 +742,107 @@ mod tests {
         assert_eq!(waiting.load(Ordering::Acquire), 0);
     }
 
+    /// An upstream that holds every query until `release`, then answers it with one A record,
+    /// 192.0.2.7.
+    #[derive(Debug, Default)]
+    struct Held {
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl crate::forward::Forward for Held {
+        fn forward<'a>(&'a self, query: &'a [u8]) -> crate::forward::ForwardFuture<'a> {
+            use hickory_proto::op::Message;
+            use hickory_proto::rr::rdata::A;
+            use hickory_proto::rr::{RData, Record};
+            Box::pin(async move {
+                self.entered.notify_one();
+                self.release.notified().await;
+                let q = Message::from_vec(query).unwrap();
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.metadata.recursion_desired = q.metadata.recursion_desired;
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    300,
+                    RData::A(A::new(192, 0, 2, 7)),
+                ));
+                Ok(crate::forward::Forwarded {
+                    wire: r.to_vec().unwrap(),
+                    upstream: Arc::from("held"),
+                    latency: Duration::ZERO,
+                })
+            })
+        }
+        fn health(&self) -> Vec<guard_proto::v1::UpstreamHealth> {
+            Vec::new()
+        }
+        fn strategy(&self) -> String {
+            "held".to_owned()
+        }
+    }
+
+    /// The listener's task ends without its shutdown path (here: aborted; a panic unwinds the
+    /// same way) while a miss waits for its upstream: the miss still answers its client.
+    #[tokio::test]
+    async fn a_miss_in_flight_when_its_listener_ends_abruptly_still_answers() {
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let cfg = Config::parse(
+            r#"
+            [upstream]
+            servers = ["udp://127.0.0.1:9"]
+            [authorize]
+            socket = "/nonexistent/fwd.sock"
+            never_authorize = ["0.0.0.0/0", "::/0"]
+            "#,
+        )
+        .unwrap();
+        let upstream = Arc::new(Held::default());
+        let live = crate::handler::Live::new(&cfg, upstream.clone());
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(live));
+        let handler = Arc::new(Handler::new(&cfg, rx, Arc::new(Metrics::new())));
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let tasks = TaskTracker::new();
+        let listener = tokio::spawn(serve_udp(
+            QuietUdp::new(sock).unwrap(),
+            handler,
+            CancellationToken::new(),
+            tasks.clone(),
+        ));
+
+        let mut q = Message::query();
+        q.metadata.id = 0x4242;
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(
+            Name::from_ascii("held.example.").unwrap(),
+            RecordType::A,
+        ));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), upstream.entered.notified())
+            .await
+            .expect("the query never reached the upstream");
+        listener.abort();
+        assert!(listener.await.unwrap_err().is_cancelled());
+        upstream.release.notify_one();
+
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("the miss in flight when its listener ended got no answer")
+            .unwrap();
+        let resp = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(resp.metadata.id, 0x4242);
+        assert_eq!(resp.answers.len(), 1, "{resp:?}");
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("the miss's task did not end");
+    }
+
     #[tokio::test]
     async fn a_stopped_listener_sends_what_its_outbox_holds_and_refuses_the_rest() {
         let rx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -747,6 +854,7 @@ mod tests {
         drop(CloseOnDrop {
             outbox: &outbox,
             sock: &tx,
+            metrics: &Metrics::new(),
         });
         let mut buf = [0u8; 16];
         for want in [1u8, 2] {

@@ -241,7 +241,7 @@ impl Metrics {
         );
         registry.register(
             "dnsd_dropped",
-            "Queries dropped without an answer, by reason",
+            "Queries dropped without an answer, by reason (send_buffer_full: the answer was built, and counted in dnsd_queries, but found no room in the socket buffer)",
             dropped.clone(),
         );
         registry.register(
