@@ -71,6 +71,8 @@
 #   FOREIGN_MAX RETRIES BUDGET DNSPERF_OPTS ("-c 4 -q 100 -t 2") OUT (/tmp/guard-dnsd-bench-results)
 #   BUILD_PROFILE (dist: the shipped build, fat LTO; release builds faster) SKIP_BUILD=1 (use the
 #   BUILD_PROFILE binaries as they are; CARGO_TARGET_DIR is honoured, default ./target) ONLY="dnsd unbound ..." (restrict the systems)
+#   WORKLOADS="hit miss first dot" (restrict the workloads; e.g. WORKLOADS=hit REPS=8 for many
+#   turns of the hit systems alone)
 #   PROFILE=1 (perf record, DWARF call graphs, of dnsd (and fwd) during the first saturation run
 #   of each dnsd variant and workload; $OUT/perf-SYSTEM-WORKLOAD.txt and .data)
 set -euo pipefail
@@ -192,7 +194,8 @@ for ref, what in (("dnsd-granted", "vs the same names already granted"), ("dnsd-
         a = added("dnsd", ref, k)
         if a is not None:
             T.append(f"| first-sight authorization adds ≤ 250 µs at p50 ({rate:.0f} qps; {what}) | {a:+.0f} µs | | | {'yes' if a <= 250 else '**no**'} |")
-T.append(f"| a handful of TLS handshakes: connections opened to nsd:8530, from start through a DoT saturation run | {f(g('dnsd-dot', 'dot', 'opens'))} | kresd {f(g('kresd-dot', 'dot', 'opens'))} | | {'yes' if (g('dnsd-dot', 'dot', 'opens') or 99) <= 5 else '**no**'} |")
+opens = g('dnsd-dot', 'dot', 'opens')
+T.append(f"| a handful of TLS handshakes: connections opened to nsd:8530, from start through a DoT saturation run | {f(opens)} | kresd {f(g('kresd-dot', 'dot', 'opens'))} | | {'not measured' if opens is None else 'yes' if opens <= 5 else '**no**'} |")
 
 print(f"Command: `{cmdline}` (as root)  ")
 print("Machine: " + "; ".join(l for l in env if not l.startswith(("dnsd:", "nsd ", "unbound ", "dnsdist ", "knot", "stubby ", "dnsperf "))) + "  ")
@@ -237,6 +240,10 @@ FOREIGN_MAX=${FOREIGN_MAX:-15}
 read -r -a PERF_OPTS <<<"${DNSPERF_OPTS:--c 4 -q 100 -t 2}"   # dnsperf load options (peers.sh: -c 4 -q 100)
 OUT=${OUT:-/tmp/guard-dnsd-bench-results}
 ONLY=${ONLY:-}
+WORKLOADS=${WORKLOADS:-hit miss first dot}
+for w in $WORKLOADS; do
+  case $w in hit|miss|first|dot) ;; *) echo "WORKLOADS: unknown workload '$w' (hit, miss, first, dot)" >&2; exit 64 ;; esac
+done
 CMDLINE="bench/dnsd.sh${1:+ $1}"
 
 [ "$(id -u)" = 0 ] || { echo "bench/dnsd.sh must run as root (network namespaces, nftables)" >&2; exit 1; }
@@ -791,7 +798,7 @@ bench_turns() { # "systems" workload kinds...
 {
   echo "date: $(date -Is)"; echo "kernel: $(uname -r)"; echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
   echo "nproc: $(nproc)"; echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "settings: NICE=$NICE REPS=$REPS DUR=$DUR LAT_DUR=$LAT_DUR LAT_QPS=$LAT_QPS LOW_QPS=$LOW_QPS SUT_CPU=$SUT_CPU GEN_CPU=$GEN_CPU dnsperf ${PERF_OPTS[*]}"
+  echo "settings: WORKLOADS=\"$WORKLOADS\"${ONLY:+ ONLY=\"$ONLY\"} NICE=$NICE REPS=$REPS DUR=$DUR LAT_DUR=$LAT_DUR LAT_QPS=$LAT_QPS LOW_QPS=$LOW_QPS SUT_CPU=$SUT_CPU GEN_CPU=$GEN_CPU dnsperf ${PERF_OPTS[*]}"
   echo "dnsd: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet HEAD -- dnsd fwd 2>/dev/null || echo ' (+ uncommitted changes)'), binary built $(date -r "$BIN/dnsd" -Is)"
   for p in nsd unbound dnsdist knot-resolver stubby dnsperf; do dpkg-query -W -f '${Package} ${Version}\n' "$p" 2>/dev/null || echo "$p not installed"; done
 } >"$OUT/env.txt"
@@ -802,15 +809,20 @@ start nsd-backend "$GEN_CPU"
 # system, peers included, pays the same netfilter cost on its loopback packets.
 fresh_fwd
 
-if [ "$QUICK" = 0 ]; then REPS=1 bench nsd-direct hit sat; fi
-bench_turns "dnsd unbound dnsdist kresd" hit sat lat
-bench_turns "dnsd dnsd-noauth unbound dnsdist kresd" miss sat lat
+wanted_wl() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+if wanted_wl hit; then
+  if [ "$QUICK" = 0 ]; then REPS=1 bench nsd-direct hit sat; fi
+  bench_turns "dnsd unbound dnsdist kresd" hit sat lat
+fi
+if wanted_wl miss; then bench_turns "dnsd dnsd-noauth unbound dnsdist kresd" miss sat lat; fi
 # first-sight authorization: every answer a new address (the authorization path, dnsd only)
-bench dnsd first sat lat low
-bench dnsd-noauth first lat low
-bench dnsd-granted first lat low
-if [ "$QUICK" = 0 ]; then bench dnsd-extend first low; fi
-bench_turns "dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot" dot sat lat
+if wanted_wl first; then
+  bench dnsd first sat lat low
+  bench dnsd-noauth first lat low
+  bench dnsd-granted first lat low
+  if [ "$QUICK" = 0 ]; then bench dnsd-extend first low; fi
+fi
+if wanted_wl dot; then bench_turns "dnsd-dot dnsd-dot-noauth unbound-dot dnsdist-dot kresd-dot stubby-dot" dot sat lat; fi
 stop fwd
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 echo "duration: $(( $(date +%s) - T_START )) s" >>"$OUT/env.txt"
