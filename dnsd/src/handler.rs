@@ -1227,7 +1227,7 @@ fn parse_upstream(wire: &[u8], id: u16, question: &Query) -> Option<Message> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
@@ -1281,6 +1281,14 @@ mod tests {
     /// A handler (fwd never asked: every address is in never_authorize) whose upstream
     /// answers with `answer`; `wire_lane` false forces the `Message` path.
     fn canned_handler(answer: Answerer, wire_lane: bool) -> Handler {
+        let mut h = handler_with(Arc::new(Canned(answer)));
+        h.settings.wire_lane = wire_lane;
+        h
+    }
+
+    /// A handler (fwd never asked: every address is in never_authorize) that forwards to
+    /// `upstream`.
+    pub(crate) fn handler_with(upstream: Arc<dyn Forward>) -> Handler {
         let cfg = crate::Config::parse(
             r#"
             [upstream]
@@ -1294,11 +1302,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        let live = Live::new(&cfg, Arc::new(Canned(answer)));
+        let live = Live::new(&cfg, upstream);
         let (_tx, rx) = watch::channel(Arc::new(live));
-        let mut h = Handler::new(&cfg, rx, Arc::new(Metrics::new()));
-        h.settings.wire_lane = wire_lane;
-        h
+        Handler::new(&cfg, rx, Arc::new(Metrics::new()))
     }
 
     /// A random upstream answer to `query`: CNAME chains, addresses (duplicates, off-chain

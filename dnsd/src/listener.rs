@@ -362,7 +362,6 @@ pub(crate) async fn serve_udp(
     };
     let ready = outbox.ready();
     tokio::pin!(ready);
-    let failed = |e: io::Error| tracing::debug!(error = %e, "udp send failed");
     // Answers the socket buffer had no room for wait in tasks of their own, at most
     // `BLOCKED_MAX` at once; past that they are dropped, as the kernel drops datagrams.
     let waiting = Arc::new(AtomicUsize::new(0));
@@ -409,11 +408,11 @@ pub(crate) async fn serve_udp(
         // The answers this read's queries got at once, and those query tasks finished since
         // the last turn, leave together.
         outbox.take_into(&mut out);
-        out.flush(&sock, failed, blocked);
+        out.flush(&sock, send_failed, blocked);
     }
     // Query tasks still running send their own answers from now on.
     outbox.close_into(&mut out);
-    out.flush(&sock, failed, blocked);
+    out.flush(&sock, send_failed, blocked);
 }
 
 /// Answers of one UDP listener that may wait for room in its socket buffer at once.
@@ -452,14 +451,10 @@ impl Drop for CloseOnDrop<'_> {
     fn drop(&mut self) {
         let mut out = SendBatch::default();
         self.outbox.close_into(&mut out);
-        out.flush(
-            self.sock,
-            |e| tracing::debug!(error = %e, "udp send failed"),
-            |_, _| {
-                tracing::debug!("udp answer dropped at shutdown: no room in the socket buffer");
-                self.metrics.dropped("send_buffer_full");
-            },
-        );
+        out.flush(self.sock, send_failed, |_, _| {
+            tracing::debug!("udp answer dropped at shutdown: no room in the socket buffer");
+            self.metrics.dropped("send_buffer_full");
+        });
     }
 }
 
@@ -517,7 +512,7 @@ fn try_answer(sock: &QuietUdp, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8
         Ok(_) => None,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(resp),
         Err(e) => {
-            tracing::debug!(error = %e, "udp send failed");
+            send_failed(e);
             None
         }
     }
@@ -527,8 +522,13 @@ fn try_answer(sock: &QuietUdp, resp: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8
 /// otherwise enlarge every query's task.
 async fn answer_when_writable(sock: &QuietUdp, resp: &[u8], peer: SocketAddr) {
     if let Err(e) = Box::pin(sock.send_to(resp, peer)).await {
-        tracing::debug!(error = %e, "udp send failed");
+        send_failed(e);
     }
+}
+
+/// Logs an answer that could not be sent (and is dropped, as a lost datagram would be).
+fn send_failed(e: io::Error) {
+    tracing::debug!(error = %e, "udp send failed");
 }
 
 /// Accepts TCP (or, with `tls`, DoT) connections until `shutdown`.
@@ -789,20 +789,8 @@ mod tests {
     async fn a_miss_in_flight_when_its_listener_ends_abruptly_still_answers() {
         use hickory_proto::op::{Message, Query};
         use hickory_proto::rr::{Name, RecordType};
-        let cfg = Config::parse(
-            r#"
-            [upstream]
-            servers = ["udp://127.0.0.1:9"]
-            [authorize]
-            socket = "/nonexistent/fwd.sock"
-            never_authorize = ["0.0.0.0/0", "::/0"]
-            "#,
-        )
-        .unwrap();
         let upstream = Arc::new(Held::default());
-        let live = crate::handler::Live::new(&cfg, upstream.clone());
-        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(live));
-        let handler = Arc::new(Handler::new(&cfg, rx, Arc::new(Metrics::new())));
+        let handler = Arc::new(crate::handler::tests::handler_with(upstream.clone()));
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
         let tasks = TaskTracker::new();

@@ -309,27 +309,28 @@ async fn a_query(s: &Setup) -> hickory_proto::op::Message {
     udp_query(s.dnsd.udp, &query("example.com.", RecordType::A, false)).await
 }
 
-/// Cache hits are answered in the receive loop and the answers of one read leave in one
-/// `sendmmsg`: a burst from several clients at once must still bring every client exactly its
-/// own answers.
-#[tokio::test]
-async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
-    let s = setup(|_| {}).await;
-    a_query(&s).await;
-    let calls = s.fwd.calls().len();
-    const CLIENTS: u16 = 6;
-    const EACH: u16 = 40;
+/// Clients, and queries per client, of [`burst_from_clients`].
+const BURST_CLIENTS: u16 = 6;
+const BURST_EACH: u16 = 40;
+
+/// Sends [`BURST_EACH`] queries from each of [`BURST_CLIENTS`] clients to `to` (query `i` of
+/// client `c` made by `make(c, i)`, with ID `c * 1000 + i`), every one before any answer is
+/// read, so that dnsd finds many queued at once. Then every client must get exactly one
+/// NOERROR answer to each of its queries and nothing more; `check` looks at each answer.
+async fn burst_from_clients(
+    to: std::net::SocketAddr,
+    make: impl Fn(u16, u16) -> hickory_proto::op::Message,
+    check: impl Fn(&hickory_proto::op::Message),
+) {
     let mut clients = Vec::new();
-    for c in 0..CLIENTS {
+    for c in 0..BURST_CLIENTS {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        sock.connect(s.dnsd.udp).await.unwrap();
+        sock.connect(to).await.unwrap();
         clients.push((c, sock));
     }
-    // Every query of every client is sent before any answer is read, so that dnsd finds
-    // many queued at once.
-    for i in 0..EACH {
+    for i in 0..BURST_EACH {
         for (c, sock) in &clients {
-            let mut q = query("example.com.", RecordType::A, i.is_multiple_of(2));
+            let mut q = make(*c, i);
             q.metadata.id = c * 1000 + i;
             sock.send(&q.to_vec().unwrap()).await.unwrap();
         }
@@ -337,23 +338,18 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
     for (c, sock) in &clients {
         let mut ids = Vec::new();
         let mut buf = vec![0u8; 65_535];
-        while ids.len() < usize::from(EACH) {
+        while ids.len() < usize::from(BURST_EACH) {
             let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
                 .await
                 .unwrap_or_else(|_| panic!("client {c}: only {} answers", ids.len()))
                 .unwrap();
             let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
             assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
-            assert_eq!(addrs(&resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
-            // The answer echoes the EDNS choice of the query it answers.
-            assert_eq!(
-                resp.edns.is_some(),
-                (resp.metadata.id % 1000).is_multiple_of(2)
-            );
+            check(&resp);
             ids.push(resp.metadata.id);
         }
         ids.sort_unstable();
-        let want: Vec<u16> = (0..EACH).map(|i| c * 1000 + i).collect();
+        let want: Vec<u16> = (0..BURST_EACH).map(|i| c * 1000 + i).collect();
         assert_eq!(
             ids, want,
             "client {c} got another client's answers or duplicates"
@@ -368,6 +364,29 @@ async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
             "client {c} got more answers than it asked for"
         );
     }
+}
+
+/// Cache hits are answered in the receive loop and the answers of one read leave in one
+/// `sendmmsg`: a burst from several clients at once must still bring every client exactly its
+/// own answers.
+#[tokio::test]
+async fn a_burst_of_cache_hits_from_many_clients_brings_each_its_own_answers() {
+    let s = setup(|_| {}).await;
+    a_query(&s).await;
+    let calls = s.fwd.calls().len();
+    burst_from_clients(
+        s.dnsd.udp,
+        |_, i| query("example.com.", RecordType::A, i.is_multiple_of(2)),
+        |resp| {
+            assert_eq!(addrs(resp), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+            // The answer echoes the EDNS choice of the query it answers.
+            assert_eq!(
+                resp.edns.is_some(),
+                (resp.metadata.id % 1000).is_multiple_of(2)
+            );
+        },
+    )
+    .await;
     assert_eq!(
         s.fwd.calls().len(),
         calls,
@@ -396,60 +415,26 @@ async fn burst_of_misses() {
         Some(reply(q, &[&format!("{name} 300 A 192.0.2.9")]))
     });
     let s = setup_with(burst, true, |_| {}).await;
-    const CLIENTS: u16 = 6;
-    const EACH: u16 = 40;
     let name = |c: u16, i: u16| format!("c{c}q{i}.burst.test.");
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        sock.connect(s.dnsd.udp).await.unwrap();
-        clients.push((c, sock));
-    }
-    for i in 0..EACH {
-        for (c, sock) in &clients {
-            let mut q = query(&name(*c, i), RecordType::A, false);
-            q.metadata.id = c * 1000 + i;
-            sock.send(&q.to_vec().unwrap()).await.unwrap();
-        }
-    }
-    for (c, sock) in &clients {
-        let mut ids = Vec::new();
-        let mut buf = vec![0u8; 65_535];
-        while ids.len() < usize::from(EACH) {
-            let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("client {c}: only {} answers", ids.len()))
-                .unwrap();
-            let resp = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+    burst_from_clients(
+        s.dnsd.udp,
+        |c, i| query(&name(c, i), RecordType::A, false),
+        |resp| {
             let id = resp.metadata.id;
-            assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
             assert_eq!(
                 resp.queries[0].name().to_ascii(),
                 name(id / 1000, id % 1000),
                 "the answer with ID {id} answers another question"
             );
-            assert_eq!(addrs(&resp), vec![ip("192.0.2.9")]);
-            ids.push(id);
-        }
-        ids.sort_unstable();
-        let want: Vec<u16> = (0..EACH).map(|i| c * 1000 + i).collect();
-        assert_eq!(
-            ids, want,
-            "client {c} got another client's answers or duplicates"
-        );
-    }
-    let mut buf = vec![0u8; 512];
-    for (c, sock) in &clients {
-        assert!(
-            sock.try_recv(&mut buf).is_err(),
-            "client {c} got more answers than it asked for"
-        );
-    }
+            assert_eq!(addrs(resp), vec![ip("192.0.2.9")]);
+        },
+    )
+    .await;
     assert_eq!(
         s.upstream
             .queries
             .load(std::sync::atomic::Ordering::Relaxed),
-        usize::from(CLIENTS * EACH),
+        usize::from(BURST_CLIENTS * BURST_EACH),
         "every query was a miss"
     );
 }
