@@ -74,7 +74,8 @@
 #   WORKLOADS="hit miss first dot" (restrict the workloads; e.g. WORKLOADS=hit REPS=8 for many
 #   turns of the hit systems alone)
 #   PROFILE=1 (perf record, DWARF call graphs, of dnsd (and fwd) during the first saturation run
-#   of each dnsd variant and workload; $OUT/perf-SYSTEM-WORKLOAD.txt and .data)
+#   of each dnsd variant and workload; $OUT/perf-SYSTEM-WORKLOAD.txt and .data; PROFILE_KIND=lat or
+#   low profiles that fixed-rate run instead, PROFILE_HZ sets the sampling rate, default 499)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -644,10 +645,10 @@ run_dnsperf() { # system workload kind rep attempt file
   local load t0 t1 f0 f1 k0 k1 c0 g0 c1 g1 e0 h0 e1 h1 s0 s1 o0 o1 q0 q1 perfpid=""
   local obase=${OPENS_BASE:-}; OPENS_BASE=""
   load=$(cut -d' ' -f1 /proc/loadavg)
-  if [ "${PROFILE:-0}" = 1 ] && [[ " dnsd dnsd-noauth dnsd-dot dnsd-dot-noauth " == *" $sys "* ]] && [ "$kind" = sat ] && [ "$rep" = 1 ] && [ "$att" = 1 ] && command -v perf >/dev/null; then
+  if [ "${PROFILE:-0}" = 1 ] && [[ " dnsd dnsd-noauth dnsd-granted dnsd-dot dnsd-dot-noauth " == *" $sys "* ]] && [ "$kind" = "${PROFILE_KIND:-sat}" ] && [ "$rep" = 1 ] && [ "$att" = 1 ] && command -v perf >/dev/null; then
     # DWARF call graphs: the release profile keeps line tables (debug = 1) but no frame pointers
     # shellcheck disable=SC2086
-    perf record -F 499 --call-graph dwarf,16384 -o "$OUT/perf-$sys-$wl.data" -p "$(echo $pids $fpids | tr ' ' ,)" >/dev/null 2>&1 &
+    perf record -F "${PROFILE_HZ:-499}" --call-graph dwarf,16384 -o "$OUT/perf-$sys-$wl.data" -p "$(echo $pids $fpids | tr ' ' ,)" >/dev/null 2>&1 &
     perfpid=$!; sleep 0.3
   fi
   # shellcheck disable=SC2086
