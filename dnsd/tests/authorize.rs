@@ -89,20 +89,29 @@ async fn setup_with(
     }
 }
 
+/// Holds fwd's next Authorize, sends `q` from 127.0.0.1 (waiting up to `wait` for its
+/// answer) and returns once fwd has the request; `what` says what failed if it never does.
+async fn query_held_by_fwd(
+    s: &Setup,
+    q: hickory_proto::op::Message,
+    wait: Duration,
+    what: &str,
+) -> tokio::task::JoinHandle<Option<hickory_proto::op::Message>> {
+    *s.fwd.hold.lock() = true;
+    let udp = s.dnsd.udp;
+    let pending = tokio::spawn(async move { udp_query_from(udp, "127.0.0.1", &q, wait).await });
+    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
+        .await
+        .expect(what);
+    pending
+}
+
 #[tokio::test]
 async fn answer_is_released_only_after_authorize_returns() {
     let s = setup(|_| {}).await;
-    *s.fwd.hold.lock() = true;
     let q = query("Example.COM.", RecordType::A, true);
-    let udp = s.dnsd.udp;
-    let pending =
-        tokio::spawn(
-            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(5)).await },
-        );
+    let pending = query_held_by_fwd(&s, q, Duration::from_secs(5), "Authorize never called").await;
     // fwd has the request, and is holding it: no answer may have been sent.
-    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
-        .await
-        .expect("Authorize never called");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !pending.is_finished(),
@@ -444,16 +453,8 @@ async fn burst_of_misses() {
 #[tokio::test]
 async fn a_miss_in_flight_at_shutdown_is_still_answered() {
     let s = setup(|_| {}).await;
-    *s.fwd.hold.lock() = true;
     let q = query("example.com.", RecordType::A, false);
-    let udp = s.dnsd.udp;
-    let pending =
-        tokio::spawn(
-            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(10)).await },
-        );
-    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
-        .await
-        .expect("Authorize never called");
+    let pending = query_held_by_fwd(&s, q, Duration::from_secs(10), "Authorize never called").await;
     s.dnsd.shutdown.cancel();
     // The listener stops at once; the query waits for fwd until it is released.
     tokio::task::yield_now().await;
@@ -491,16 +492,14 @@ async fn cache_hit_after_revoke_handed_out_a_refused_address() {
 
     revoke(&s, &["192.0.2.2/32"]).await;
     // The next hit goes through fwd before it is answered.
-    *s.fwd.hold.lock() = true;
-    let udp = s.dnsd.udp;
     let q = query("example.com.", RecordType::A, false);
-    let pending =
-        tokio::spawn(
-            async move { udp_query_from(udp, "127.0.0.1", &q, Duration::from_secs(5)).await },
-        );
-    tokio::time::timeout(Duration::from_secs(3), s.fwd.entered.notified())
-        .await
-        .expect("the hit after a revocation was served without Authorize");
+    let pending = query_held_by_fwd(
+        &s,
+        q,
+        Duration::from_secs(5),
+        "the hit after a revocation was served without Authorize",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pending.is_finished(), "answered before fwd confirmed");
     *s.fwd.hold.lock() = false;
